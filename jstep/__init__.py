@@ -1,0 +1,52 @@
+"""jstep: the optimizers and batch normalization of "Optimizing Neural Networks", in JAX.
+
+Every optimizer is an ``optax.GradientTransformation``; batch normalization is a pure
+function whose gradient is the notes' hand derivation.
+"""
+
+from jstep.adam import ScaleByAdamState, adam, scale_by_adam
+from jstep.adaptive import (
+    AdadeltaState,
+    ScaleByRmsState,
+    ScaleByRssState,
+    adadelta,
+    adagrad,
+    rmsprop,
+    scale_by_rms,
+    scale_by_rss,
+)
+from jstep.averages import (
+    RunningAverageState,
+    cumulative_average,
+    moving_average,
+    running_average,
+    running_average_update,
+)
+from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
+from jstep._core import CountState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdadeltaState",
+    "CountState",
+    "MomentumState",
+    "RunningAverageState",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "ScaleByRssState",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "cumulative_average",
+    "ema_momentum",
+    "momentum",
+    "moving_average",
+    "rmsprop",
+    "running_average",
+    "running_average_update",
+    "scale_by_adam",
+    "scale_by_rms",
+    "scale_by_rss",
+    "sgd",
+]

@@ -1,0 +1,190 @@
+"""Pieces every jstep transformation shares: validation, schedules, dtypes, counters.
+
+Nothing here is an algorithm of the notes; it is the plumbing the section modules
+(`averages`, `momentum`, `adaptive`, `adam`, `batch_norm`) would otherwise each repeat.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
+    """Check a hyperparameter given as a Python number lies in [low, high).
+
+    Arrays (and tracers, as `optax.inject_hyperparams` passes them) and callables are not
+    checked: their values are not known when the transformation is built.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got the bool {value!r}")
+    if not isinstance(value, numbers.Real):
+        return
+    allowed = f"[{low:g}, {high:g})" if high is not None else f"[{low:g}, inf)"
+    in_range = math.isfinite(value) and value >= low and (high is None or value < high)
+    if not in_range:
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+
+
+def check_decay(name: str, value: Any) -> None:
+    """A decay rate (gamma, b1, b2, rho, momentum) must lie in [0, 1)."""
+    check_number(name, value, low=0.0, high=1.0)
+
+
+def check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
+    """A learning rate is a schedule (not checked) or a number >= 0."""
+    if not callable(learning_rate):
+        check_number("learning_rate", learning_rate, low=0.0)
+
+
+def check_floating_leaves(tree: Any) -> None:
+    """Raise TypeError naming the first leaf that is not a floating or complex array."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"leaf {jax.tree_util.keystr(path) or '<root>'} of the tree given to init has "
+                f"dtype {dtype}; jstep transformations need floating or complex leaves. Cast it "
+                "(e.g. x.astype(jnp.float32)) or leave it out with optax.masked."
+            )
+
+
+def check_same_shapes(updates: Any, state_tree: Any) -> None:
+    """Raise ValueError when `updates` is not shaped like the state `init` built."""
+    expected = jax.tree.structure(state_tree)
+    got = jax.tree.structure(updates)
+    if got != expected:
+        raise ValueError(
+            "the updates tree does not match the optimizer state built by init:\n"
+            f"  updates: {got}\n  state:   {expected}"
+        )
+    for (path, leaf), reference in zip(
+        jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree)
+    ):
+        if jnp.shape(leaf) != jnp.shape(reference):
+            raise ValueError(
+                f"updates leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+                f"{jnp.shape(leaf)}, but init built the state for shape {jnp.shape(reference)}"
+            )
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype arithmetic runs in: at least float32 (bf16/fp16 are promoted)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """float32 for complex64, float64 for complex128, the dtype itself otherwise."""
+    return jnp.finfo(dtype).dtype
+
+
+def squared_magnitude(g: jax.Array) -> jax.Array:
+    """g^2, or |g|^2 = Re(g conj(g)) for complex g, in the compute dtype."""
+    g = g.astype(compute_dtype(g.dtype))
+    if jnp.iscomplexobj(g):
+        return jnp.real(g * jnp.conj(g))
+    return g * g
+
+
+def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
+    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex."""
+
+    def zeros(leaf):
+        leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
+        if real:
+            leaf_dtype = real_dtype(leaf_dtype)
+        return jnp.zeros_like(leaf, dtype=leaf_dtype)
+
+    return jax.tree.map(zeros, tree)
+
+
+def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False) -> Any:
+    """`zeros_like_tree` filled with `value` (initial accumulators)."""
+    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros_like_tree(tree, dtype, real=real))
+
+
+def adaptive_step(numerator: jax.Array, second_moment: jax.Array, *, eps: Any, eps_root: Any) -> jax.Array:
+    """numerator / (sqrt(second_moment + eps_root) + eps), and 0 where that denominator is 0.
+
+    The denominator is 0 only when every gradient seen so far was 0 (and eps = eps_root = 0),
+    so the numerator is 0 too: the limit of the step is 0, not the NaN of 0/0.
+    """
+    dtype = compute_dtype(second_moment.dtype)
+    denominator = jnp.sqrt(second_moment.astype(dtype) + eps_root) + eps
+    numerator = numerator.astype(compute_dtype(numerator.dtype))
+    safe = jnp.where(denominator > 0, denominator, 1)
+    return jnp.where(denominator > 0, numerator / safe, 0)
+
+
+# ------------------------------------------------------------------ counters and schedules
+
+
+def default_float() -> jnp.dtype:
+    """float64 when the user enabled jax_enable_x64, else float32: the dtype of step scalars."""
+    return jnp.result_type(float)
+
+
+def increment(count: jax.Array) -> jax.Array:
+    """count + 1, saturating at the dtype's maximum instead of wrapping to a negative."""
+    top = jnp.iinfo(count.dtype).max
+    return jnp.where(count < top, count + 1, count)
+
+
+def new_count() -> jax.Array:
+    """The step counter every state starts from: an int32 zero."""
+    return jnp.zeros([], jnp.int32)
+
+
+def learning_rate_at(learning_rate: ScalarOrSchedule, count: jax.Array) -> Any:
+    """eta_t: the schedule evaluated at the number of steps already taken (Optax's convention)."""
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
+    """1 - decay^t: the total weight a zero-started moving average has put on its inputs."""
+    return 1 - decay ** count.astype(default_float())
+
+
+class CountState(NamedTuple):
+    """State of a transformation that only counts steps (e.g. `sgd` with a schedule)."""
+
+    count: jax.Array
+
+
+def descent(direction: optax.GradientTransformation, learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
+    """Turn a direction d_t into the update -eta_t d_t, eta_t read at the state's count.
+
+    `direction`'s state must have a `count` field; the result keeps that same state, so
+    `descent(scale_by_adam(...), lr)` checkpoints exactly like `scale_by_adam(...)`.
+    """
+    check_learning_rate(learning_rate)
+
+    def update(updates, state, params=None):
+        eta = learning_rate_at(learning_rate, state.count)
+        directions, new_state = direction.update(updates, state, params)
+        return jax.tree.map(lambda d: (-eta * d).astype(d.dtype), directions), new_state
+
+    return optax.GradientTransformation(direction.init, update)
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+    """Cast each leaf of `tree` to the dtype of the matching leaf of `like`."""
+    return jax.tree.map(lambda x, y: x.astype(jnp.result_type(y)), tree, like)
+
+
+def unzip_pairs(pairs: Any, like: Any) -> tuple[Any, Any]:
+    """Split a tree of (a, b) tuples, shaped like `like`, into a tree of a's and a tree of b's."""
+    return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0, 0)), pairs)

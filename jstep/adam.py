@@ -1,0 +1,126 @@
+"""B.0.1.4 Adam: momentum's moving average of g and adadelta's moving average of g^2.
+
+For every weight j (the notes' equations)::
+
+    m_t = B1 m_{t-1} + (1 - B1) g_t            m_hat_t = m_t / (1 - B1^t)
+    v_t = B2 v_{t-1} + (1 - B2) g_t^2          v_hat_t = v_t / (1 - B2^t)
+    W_t = W_{t-1} - eta m_hat_t / sqrt(v_hat_t + eps)
+
+The published algorithm (Kingma & Ba, Optax, PyTorch) puts eps outside the root:
+eta m_hat / (sqrt(v_hat) + eps). jstep writes the denominator as
+sqrt(v_hat + eps_root) + eps, so that both are one call away:
+
+    adam(lr)                          published form (the default; same numbers as optax.adam)
+    adam(lr, eps=0.0, eps_root=1e-8)  the notes' equation, literally
+
+Study question: m_hat_t is itself a running average of g with gamma_t =
+B1 (1 - B1^(t-1)) / (1 - B1^t), so gamma_1 = 0 and gamma_t -> B1 as t grows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from jstep import _core
+from jstep.averages import running_average_update
+
+
+class ScaleByAdamState(NamedTuple):
+    """`count` = t (int32, saturating); `mu` = m_t; `nu` = v_t (real, even for complex params)."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """Adam's direction m_hat_t / (sqrt(v_hat_t + eps_root) + eps), without the learning rate.
+
+    Args:
+      b1: B1, the decay of m, in [0, 1).
+      b2: B2, the decay of v, in [0, 1).
+      eps: >= 0, added after the square root (published form).
+      eps_root: >= 0, added inside the square root (the notes' form).
+      mu_dtype: dtype of m (default: each parameter's dtype); e.g. ``jnp.bfloat16`` halves
+        its memory. Arithmetic runs in at least float32 whatever the dtypes.
+      nu_dtype: dtype of v (default: the parameter's real dtype).
+      nesterov: use Nesterov's look-ahead (NAdam, Dozat 2016), as ``optax.adam(nesterov=True)``:
+        m_hat_t = B1 m_t / (1 - B1^(t+1)) + (1 - B1) g_t / (1 - B1^t).
+
+    Complex parameters work: m is complex and v accumulates |g|^2.
+    """
+    _core.check_decay("b1", b1)
+    _core.check_decay("b2", b2)
+    _core.check_number("eps", eps)
+    _core.check_number("eps_root", eps_root)
+
+    def init(params):
+        _core.check_floating_leaves(params)
+        return ScaleByAdamState(
+            _core.new_count(),
+            _core.zeros_like_tree(params, mu_dtype),
+            _core.zeros_like_tree(params, nu_dtype, real=True),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        _core.check_same_shapes(updates, state.mu)
+        count = _core.increment(state.count)
+        mu = running_average_update(state.mu, updates, b1)
+        nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), b2)
+        correction1 = _core.bias_correction(b1, count)
+        correction2 = _core.bias_correction(b2, count)
+        if nesterov:
+            look_ahead = _core.bias_correction(b1, _core.increment(count))
+
+        def direction(g, m, v):
+            dtype = _core.compute_dtype(m.dtype)
+            real = _core.real_dtype(dtype)
+            m = m.astype(dtype)
+            if nesterov:
+                m_hat = b1 * m / look_ahead.astype(real) + (1 - b1) * g.astype(dtype) / correction1.astype(real)
+            else:
+                m_hat = m / correction1.astype(real)
+            v_hat = v.astype(_core.compute_dtype(v.dtype)) / correction2.astype(real)
+            return _core.adaptive_step(m_hat, v_hat, eps=eps, eps_root=eps_root).astype(g.dtype)
+
+        directions = jax.tree.map(direction, updates, mu, nu)
+        return directions, ScaleByAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adam(
+    learning_rate: _core.ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """Adam: W_t = W_{t-1} - eta_t m_hat_t / (sqrt(v_hat_t + eps_root) + eps).
+
+    The defaults are the published algorithm and ``optax.adam``'s numbers. The notes' literal
+    equation, eta m_hat / sqrt(v_hat + eps), is ``adam(lr, eps=0.0, eps_root=1e-8)``.
+    See `scale_by_adam` for the arguments; `learning_rate` is eta, a number >= 0 or an
+    Optax schedule ``count -> eta_t`` (read at the count before the step, as in Optax).
+    """
+    return _core.descent(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov),
+        learning_rate,
+    )

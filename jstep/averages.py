@@ -1,0 +1,115 @@
+"""B.0.1.1 Running averages.
+
+The notes define, for a sequence c_1, c_2, ...::
+
+    C_0 = 0
+    C_t = gamma_t C_{t-1} + (1 - gamma_t) c_t
+
+With a constant gamma this is a *moving average*, C_T = sum_t gamma^(T-t) (1-gamma) c_t;
+with gamma_t = (t-1)/t it is the exact mean of c_1..c_t. Each transformation below maps
+the incoming values c_t (any pytree of floating arrays) to the average C_t.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jstep import _core
+
+Gamma = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+class RunningAverageState(NamedTuple):
+    """`count` = t, the number of values seen (int32, saturating); `average` = C_t."""
+
+    count: jax.Array
+    average: Any
+
+
+def running_average_update(average: Any, value: Any, gamma: Any) -> Any:
+    """One step of the rule, C_t = gamma C_{t-1} + (1 - gamma) c_t, leaf by leaf.
+
+    The arithmetic runs in at least float32 and the result keeps `average`'s dtype, so a
+    bfloat16 accumulator stays bfloat16. This is the building block of every moment in
+    jstep: momentum's M, RMSprop's G, Adam's m and v, and BatchNorm's running statistics.
+
+    Args:
+      average: the tree of C_{t-1}.
+      value: the tree of c_t, same structure and shapes.
+      gamma: the weight on the old average, a number or scalar array.
+    """
+
+    def one(old, new):
+        dtype = _core.compute_dtype(old.dtype)
+        g = jnp.asarray(gamma).astype(_core.real_dtype(dtype))
+        return (g * old.astype(dtype) + (1 - g) * new.astype(dtype)).astype(old.dtype)
+
+    return jax.tree.map(one, average, value)
+
+
+def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+    """The notes' running average, C_t = gamma_t C_{t-1} + (1 - gamma_t) c_t, C_0 = 0.
+
+    Args:
+      gamma: gamma_t, either a number in [0, 1) or a callable ``t -> gamma_t`` that receives
+        t = 1, 2, ... as a float scalar array (float64 when x64 is enabled).
+      accumulator_dtype: dtype of the stored C (default: each leaf's own dtype).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose ``update(values, state)`` returns C_t in the
+      values' dtypes, with state `RunningAverageState`.
+    """
+    if not callable(gamma):
+        _core.check_decay("gamma", gamma)
+
+    def init(values):
+        _core.check_floating_leaves(values)
+        return RunningAverageState(_core.new_count(), _core.zeros_like_tree(values, accumulator_dtype))
+
+    def update(values, state, params=None):
+        del params
+        _core.check_same_shapes(values, state.average)
+        count = _core.increment(state.count)
+        gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
+        average = running_average_update(state.average, values, gamma_t)
+        return _core.cast_like(average, values), RunningAverageState(count, average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def moving_average(decay: Any, *, debias: bool = False, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+    """A moving average: the running average with constant gamma = `decay`.
+
+    C_t = decay C_{t-1} + (1 - decay) c_t = sum_{s<=t} decay^(t-s) (1 - decay) c_s.
+
+    Args:
+      decay: gamma, in [0, 1).
+      debias: return C_t / (1 - decay^t) instead of C_t. The weights of C_t sum to
+        1 - decay^t (the rest sits on C_0 = 0), so this is the weighted mean of the values
+        seen; Adam's m_hat and v_hat are exactly this.
+      accumulator_dtype: dtype of the stored C (default: each leaf's own dtype).
+    """
+    _core.check_decay("decay", decay)
+    biased = running_average(decay, accumulator_dtype=accumulator_dtype)
+    if not debias:
+        return biased
+
+    def update(values, state, params=None):
+        average, state = biased.update(values, state, params)
+        correction = _core.bias_correction(decay, state.count)
+        return jax.tree.map(lambda c: (c / correction.astype(c.dtype)).astype(c.dtype), average), state
+
+    return optax.GradientTransformation(biased.init, update)
+
+
+def cumulative_average(*, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+    """The exact mean of c_1..c_t, as the running average with gamma_t = (t - 1) / t.
+
+    (The notes' first study question: C_t = ((t-1)/t) C_{t-1} + (1/t) c_t; if
+    C_{t-1} = mean(c_1..c_{t-1}) then C_t = (sum_{s<t} c_s + c_t) / t.)
+    """
+    return running_average(lambda t: (t - 1) / t, accumulator_dtype=accumulator_dtype)

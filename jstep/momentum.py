@@ -1,0 +1,120 @@
+"""B.0.1.2 Momentum, in the notes' two forms.
+
+V form (the learning rate inside the velocity)::
+
+    V_0 = 0,   V_t = gamma V_{t-1} + eta g_t,   W_t = W_{t-1} - V_t
+
+M form (a moving average of the gradients, stepped by eta')::
+
+    M_0 = 0,   M_t = gamma M_{t-1} + (1 - gamma) g_t,   W_t = W_{t-1} - eta' M_t
+
+With eta = eta' (1 - gamma) the two give the same W_t (the notes' study question): unrolled,
+V_t = eta' (1 - gamma) sum_s gamma^(t-s) g_s = eta' M_t.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from jstep import _core
+from jstep.averages import moving_average
+
+
+class MomentumState(NamedTuple):
+    """`count`: steps taken (int32, saturating); `velocity`: V_t, shaped like the params."""
+
+    count: jax.Array
+    velocity: Any
+
+
+def sgd(learning_rate: _core.ScalarOrSchedule) -> optax.GradientTransformation:
+    """Plain gradient descent: W_t = W_{t-1} - eta_t g_t.
+
+    Args:
+      learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
+    """
+
+    def init(params):
+        _core.check_floating_leaves(params)
+        return _core.CountState(_core.new_count())
+
+    def update(updates, state, params=None):
+        del params
+        return updates, _core.CountState(_core.increment(state.count))
+
+    return _core.descent(optax.GradientTransformation(init, update), learning_rate)
+
+
+def momentum(
+    learning_rate: _core.ScalarOrSchedule,
+    gamma: Any = 0.9,
+    *,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Momentum in the notes' V form: V_t = gamma V_{t-1} + eta_t g_t, update -V_t.
+
+    The learning rate sits *inside* the velocity, as in the notes. At a constant rate this is
+    exactly ``optax.sgd(eta, momentum=gamma)`` (there V_t = eta T_t with T_t = gamma T_{t-1}
+    + g_t). With a schedule it is not: here each gradient keeps the rate of the step it
+    arrived at (V_t = sum_s gamma^(t-s) eta_s g_s), while ``optax.sgd`` multiplies the whole
+    accumulated trace by the current rate (eta_t sum_s gamma^(t-s) g_s). After a rate drop,
+    jstep's old velocity decays at its old size; Optax's shrinks at once.
+
+    Args:
+      learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
+      gamma: the momentum decay, in [0, 1) (the notes suggest 0.9).
+      nesterov: update by -(gamma V_t + eta_t g_t) instead (Nesterov's look-ahead, the form
+        Optax and PyTorch use).
+      accumulator_dtype: dtype of V (default: each parameter's dtype). Arithmetic runs in at
+        least float32 whatever the dtypes.
+
+    Complex parameters work: V is complex and the rule is the same.
+    """
+    _core.check_learning_rate(learning_rate)
+    _core.check_decay("gamma", gamma)
+
+    def init(params):
+        _core.check_floating_leaves(params)
+        return MomentumState(_core.new_count(), _core.zeros_like_tree(params, accumulator_dtype))
+
+    def update(updates, state, params=None):
+        del params
+        _core.check_same_shapes(updates, state.velocity)
+        eta = _core.learning_rate_at(learning_rate, state.count)
+
+        def step(v, g):
+            dtype = _core.compute_dtype(v.dtype)
+            v_new = gamma * v.astype(dtype) + eta * g.astype(dtype)
+            direction = gamma * v_new + eta * g.astype(dtype) if nesterov else v_new
+            return (-direction).astype(g.dtype), v_new.astype(v.dtype)
+
+        out = jax.tree.map(step, state.velocity, updates)
+        new_updates, velocity = _core.unzip_pairs(out, updates)
+        return new_updates, MomentumState(_core.increment(state.count), velocity)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_momentum(
+    learning_rate: _core.ScalarOrSchedule,
+    gamma: Any = 0.9,
+    *,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Momentum in the notes' M form: M_t = gamma M_{t-1} + (1-gamma) g_t, update -eta'_t M_t.
+
+    M is the `moving_average` of the gradients. ``ema_momentum(eta', gamma)`` equals
+    ``momentum(eta' * (1 - gamma), gamma)`` at a constant rate.
+
+    Args:
+      learning_rate: eta', a number >= 0 or an Optax schedule ``count -> eta'_t``.
+      gamma: the averaging decay, in [0, 1).
+      accumulator_dtype: dtype of M (default: each parameter's dtype).
+    """
+    _core.check_decay("gamma", gamma)
+    return _core.descent(moving_average(gamma, accumulator_dtype=accumulator_dtype), learning_rate)
+
