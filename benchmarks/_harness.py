@@ -1,0 +1,122 @@
+"""Timing and machine-report helpers shared by the scripts in benchmarks/.
+
+Every benchmark here follows the same rules: compile excluded (a warm-up call first), buffers
+donated and fed back from one call to the next, contenders alternated inside one process,
+outputs waited for with `block_until_ready`, and the median of the repeated runs reported
+next to the machine that produced it and this machine's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+# A step takes the carried (donated) arguments and returns their next values.
+Step = Callable[..., Any]
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what `platform` knows elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine_report() -> str:
+    """The lines that say where a measurement was taken."""
+    import optax
+
+    device = jax.devices()[0]
+    return "\n".join(
+        [
+            f"platform: {platform.platform()}, python {platform.python_version()}",
+            f"cpu: {cpu_model()}, {usable_cores()} usable cores (os.cpu_count() = {os.cpu_count()})",
+            f"jax {jax.__version__}, jaxlib {jax.lib.__version__}, optax {optax.__version__}",
+            f"jax device: {device.platform} / {device.device_kind} ({len(jax.devices())} device(s))",
+        ]
+    )
+
+
+def block(tree: Any) -> Any:
+    """Wait until every array in `tree` is computed."""
+    return jax.block_until_ready(tree)
+
+
+def timed_call(step: Step, carry: tuple) -> tuple[float, tuple]:
+    """Seconds one call of `step(*carry)` takes to finish, and its outputs (the next carry)."""
+    start = time.perf_counter()
+    out = block(step(*carry))
+    return time.perf_counter() - start, out
+
+
+def interleaved_medians(steps: dict[str, Step], carries: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each step, the contenders alternated call by call.
+
+    `steps[name](*carries[name])` must return the next carry (the donated buffers come back as
+    new ones). Each contender gets one untimed warm-up call (compilation, first-touch page
+    faults); then every repeat times each contender once, the order rotating so that no one
+    always runs first.
+    """
+    names = list(steps)
+    carries = dict(carries)
+    for name in names:
+        carries[name] = block(steps[name](*carries[name]))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, carries[name] = timed_call(steps[name], carries[name])
+            times[name].append(seconds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 15) -> float:
+    """Bytes per second of a donated, jitted `x + 1` over `nbytes` of float32 (read + write).
+
+    A memory-bound streaming kernel the compiler cannot skip: the practical upper bound for
+    any elementwise update on this device.
+    """
+    size = nbytes // 4
+    bump = jax.jit(lambda x: (x + 1,), donate_argnums=0)
+    x = jnp.zeros([size], jnp.float32)
+    seconds = interleaved_medians({"copy": bump}, {"copy": (x,)}, repeats)["copy"]
+    return 2 * size * 4 / seconds
+
+
+def temp_bytes(jitted: Any, *args: Any) -> int | None:
+    """Scratch bytes XLA allocates for `jitted(*args)` beyond arguments and outputs."""
+    try:
+        return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    except Exception:  # memory_analysis is not available on every backend
+        return None
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, text_columns: int = 1) -> str:
+    """A plain, aligned text table: the first `text_columns` left-aligned, numbers right-aligned."""
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])

@@ -1,0 +1,222 @@
+"""One jitted training step, jstep against Optax: adam, momentum and rmsprop on three trees.
+
+The step is ``updates, state = opt.update(grads, state, params)`` followed by
+``params = optax.apply_updates(params, updates)``, jitted with params and state donated.
+Compilation is excluded (one warm-up call), jstep and Optax are alternated call by call in
+this one process, every call waits for its outputs, and the table shows medians.
+
+Each step is memory-bound, so the table also shows the bytes it must move per second as a
+fraction of a donated ``x + 1`` copy measured in the same run: Adam reads p, g, m, v and
+writes p, m, v (7 parameter-sized arrays); momentum and RMSprop read p, g, s and write p, s (5).
+`temp MiB` is the scratch memory XLA allocates for the step beyond its inputs and outputs.
+
+    python benchmarks/optimizers.py                  # every tree and optimizer, 30 repeats
+    python benchmarks/optimizers.py --quick          # a quick look (5 repeats)
+    python benchmarks/optimizers.py --trees resnet50 --optimizers adam --repeats 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jstep  # noqa: E402
+from _harness import copy_bandwidth, format_table, interleaved_medians, machine_report, temp_bytes  # noqa: E402
+
+LEARNING_RATE = 1e-3
+
+
+# ---------------------------------------------------------------------------------- trees
+
+
+def resnet50_shapes() -> dict[str, tuple[int, ...]]:
+    """ResNet-50's parameter shapes (He et al. 2016, torchvision layout, no conv biases).
+
+    Conv kernels are HWIO; each convolution is followed by a batch norm with a scale and a
+    bias; stages of 3, 4, 6, 3 bottleneck blocks (1x1 -> 3x3 -> 1x1, expansion 4) whose first
+    block projects the shortcut with a 1x1 convolution; a 2048 x 1000 dense layer with bias.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv_bn(name: str, size: int, c_in: int, c_out: int) -> None:
+        shapes[f"{name}/kernel"] = (size, size, c_in, c_out)
+        shapes[f"{name}/bn_scale"] = (c_out,)
+        shapes[f"{name}/bn_bias"] = (c_out,)
+
+    conv_bn("stem", 7, 3, 64)
+    c_in = 64
+    for stage, (blocks, width) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512]), start=1):
+        for block in range(blocks):
+            name = f"stage{stage}/block{block}"
+            conv_bn(f"{name}/conv1", 1, c_in, width)
+            conv_bn(f"{name}/conv2", 3, width, width)
+            conv_bn(f"{name}/conv3", 1, width, 4 * width)
+            if block == 0:
+                conv_bn(f"{name}/shortcut", 1, c_in, 4 * width)
+            c_in = 4 * width
+    shapes["head/kernel"] = (c_in, 1000)
+    shapes["head/bias"] = (1000,)
+    return shapes
+
+
+def _check_resnet50(shapes: dict[str, tuple[int, ...]]) -> None:
+    count = sum(math.prod(s) for s in shapes.values())
+    assert len(shapes) == 161, f"ResNet-50 has 161 parameter arrays, the shapes list {len(shapes)}"
+    assert count == 25_557_032, f"ResNet-50 has 25,557,032 parameters, the shapes hold {count:,}"
+
+
+def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """The benchmark's trees of float32 leaves, by name."""
+    if name == "1x4M":
+        return {"w": (2048, 2048)}
+    if name == "resnet50":
+        shapes = resnet50_shapes()
+        _check_resnet50(shapes)
+        return shapes
+    if name == "1000x4096":
+        return {f"w{i:04d}": (4096,) for i in range(1000)}
+    raise ValueError(f"unknown tree {name!r}; choose from {', '.join(TREES)}")
+
+
+TREES = ("1x4M", "resnet50", "1000x4096")
+
+
+def random_tree(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for k, s in shapes.items()}
+
+
+def copy_tree(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+class Pair(NamedTuple):
+    """A jstep optimizer, the Optax optimizer that computes the same update, and its traffic."""
+
+    jstep: Callable[[], optax.GradientTransformation]
+    optax: Callable[[], optax.GradientTransformation]
+    arrays_moved: int  # parameter-sized arrays read + written by one step
+
+
+OPTIMIZERS = {
+    "adam": Pair(lambda: jstep.adam(LEARNING_RATE), lambda: optax.adam(LEARNING_RATE), 7),
+    "momentum": Pair(
+        lambda: jstep.momentum(LEARNING_RATE, 0.9), lambda: optax.sgd(LEARNING_RATE, momentum=0.9), 5
+    ),
+    "rmsprop": Pair(
+        lambda: jstep.rmsprop(LEARNING_RATE, eps_in_sqrt=True), lambda: optax.rmsprop(LEARNING_RATE), 5
+    ),
+}
+
+
+def training_step(optimizer: optax.GradientTransformation):
+    """The jitted step (params, state, grads) -> (params, state), params and state donated."""
+
+    def step(params, state, grads):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def check_same_update(jitted: dict[str, Any], optimizers: dict[str, Any], params: Any, grads: Any) -> None:
+    """Three steps of both contenders from the same start agree to float32 round-off."""
+    results = {}
+    for name, step in jitted.items():
+        p, s = copy_tree(params), optimizers[name].init(params)
+        for _ in range(3):
+            p, s = step(p, s, grads)
+        results[name] = p
+    for a, b in zip(jax.tree.leaves(results["jstep"]), jax.tree.leaves(results["optax"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def measure(tree: str, optimizer: str, repeats: int, bandwidth: float) -> list[Any]:
+    shapes = tree_shapes(tree)
+    params, grads = random_tree(shapes, seed=0), random_tree(shapes, seed=1)
+    pair = OPTIMIZERS[optimizer]
+    optimizers = {"jstep": pair.jstep(), "optax": pair.optax()}
+    jitted = {name: training_step(opt) for name, opt in optimizers.items()}
+    check_same_update(jitted, optimizers, params, grads)
+
+    carries, steps, scratch = {}, {}, {}
+    for name, opt in optimizers.items():
+        p = copy_tree(params)
+        s = opt.init(p)
+        scratch[name] = temp_bytes(jitted[name], p, s, grads)
+        carries[name] = (p, s)
+        steps[name] = lambda p, s, step=jitted[name]: step(p, s, grads)
+    seconds = interleaved_medians(steps, carries, repeats)
+
+    nbytes = pair.arrays_moved * sum(4 * math.prod(s) for s in shapes.values())
+
+    def fraction(t: float) -> str:
+        return f"{nbytes / t / bandwidth:.2f}"
+
+    def mib(n: int | None) -> str:
+        return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+    j, o = seconds["jstep"], seconds["optax"]
+    return [
+        tree, optimizer, f"{1e3 * j:.2f}", f"{1e3 * o:.2f}", f"{j / o:.3f}",
+        fraction(j), fraction(o), mib(scratch["jstep"]), mib(scratch["optax"]),
+    ]  # fmt: skip
+
+
+def choices(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    names = [v for v in value.split(",") if v]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender (default 30; 5 with --quick)")
+    parser.add_argument("--trees", default=",".join(TREES), help=f"comma-separated subset of {','.join(TREES)}")
+    parser.add_argument(
+        "--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated subset of {','.join(OPTIMIZERS)}"
+    )
+    parser.add_argument("--quick", action="store_true", help="few repeats and a smaller copy-bandwidth probe")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 30)
+    trees = choices(args.trees, TREES, "--trees")
+    optimizers = choices(args.optimizers, tuple(OPTIMIZERS), "--optimizers")
+
+    print(machine_report())
+    bandwidth = copy_bandwidth(1 << 26 if args.quick else 1 << 28, repeats=5 if args.quick else 15)
+    print(f"copy bandwidth (donated jitted x + 1, read + write): {bandwidth / 1e9:.2f} GB/s")
+    print(f"median of {repeats} alternated calls per contender; ratio = jstep / optax\n")
+
+    header = ["tree", "optimizer", "jstep ms", "optax ms", "ratio", "jstep bw", "optax bw",
+              "jstep temp MiB", "optax temp MiB"]  # fmt: skip
+    rows = []
+    for tree in trees:
+        for optimizer in optimizers:
+            rows.append(measure(tree, optimizer, repeats, bandwidth))
+            print(" | ".join(rows[-1]), flush=True)
+    print()
+    print(format_table(header, rows, text_columns=2))
+    print("\nbw: bytes the step must move per second / copy bandwidth (1.00 = the memory limit)")
+
+
+if __name__ == "__main__":
+    main()
