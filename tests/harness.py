@@ -1,0 +1,111 @@
+"""Test plumbing: random multi-leaf pytrees, gradient sequences, and a jitted optimizer run.
+
+`run` steps an optax transformation over a sequence of gradients and returns each step's updates as a list of NumPy leaves, the layout the
+float64 references in `reference.py` produce, so that the two compare leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A multi-leaf tree: a dense layer, a nested list with a 3-d leaf, and a scalar.
+SHAPES = {"dense": {"w": (5, 3), "b": (3,)}, "conv": [(2, 3, 2)], "scale": ()}
+# Each leaf gets its own gradient scale, so that a per-leaf rule cannot hide behind another.
+SCALES = (3.0, 0.02, 1.0, 40.0)
+
+
+def tree_of(make):
+    """The SHAPES tree with `make(index, shape)` at each leaf."""
+    shapes, treedef = jax.tree.flatten(SHAPES, is_leaf=lambda s: isinstance(s, tuple))
+    return jax.tree.unflatten(treedef, [make(i, s) for i, s in enumerate(shapes)])
+
+
+def gradient_sequence(seed, steps, dtype=np.float64, *, complex_values=False):
+    """`steps` random gradient trees (NumPy), rounded to `dtype`, each leaf with its own scale."""
+    rng = np.random.default_rng(seed)
+
+    def draw(i, shape):
+        x = rng.normal(size=(steps, *shape))
+        if complex_values:
+            x = x + 1j * rng.normal(size=(steps, *shape))
+        return (SCALES[i] * x).astype(dtype)
+
+    stacked = tree_of(draw)
+    return [jax.tree.map(lambda x: x[t], stacked) for t in range(steps)]
+
+
+def params_like(grads, dtype):
+    """A parameter tree shaped like one gradient tree, as JAX arrays of `dtype`."""
+    return jax.tree.map(lambda g: jnp.ones(np.shape(g), dtype), grads[0])
+
+
+def leaves64(tree):
+    """The leaves of a tree as float64 (or complex128) NumPy arrays, the reference layout."""
+    def widen(x):
+        x = np.asarray(x)
+        return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+    return [widen(x) for x in jax.tree.leaves(tree)]
+
+
+def stack(trees, dtype=None):
+    """A list of trees -> one tree of arrays with a leading step axis."""
+    return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs), dtype), *trees)
+
+
+def scan_updates(opt, state, stacked_grads):
+    """(final state, stacked updates): `opt.update` scanned over the leading axis."""
+
+    def step(state, g):
+        updates, state = opt.update(g, state)
+        return state, updates
+
+    return jax.lax.scan(step, state, stacked_grads)
+
+
+def run(opt, grads, dtype):
+    """Initialize `opt` on params of `dtype` and step it, jitted, over `grads` (a list of trees).
+
+    Returns (updates per step as lists of float64/complex128 leaves, final state). Call
+    inside `jax.enable_x64(True)` for float64.
+    """
+    params = params_like(grads, dtype)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    steps = []
+    for g in grads:
+        updates, state = update(jax.tree.map(lambda x: np.asarray(x, dtype), g), state, params)
+        steps.append(updates)
+    return [leaves64(u) for u in jax.device_get(steps)], state
+
+
+def as_leaves(grads):
+    """A list of gradient trees -> a list of lists of float64 leaves (reference input)."""
+    return [leaves64(g) for g in grads]
+
+
+def max_relative_error(actual, expected):
+    """max over steps and leaves of max|a - e| / max|e|: a normwise relative error per leaf."""
+    worst = 0.0
+    for step_a, step_e in zip(actual, expected, strict=True):
+        for a, e in zip(step_a, step_e, strict=True):
+            assert a.shape == e.shape
+            scale = np.max(np.abs(e))
+            err = np.max(np.abs(a - e))
+            worst = max(worst, err / scale if scale > 0 else err)
+    return worst
+
+
+def assert_close_runs(actual, expected, rtol):
+    err = max_relative_error(actual, expected)
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:.3g}"
+    return err
+
+
+# Tolerances: float64 against the float64 reference; float32 (inputs rounded to float32 for
+# both sides, so only arithmetic round-off is measured) after ~60 steps.
+RTOL64 = 1e-10
+RTOL32 = 1e-4
+STEPS = 60
