@@ -106,7 +106,7 @@ def test_optax_parity(name):
     grads = gradient_sequence(22, STEPS, np.float32)
     got, _ = run(make(), grads, np.float32)
     expected, _ = run(make_optax(), grads, np.float32)
-    assert_close_runs(got, expected, 1e-5)
+    assert_close_runs(got, expected, RTOL32)
 
 
 @pytest.mark.parametrize(

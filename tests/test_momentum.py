@@ -82,7 +82,7 @@ def test_optax_parity_at_a_constant_rate(name):
     grads = gradient_sequence(11, STEPS, np.float32)
     got, _ = run(make(), grads, np.float32)
     expected, _ = run(make_optax(), grads, np.float32)
-    assert_close_runs(got, expected, 1e-5)
+    assert_close_runs(got, expected, RTOL32)
 
 
 def test_a_schedule_differs_from_optax_sgd_as_the_docstring_says():
