@@ -22,13 +22,18 @@ from jstep.averages import (
     running_average,
     running_average_update,
 )
+from jstep.batch_norm import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_stats
 from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
 from jstep._core import CountState
+from jstep.testing import check_vjp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdadeltaState",
+    "BatchNorm",
+    "BatchNormParams",
+    "BatchNormState",
     "CountState",
     "MomentumState",
     "RunningAverageState",
@@ -38,6 +43,9 @@ __all__ = [
     "adadelta",
     "adagrad",
     "adam",
+    "batch_norm",
+    "batch_stats",
+    "check_vjp",
     "cumulative_average",
     "ema_momentum",
     "momentum",

@@ -1,0 +1,135 @@
+"""Batch norm forward + backward: jstep's hand-derived VJP against Flax and plain autodiff.
+
+One jitted training-style step per contender on NHWC float32 activations:
+``loss, grads = value_and_grad(sum(batch_norm(x, scale, offset) * w))`` with respect to x,
+scale and offset, returning the input gradient as the next ``x`` (and a small step on scale
+and offset), all buffers donated. The contenders:
+
+- ``jstep``: `jstep.batch_norm` (two-pass statistics, the notes' backward: two per-feature
+  reductions and one elementwise pass, only ``x`` kept for the backward);
+- ``flax``: ``flax.linen.BatchNorm(use_running_average=False)`` (its batch-stats update included);
+- ``autodiff``: a plain jnp batch norm (two-pass statistics) differentiated by JAX.
+
+Compilation is excluded (one warm-up call), the contenders alternate call by call in this one
+process, and the table shows medians. ``GB/s`` counts the 9 activation-sized passes a two-pass
+batch norm needs at least (forward: read x three times, write y; backward: read x and dy twice,
+write dx), as a fraction of a donated ``x + 1`` measured in the same run. ``residual MiB`` is
+what the forward keeps for the backward (the leaves of ``jax.vjp``'s closure).
+
+    python benchmarks/batch_norm.py               # both shapes, 30 repeats
+    python benchmarks/batch_norm.py --repeats 5   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jstep  # noqa: E402
+from _harness import copy_bandwidth, format_table, interleaved_medians, machine_report  # noqa: E402
+
+SHAPES = [(64, 32, 32, 64), (128, 14, 14, 256)]
+EPS = 1e-5
+PASSES = 9  # activation-sized reads + writes of a two-pass forward and the notes' backward
+
+
+def plain_batch_norm(x, scale, offset):
+    """The same function as jstep.batch_norm (NHWC, eps inside the root), left to autodiff."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + EPS) * scale + offset
+
+
+def flax_batch_norm():
+    """Flax's layer as a function (x, scale, offset) -> y, its running-stats update included."""
+    import flax.linen as nn
+
+    layer = nn.BatchNorm(use_running_average=False, axis=-1, momentum=0.9, epsilon=EPS)
+
+    def apply(x, scale, offset):
+        stats = {"mean": jnp.zeros(x.shape[-1:], x.dtype), "var": jnp.ones(x.shape[-1:], x.dtype)}
+        variables = {"params": {"scale": scale, "bias": offset}, "batch_stats": stats}
+        y, _ = layer.apply(variables, x, mutable=["batch_stats"])
+        return y
+
+    return apply
+
+
+def training_step(normalize):
+    """(x, scale, offset, w) -> (dL/dx, scale - 1e-3 dL/dscale, offset - 1e-3 dL/doffset, w)."""
+
+    def step(x, scale, offset, w):
+        def loss(x, scale, offset):
+            return jnp.sum(normalize(x, scale, offset) * w)
+
+        dx, dscale, doffset = jax.grad(loss, argnums=(0, 1, 2))(x, scale, offset)
+        return dx, scale - 1e-3 * dscale, offset - 1e-3 * doffset, w
+
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+
+
+def residual_bytes(normalize, x, scale, offset) -> int:
+    """Bytes the forward pass keeps for the backward: the arrays in jax.vjp's closure."""
+    _, vjp_fn = jax.vjp(normalize, x, scale, offset)
+    leaves = {id(leaf): leaf for leaf in jax.tree.leaves(vjp_fn) if hasattr(leaf, "nbytes")}
+    return sum(leaf.nbytes for leaf in leaves.values())
+
+
+def inputs(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    channels = shape[-1]
+    return (
+        jnp.asarray(rng.normal(1.0, 2.0, shape), jnp.float32),
+        jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
+        jnp.asarray(rng.normal(0.0, 0.1, channels), jnp.float32),
+        jnp.asarray(rng.normal(0.0, 1.0, shape), jnp.float32),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+
+    contenders = {"jstep": jstep.batch_norm, "flax": flax_batch_norm(), "autodiff": plain_batch_norm}
+    print(machine_report())
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth (donated x + 1, float32): {bandwidth / 1e9:.1f} GB/s")
+    print()
+
+    rows = []
+    for shape in SHAPES:
+        probe = inputs(shape)
+        residuals = {name: residual_bytes(f, *probe[:3]) for name, f in contenders.items()}
+        steps = {name: training_step(f) for name, f in contenders.items()}
+        carries = {name: inputs(shape) for name in contenders}
+        medians = interleaved_medians(steps, carries, args.repeats)
+        moved = PASSES * np.prod(shape) * 4
+        for name in contenders:
+            rows.append(
+                [
+                    "x".join(map(str, shape)),
+                    name,
+                    f"{medians[name] * 1e3:.2f}",
+                    f"{medians[name] / medians['flax']:.2f}",
+                    f"{medians[name] / medians['autodiff']:.2f}",
+                    f"{moved / medians[name] / bandwidth:.2f}",
+                    f"{residuals[name] / 2**20:.1f}",
+                ]
+            )
+    header = ["NHWC shape", "contender", "ms (median)", "vs flax", "vs autodiff", "of copy BW", "residual MiB"]
+    print(format_table(header, rows, text_columns=2))
+    print(f"\n{args.repeats} repeats, forward + backward per call; targets: jstep <= 0.8x flax, <= 0.3x autodiff")
+
+
+if __name__ == "__main__":
+    main()

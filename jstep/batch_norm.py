@@ -1,0 +1,400 @@
+"""B.0.2 Batch normalization, with the notes' hand-derived gradient.
+
+For each feature i, over the K values Z_i1..Z_iK it takes in a batch (every axis of ``x``
+except the feature axes; across devices too under ``axis_name``)::
+
+    mu_i      = (1/K) sum_j Z_ij
+    sigma_i^2 = (1/K) sum_j (Z_ij - mu_i)^2                (population variance, two passes)
+    Zbar_ij   = (Z_ij - mu_i) / s_i
+    Zhat_ij   = G_i Zbar_ij + B_i
+
+with ``s_i = sqrt(sigma_i^2 + eps)`` (``eps_in_sqrt=True``, Ioffe & Szegedy, Flax, PyTorch)
+or the notes' ``s_i = sigma_i + eps`` (``eps_in_sqrt=False``).
+
+The backward pass is the notes' derivation, vectorised and made exact for eps > 0. With
+dZhat = dL/dZhat, the gradients of the weights are the two per-feature reductions
+
+    dL/dB_i = sum_j dZhat_ij
+    dL/dG_i = sum_j dZhat_ij Zbar_ij
+
+and, from d mu_i/dZ_ij = 1/K, d sigma_i/dZ_ij = (Z_ij - mu_i)/(K sigma_i) and
+dZbar_ik/dZ_ij = (delta_jk - 1/K)/s_i - (Zbar_ik/s_i) ds_i/dZ_ij with ds_i/dZ_ij = c_i Zbar_ij/K,
+
+    dL/dZ_ij = (G_i / s_i) (dZhat_ij - (1/K) dL/dB_i - c_i Zbar_ij (1/K) dL/dG_i)
+
+where
+
+    c_i = 1                 for s_i = sqrt(sigma_i^2 + eps)   (ds_i/dZ_ij = (Z_ij - mu_i)/(K s_i))
+    c_i = s_i / sigma_i     for s_i = sigma_i + eps           (ds_i/dZ_ij = (Z_ij - mu_i)/(K sigma_i))
+        = 1 + eps/sigma_i
+
+With eps = 0 both are the notes' closing formula,
+dL/dZ_ij = sum_k dZhat_ik G_i/(K sigma_i) (delta_jk K - 1 - (Z_ik-mu_i)(Z_ij-mu_i)/sigma_i^2).
+So the backward is two per-feature reductions and one elementwise pass; it keeps only ``x``
+and per-feature vectors from the forward pass, and it is written with differentiable jnp
+operations, so second derivatives (grad of grad, Hessian-vector products) are exact too.
+
+Degenerate features (every value of the feature equal, sigma_i = 0):
+  * eps > 0: Zbar = 0 and the output is B_i. Both forms are differentiable there; for
+    ``s = sigma + eps`` the term c_i Zbar_ij is 0/0, and its limit is 0 (Zbar_ij = O(|Z-mu|)
+    while c_i = O(1/|Z-mu|) multiplies sum_k dZhat_ik (Z_ik-mu_i) = O(|Z-mu|)), so
+    dL/dZ_ij = (G_i/eps)(dZhat_ij - mean_k dZhat_ik) exactly, with no NaN.
+  * eps = 0: the forward gives Zbar = 0, the eps -> 0+ limit, so the output is B_i and the
+    gradients of G and B are finite. The input gradient of that feature is not finite
+    (inf or NaN): an arbitrarily small change of Z moves Zbar by O(1), so no derivative
+    exists. Use eps > 0 when constant features can occur.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Any, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jstep import _core
+from jstep.averages import running_average_update
+
+FeatureAxis = Union[int, Sequence[int]]
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _feature_axes(ndim: int, feature_axis: FeatureAxis) -> tuple[int, ...]:
+    """`feature_axis` as a sorted tuple of non-negative axes; ValueError when out of range."""
+    axes = (feature_axis,) if isinstance(feature_axis, numbers.Integral) else tuple(feature_axis)
+    for axis in axes:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
+            raise ValueError(
+                f"feature_axis {feature_axis!r} is out of range for x with {ndim} dimensions; "
+                f"allowed: integers in [{-ndim}, {ndim})"
+            )
+    normalised = tuple(sorted(int(axis) % ndim for axis in axes))
+    if len(set(normalised)) != len(normalised):
+        raise ValueError(f"feature_axis {feature_axis!r} names the same axis twice")
+    return normalised
+
+
+def _check_x(x: Any) -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"x has dtype {dtype}; batch normalization needs a real floating x "
+            "(float16, bfloat16, float32, float64): cast it first, e.g. x.astype(jnp.float32)"
+        )
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a Python number (it is a static setting), got {eps!r}")
+    _core.check_number("eps", eps, low=0.0)
+    return float(eps)
+
+
+def _check_features(name: str, value: Any, feature_shape: tuple[int, ...], x_shape, features) -> None:
+    shape = jnp.shape(value)
+    if shape != feature_shape:
+        raise ValueError(
+            f"{name} has shape {shape}, but x of shape {tuple(x_shape)} has feature axes {features} "
+            f"of sizes {feature_shape}: {name} must have shape {feature_shape}"
+        )
+    dtype = jnp.result_type(value)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} has dtype {dtype}; it must be a real floating array")
+
+
+def _axis_size(axis_name: Any) -> int:
+    return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _batch_size(x_shape, reduce_axes: tuple[int, ...], axis_name: Any) -> int:
+    """K, the number of values per feature: the reduced axes' sizes times the device count."""
+    size = math.prod(x_shape[a] for a in reduce_axes) * _axis_size(axis_name)
+    if size < 2:
+        raise ValueError(
+            f"x of shape {tuple(x_shape)} gives K = {size} value(s) per feature (axes {reduce_axes}"
+            f"{'' if axis_name is None else f' across axis {axis_name!r}'}); batch statistics need "
+            "K >= 2, the variance of a single value is undefined. Use a larger batch, or the "
+            "running statistics (BatchNorm.apply(..., training=False))."
+        )
+    return size
+
+
+class _Layout(NamedTuple):
+    """Where the features are: the reduced axes, K, and the shapes of per-feature arrays."""
+
+    reduce_axes: tuple[int, ...]
+    feature_shape: tuple[int, ...]  # shape of scale, offset, mean, var
+    keep_shape: tuple[int, ...]  # the same, with 1 on the reduced axes (broadcasts against x)
+    count: int
+
+
+def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any) -> _Layout:
+    _check_x(x)
+    shape = jnp.shape(x)
+    features = _feature_axes(len(shape), feature_axis)
+    reduce_axes = tuple(a for a in range(len(shape)) if a not in features)
+    keep_shape = tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
+    feature_shape = tuple(shape[a] for a in features)
+    return _Layout(reduce_axes, feature_shape, keep_shape, _batch_size(shape, reduce_axes, axis_name))
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def _total(values: jax.Array, reduce_axes: tuple[int, ...], axis_name: Any) -> jax.Array:
+    """sum over the batch axes (keeping them as size 1), all-reduced across `axis_name`."""
+    local = jnp.sum(values, axis=reduce_axes, keepdims=True)
+    return local if axis_name is None else jax.lax.psum(local, axis_name)
+
+
+def _moments(x: jax.Array, layout: _Layout, axis_name: Any) -> tuple[jax.Array, jax.Array]:
+    """mu and sigma^2 in two passes (no E[x^2] - E[x]^2), in at least float32, keepdims."""
+    xc = x.astype(_core.compute_dtype(x.dtype))
+    mean = _total(xc, layout.reduce_axes, axis_name) / layout.count
+    var = _total(jnp.square(xc - mean), layout.reduce_axes, axis_name) / layout.count
+    return mean, var
+
+
+def _safe_inverse(s: jax.Array) -> jax.Array:
+    """1/s, and 0 where s = 0 (with a gradient that stays finite there)."""
+    positive = s > 0
+    return jnp.where(positive, 1 / jnp.where(positive, s, 1), 0)
+
+
+def _denominator(var: jax.Array, eps: float, eps_in_sqrt: bool) -> tuple[jax.Array, jax.Array]:
+    """(sigma, s): s = sqrt(sigma^2 + eps) or the notes' s = sigma + eps."""
+    if eps_in_sqrt:
+        return None, jnp.sqrt(var + eps)
+    sigma = jnp.sqrt(var)
+    return sigma, sigma + eps
+
+
+# ------------------------------------------------------------- the custom-gradient core
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _normalize(x, scale, offset, layout: _Layout, eps: float, eps_in_sqrt: bool, axis_name: Any):
+    """(Zhat, mu, sigma^2): the forward pass, statistics shaped like `scale`."""
+    y, mean, var = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
+    return y, mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
+
+
+def _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
+    mean, var = _moments(x, layout, axis_name)
+    _, s = _denominator(var, eps, eps_in_sqrt)
+    gain = scale.reshape(layout.keep_shape).astype(mean.dtype) * _safe_inverse(s)  # G/s
+    y = (x.astype(mean.dtype) - mean) * gain + offset.reshape(layout.keep_shape).astype(mean.dtype)
+    return y.astype(x.dtype), mean, var
+
+
+def _normalize_fwd(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
+    x, scale, offset = x.value, scale.value, offset.value  # symbolic_zeros wraps the primals
+    y, mean, var = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
+    outputs = (y, mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape))
+    return outputs, (x, scale, offset, mean, var)
+
+
+def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
+    x, scale, offset, mean, var = residuals
+    dy, dmean, dvar = cotangents
+    axes, count = layout.reduce_axes, layout.count
+    sigma, s = _denominator(var, eps, eps_in_sqrt)
+    centred = x.astype(mean.dtype) - mean
+    xhat = centred * _safe_inverse(s)
+    g = scale.reshape(layout.keep_shape).astype(mean.dtype)
+
+    if isinstance(dy, SymbolicZero):
+        dx = jnp.zeros_like(centred)
+        dscale = doffset = jnp.zeros(layout.keep_shape, mean.dtype)
+    else:
+        dy = dy.astype(mean.dtype)
+        doffset = jnp.sum(dy, axis=axes, keepdims=True)  # dL/dB, this device's share
+        dscale = jnp.sum(dy * xhat, axis=axes, keepdims=True)  # dL/dG, this device's share
+        sum_dy, sum_dy_xhat = (doffset, dscale) if axis_name is None else jax.lax.psum((doffset, dscale), axis_name)
+        if eps_in_sqrt:
+            c = 1
+        else:
+            c = jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)  # (sigma + eps)/sigma; limit 0 term
+        dx = (g / s) * (dy - sum_dy / count - xhat * (c * sum_dy_xhat / count))
+
+    # Gradients through the returned statistics: d mu/dZ_ij = 1/K, d sigma^2/dZ_ij = 2(Z_ij - mu)/K.
+    if not isinstance(dmean, SymbolicZero):
+        dx = dx + dmean.reshape(layout.keep_shape).astype(mean.dtype) / count
+    if not isinstance(dvar, SymbolicZero):
+        dx = dx + dvar.reshape(layout.keep_shape).astype(mean.dtype) * (2 / count) * centred
+
+    def like(grad, primal):
+        return grad.reshape(primal.shape).astype(primal.dtype)
+
+    return like(dx, x), like(dscale, scale), like(doffset, offset)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
+
+
+def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name):
+    layout = _layout(x, feature_axis, axis_name)
+    features = tuple(a for a in range(jnp.ndim(x)) if a not in layout.reduce_axes)
+    _check_features("scale", scale, layout.feature_shape, jnp.shape(x), features)
+    _check_features("offset", offset, layout.feature_shape, jnp.shape(x), features)
+    scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
+    return _normalize(x, scale, offset, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
+
+
+def _per_device(value: jax.Array, axis_name: Any) -> jax.Array:
+    """`value` typed as varying over `axis_name`, so its gradient is this device's share.
+
+    Under ``shard_map`` a replicated `scale` is cast to varying here; the transpose of that cast
+    sums the per-device gradients, exactly as for a parameter used by ordinary jnp code.
+    """
+    if axis_name is None:
+        return value
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    aval = jax.typeof(value)
+    varying = aval.vma if hasattr(aval, "vma") else aval.manual_axis_type.varying
+    missing = tuple(name for name in names if name not in varying)
+    return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    *,
+    feature_axis: FeatureAxis = -1,
+    eps: float = 1e-5,
+    eps_in_sqrt: bool = True,
+    axis_name: Any = None,
+) -> jax.Array:
+    """Batch-normalize `x` with its own statistics: Zhat = G (Z - mu) / s + B.
+
+    ``s = sqrt(sigma^2 + eps)`` by default; ``eps_in_sqrt=False`` is the notes' literal
+    ``s = sigma + eps``, and ``feature_axis=0`` their n x K layout. The gradient is the notes'
+    derivation made exact for eps > 0 (see the module docstring for the formulas and for what a
+    constant feature gives):
+
+        dL/dZ = (G/s) (dZhat - mean(dZhat) - c Zbar mean(dZhat Zbar)),
+        c = 1 (eps inside the root) or c = (sigma + eps)/sigma (the notes' form).
+
+    Args:
+      x: floating array; bfloat16/float16 are normalized in float32 and returned in their dtype.
+      scale: G, shaped like the feature axes of `x` (e.g. ``(C,)`` for NHWC).
+      offset: B, the same shape.
+      feature_axis: the axis or axes that index features (-1 for NHWC, 1 for NCHW, 0 for the
+        notes' n x K); statistics are taken over every other axis.
+      eps: eps >= 0, a Python number. eps = 0 is the notes' derivation.
+      eps_in_sqrt: True for sqrt(sigma^2 + eps), False for sigma + eps.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the batch is split:
+        the statistics and the backward pass's two reductions are all-reduced over it, so the
+        output and the input gradient equal those of one device holding the whole batch. The
+        gradients of `scale` and `offset` stay this device's contribution (sum them over the
+        axis, as for any parameter under data parallelism; shard_map's transpose does that for
+        a replicated `scale`).
+
+    Returns:
+      Zhat, with the shape and dtype of `x`.
+    """
+    return _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name)[0]
+
+
+def batch_stats(x: jax.Array, *, feature_axis: FeatureAxis = -1, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+    """(mu, sigma^2) of each feature: mu = (1/K) sum_j Z_j, sigma^2 = (1/K) sum_j (Z_j - mu)^2.
+
+    Two passes over `x` (mean first, then the centred squares), in at least float32, shaped like
+    the feature axes; under `axis_name` the sums are all-reduced so every device gets the
+    statistics of the whole batch.
+    """
+    layout = _layout(x, feature_axis, axis_name)
+    mean, var = _moments(jnp.asarray(x), layout, axis_name)
+    return mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
+
+
+class BatchNormParams(NamedTuple):
+    """The learned weights: G (`scale`, starts at 1) and B (`offset`, starts at 0)."""
+
+    scale: jax.Array
+    offset: jax.Array
+
+
+class BatchNormState(NamedTuple):
+    """The running statistics used at evaluation: `mean` starts at 0, `var` at 1."""
+
+    mean: jax.Array
+    var: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm:
+    """A batch-norm layer as a pure pair: ``params, state = bn.init(x)``;
+    ``y, state = bn.apply(params, state, x, training=True)``.
+
+    Training normalizes with the batch statistics (`batch_norm`, whose forward pass also returns
+    mu and sigma^2, so they are computed once) and updates the running statistics with the
+    notes' running average, C_t = momentum C_{t-1} + (1 - momentum) c_t
+    (`running_average_update`); the running variance is the population variance, as in the
+    notes and Flax (PyTorch keeps K/(K-1) times it). Evaluation (``training=False``) uses the
+    running statistics and leaves the state unchanged.
+
+    Args:
+      momentum: the running average's gamma, in [0, 1).
+      eps, eps_in_sqrt, feature_axis, axis_name: as in `batch_norm`.
+    """
+
+    momentum: Any = 0.9
+    eps: float = 1e-5
+    eps_in_sqrt: bool = True
+    feature_axis: FeatureAxis = -1
+    axis_name: Any = None
+
+    def __post_init__(self):
+        _core.check_decay("momentum", self.momentum)
+        _check_eps(self.eps)
+
+    def init(self, x: jax.Array) -> tuple[BatchNormParams, BatchNormState]:
+        """Weights and running statistics for inputs shaped like `x` (float32 for low precision)."""
+        _check_x(x)
+        features = _feature_axes(jnp.ndim(x), self.feature_axis)
+        shape = tuple(jnp.shape(x)[a] for a in features)
+        dtype = _core.compute_dtype(jnp.result_type(x))
+        zeros, ones = jnp.zeros(shape, dtype), jnp.ones(shape, dtype)
+        return BatchNormParams(ones, zeros), BatchNormState(zeros, ones)
+
+    def apply(
+        self, params: BatchNormParams, state: BatchNormState, x: jax.Array, *, training: bool = True
+    ) -> tuple[jax.Array, BatchNormState]:
+        """(Zhat, new state). `training` is a Python bool (it selects the computation)."""
+        if training:
+            y, mean, var = _normalize_checked(
+                x, params.scale, params.offset, self.feature_axis, self.eps, self.eps_in_sqrt, self.axis_name
+            )
+            batch = BatchNormState(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
+            return y, running_average_update(state, batch, self.momentum)
+        return self._evaluate(params, state, x), state
+
+    def _evaluate(self, params, state, x):
+        """Zhat = G (Z - mu_run) / s(sigma_run^2) + B, plain jnp (autodiff is exact here)."""
+        _check_x(x)
+        features = _feature_axes(jnp.ndim(x), self.feature_axis)
+        keep_shape = tuple(n if a in features else 1 for a, n in enumerate(jnp.shape(x)))
+        feature_shape = tuple(jnp.shape(x)[a] for a in features)
+        for name, value in [("scale", params.scale), ("offset", params.offset), ("state.mean", state.mean), ("state.var", state.var)]:
+            _check_features(name, value, feature_shape, jnp.shape(x), features)
+        dtype = _core.compute_dtype(jnp.result_type(x))
+
+        def per_feature(v):
+            return v.reshape(keep_shape).astype(dtype)
+
+        _, s = _denominator(per_feature(state.var), _check_eps(self.eps), self.eps_in_sqrt)
+        gain = per_feature(params.scale) * _safe_inverse(s)
+        y = (x.astype(dtype) - per_feature(state.mean)) * gain + per_feature(params.offset)
+        return y.astype(x.dtype)

@@ -1,0 +1,288 @@
+"""batch_norm and batch_stats against float64 transcriptions of B.0.2 and against autodiff."""
+
+import contextlib
+import io
+
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jstep
+from jstep.batch_norm import _normalize_checked
+
+LAYOUTS = [  # (name, shape, feature_axis)
+    ("NHWC", (4, 3, 2, 5), -1),
+    ("NCHW", (4, 5, 3, 2), 1),
+    ("notes n x K", (5, 12), 0),
+    ("two feature axes", (3, 4, 6), (0, 2)),
+]
+
+
+def plain_batch_norm(x, scale, offset, feature_axis, eps, eps_in_sqrt):
+    """A direct jnp transcription, left to JAX's autodiff."""
+    features = (feature_axis,) if isinstance(feature_axis, int) else feature_axis
+    features = tuple(a % x.ndim for a in features)
+    axes = tuple(a for a in range(x.ndim) if a not in features)
+    keep = tuple(n if a in features else 1 for a, n in enumerate(x.shape))
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, axis=axes, keepdims=True)
+    s = jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps
+    return (x - mean) / s * scale.reshape(keep) + offset.reshape(keep)
+
+
+def random_inputs(shape, feature_axis, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    features = (feature_axis,) if isinstance(feature_axis, int) else feature_axis
+    feature_shape = tuple(shape[a] for a in features)
+    x = rng.normal(1.5, 2.0, shape).astype(dtype)
+    scale = rng.normal(1.0, 0.5, feature_shape).astype(dtype)
+    offset = rng.normal(0.0, 0.5, feature_shape).astype(dtype)
+    cotangent = rng.normal(0.0, 1.0, shape).astype(dtype)
+    return x, scale, offset, cotangent
+
+
+def max_rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+@pytest.mark.parametrize("name,shape,feature_axis", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["sqrt(var+eps)", "sigma+eps"])
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_values_and_gradients_match_autodiff_in_float64(name, shape, feature_axis, eps_in_sqrt, eps):
+    with jax.enable_x64(True):
+        x, scale, offset, dy = random_inputs(shape, feature_axis)
+        kw = dict(feature_axis=feature_axis, eps=eps, eps_in_sqrt=eps_in_sqrt)
+
+        @jax.jit
+        def outputs_and_gradients(x, scale, offset, dy):
+            y, vjp = jax.vjp(lambda *a: jstep.batch_norm(*a, **kw), x, scale, offset)
+            y_ref, vjp_ref = jax.vjp(lambda *a: plain_batch_norm(*a, **kw), x, scale, offset)
+            return y, y_ref, vjp(dy), vjp_ref(dy)
+
+        y, y_ref, grads, grads_ref = outputs_and_gradients(x, scale, offset, dy)
+        assert y.dtype == jnp.float64
+        assert max_rel(y, y_ref) <= 1e-12
+        for got, want in zip(grads, grads_ref):
+            assert got.shape == want.shape
+            assert max_rel(got, want) <= 1e-10
+
+
+def notes_dZ(Z, G, dZhat):
+    """The notes' closing formula, summed literally (eps = 0, n x K layout):
+    dL/dZ_ij = sum_k dZhat_ik G_i 1/(K sigma_i) (delta_jk K - 1 - (Z_ik - mu_i)(Z_ij - mu_i)/sigma_i^2)."""
+    n, K = Z.shape
+    mu = Z.sum(axis=1) / K
+    sigma = np.sqrt(((Z - mu[:, None]) ** 2).sum(axis=1) / K)
+    dZ = np.zeros_like(Z)
+    for i in range(n):
+        for j in range(K):
+            for k in range(K):
+                delta = 1.0 if j == k else 0.0
+                bracket = delta * K - 1 - (Z[i, k] - mu[i]) * (Z[i, j] - mu[i]) / sigma[i] ** 2
+                dZ[i, j] += dZhat[i, k] * G[i] / (K * sigma[i]) * bracket
+    return dZ
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_input_gradient_is_the_notes_formula_summed_literally(eps_in_sqrt):
+    rng = np.random.default_rng(3)
+    Z, G, B, dZhat = rng.normal(size=(4, 7)), rng.normal(size=4), rng.normal(size=4), rng.normal(size=(4, 7))
+    with jax.enable_x64(True):
+        f = lambda Z, G, B: jstep.batch_norm(Z, G, B, feature_axis=0, eps=0.0, eps_in_sqrt=eps_in_sqrt)
+        dZ, dG, dB = jax.vjp(f, Z, G, B)[1](dZhat)
+    Zbar = (Z - Z.mean(1, keepdims=True)) / Z.std(1, keepdims=True)
+    np.testing.assert_allclose(dZ, notes_dZ(Z, G, dZhat), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dB, dZhat.sum(axis=1), rtol=1e-12)  # dL/dB_i = sum_j dZhat_ij
+    np.testing.assert_allclose(dG, (dZhat * Zbar).sum(axis=1), rtol=1e-10)  # dL/dG_i = sum_j dZhat_ij Zbar_ij
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_first_and_second_order_pass_check_vjp(eps_in_sqrt):
+    x, scale, offset, _ = random_inputs((6, 2, 3), -1, seed=4)
+    kw = dict(eps=0.05, eps_in_sqrt=eps_in_sqrt)
+
+    def f(x, scale, offset):
+        return jstep.batch_norm(x, scale, offset, **kw)
+
+    report = jstep.check_vjp(
+        f, x, scale, offset, reference=lambda *a: plain_batch_norm(*a, -1, **kw), order=2, rtol=1e-7
+    )
+    assert {c.order for c in report.comparisons} == {1, 2}
+    assert len(report.comparisons) == 12  # 3 arguments x 2 references x 2 orders
+
+
+def test_hessian_vector_product_matches_autodiff():
+    with jax.enable_x64(True):
+        x, scale, offset, w = random_inputs((5, 4), -1, seed=5)
+        v = np.random.default_rng(6).normal(size=x.shape)
+
+        def loss(norm):
+            return lambda x: jnp.sum(jnp.sin(norm(x, scale, offset)) * w)
+
+        ours = loss(lambda *a: jstep.batch_norm(*a, eps=1e-3, eps_in_sqrt=False))
+        plain = loss(lambda *a: plain_batch_norm(*a, -1, 1e-3, False))
+        hvp = jax.jvp(jax.grad(ours), (x,), (v,))[1]
+        hvp_ref = jax.jvp(jax.grad(plain), (x,), (v,))[1]
+        assert max_rel(hvp, hvp_ref) <= 1e-10
+
+
+def test_gradients_through_the_returned_statistics():
+    """The core also returns (mu, sigma^2) for BatchNorm; its VJP handles their cotangents."""
+
+    def with_stats(x, scale, offset):
+        return _normalize_checked(x, scale, offset, -1, 1e-2, True, None)
+
+    def reference(x, scale, offset):
+        mean = jnp.mean(x, axis=0)
+        var = jnp.mean((x - mean) ** 2, axis=0)
+        return plain_batch_norm(x, scale, offset, -1, 1e-2, True), mean, var
+
+    x, scale, offset, _ = random_inputs((7, 3), -1, seed=7)
+    jstep.check_vjp(with_stats, x, scale, offset, reference=reference)
+
+
+def test_bfloat16_input_normalizes_in_float32_and_returns_bfloat16():
+    x, scale, offset, dy = random_inputs((16, 4, 4, 8), -1, seed=8, dtype=np.float32)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x: jstep.batch_norm(x, scale, offset), x16)
+    (dx,) = vjp(jnp.asarray(dy, jnp.bfloat16))
+    assert y.dtype == dx.dtype == jnp.bfloat16
+    # Reference: the same bf16 values, normalized in float64.
+    with jax.enable_x64(True):
+        x64 = np.asarray(x16.astype(jnp.float32), np.float64)
+        y_ref, vjp_ref = jax.vjp(lambda x: plain_batch_norm(x, scale.astype(np.float64), offset.astype(np.float64), -1, 1e-5, True), x64)
+        (dx_ref,) = vjp_ref(np.asarray(jnp.asarray(dy, jnp.bfloat16).astype(jnp.float32), np.float64))
+    # Only the final rounding to bf16 (8 bits of mantissa) is lost.
+    np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=2**-7, atol=2**-7)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), dx_ref, rtol=2**-7, atol=2**-7 * np.abs(dx_ref).max())
+    mean, var = jstep.batch_stats(x16)
+    assert mean.dtype == var.dtype == jnp.float32
+
+
+def test_large_mean_float32_normalizes_correctly():
+    """|mean|/std = 1e4 in float32: two-pass statistics still give mean 0, std 1."""
+    rng = np.random.default_rng(9)
+    x = (1e4 + rng.normal(size=(4096, 3))).astype(np.float32)
+    y = np.asarray(jstep.batch_norm(jnp.asarray(x), jnp.ones(3), jnp.zeros(3), eps=0.0))
+    x64 = x.astype(np.float64)
+    y_ref = (x64 - x64.mean(0)) / x64.std(0)
+    np.testing.assert_allclose(y, y_ref, atol=2e-3)
+    np.testing.assert_allclose(y.std(0), 1.0, atol=1e-3)
+    # The one-pass formula E[x^2] - E[x]^2 fails on the same data (the test can tell them apart).
+    x32 = jnp.asarray(x)
+    one_pass = jnp.mean(x32 * x32, 0) - jnp.mean(x32, 0) ** 2
+    assert np.max(np.abs(np.asarray(one_pass) / x64.var(0) - 1)) > 0.05
+    _, var = jstep.batch_stats(x32)
+    np.testing.assert_allclose(var, x64.var(0), rtol=1e-3)
+
+
+def test_batch_stats_are_population_mean_and_variance():
+    x, *_ = random_inputs((6, 5, 4), 1, seed=10)
+    mean, var = jstep.batch_stats(jnp.asarray(x, jnp.float32), feature_axis=1)
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(var, x.var(axis=(0, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_constant_feature_with_eps_gives_offset_and_the_exact_gradient(eps_in_sqrt):
+    eps = 0.1
+    with jax.enable_x64(True):
+        x = np.stack([np.full(6, 2.0), np.arange(6.0)], axis=1)  # feature 0 is constant
+        scale, offset = np.array([1.5, 1.0]), np.array([0.25, 0.0])
+        dy = np.random.default_rng(11).normal(size=x.shape)
+        f = lambda x, s, b: jstep.batch_norm(x, s, b, eps=eps, eps_in_sqrt=eps_in_sqrt)
+        y, vjp = jax.vjp(f, x, scale, offset)
+        dx, dscale, doffset = map(np.asarray, vjp(dy))
+    s = np.sqrt(eps) if eps_in_sqrt else eps
+    np.testing.assert_array_equal(y[:, 0], 0.25)
+    np.testing.assert_allclose(dx[:, 0], 1.5 / s * (dy[:, 0] - dy[:, 0].mean()), rtol=1e-12)
+    assert dscale[0] == 0 and np.isclose(doffset[0], dy[:, 0].sum())
+    assert np.all(np.isfinite(dx))
+    # The derivative really is that: finite differences agree (their error is O(h/eps) here,
+    # since sigma + eps is not smooth at sigma = 0 though the output is differentiable).
+    with jax.enable_x64(True):
+        v = np.zeros_like(x)
+        v[:, 0] = np.random.default_rng(12).normal(size=6)
+        h = 1e-8
+        fd = (np.vdot(dy, f(x + h * v, scale, offset)) - np.vdot(dy, f(x - h * v, scale, offset))) / (2 * h)
+    np.testing.assert_allclose(np.vdot(dx, v), fd, rtol=1e-5)
+
+
+def test_constant_feature_with_eps_zero_gives_offset_and_a_non_finite_input_gradient():
+    with jax.enable_x64(True):
+        x = np.stack([np.full(4, 3.0), np.arange(4.0)], axis=1)
+        scale, offset = np.array([2.0, 1.0]), np.array([0.5, 0.0])
+        y, vjp = jax.vjp(lambda x, s, b: jstep.batch_norm(x, s, b, eps=0.0), x, scale, offset)
+        y, dx, dscale, doffset = map(np.asarray, (y, *vjp(np.arange(8.0).reshape(4, 2))))
+    np.testing.assert_array_equal(y[:, 0], 0.5)  # the eps -> 0+ limit: Zbar = 0
+    assert np.all(np.isfinite(y)) and np.isfinite(dscale).all() and np.isfinite(doffset).all()
+    assert not np.any(np.isfinite(dx[:, 0]))  # no derivative exists: documented as inf/NaN
+    assert np.all(np.isfinite(dx[:, 1]))
+
+
+def test_backward_keeps_only_x_and_per_feature_vectors():
+    x, scale, offset, _ = random_inputs((8, 6, 6, 16), -1, dtype=np.float32)
+    x, scale, offset = map(jnp.asarray, (x, scale, offset))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(lambda x, s, b: jstep.batch_norm(x, s, b), x, scale, offset)
+    lines = out.getvalue().strip().splitlines()
+    activation = [line for line in lines if "[8,6,6,16]" in line]
+    assert len(activation) == 1 and "argument" in activation[0], lines
+    others = [line for line in lines if line not in activation]
+    assert all("[8,6,6,16]" not in line and ("[16]" in line or "[1,1,1,16]" in line or "[]" in line) for line in others), lines
+    # The plain jnp version keeps more than one activation-sized array.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(lambda x, s, b: plain_batch_norm(x, s, b, -1, 1e-5, True), x, scale, offset)
+    assert out.getvalue().count("[8,6,6,16]") >= 2
+
+
+def test_jit_and_vmap():
+    x, scale, offset, dy = random_inputs((3, 6, 4), -1, seed=13, dtype=np.float32)
+    eager = jstep.batch_norm(x[0], scale, offset)
+    jitted = jax.jit(jstep.batch_norm, static_argnames=("feature_axis", "eps", "eps_in_sqrt", "axis_name"))(x[0], scale, offset)
+    mapped = jax.vmap(lambda x: jstep.batch_norm(x, scale, offset))(x)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mapped[0], eager, rtol=1e-6, atol=1e-6)
+    grads = jax.vmap(jax.grad(lambda x, dy: jnp.sum(jstep.batch_norm(x, scale, offset) * dy)))(x, dy)
+    grad0 = jax.grad(lambda x: jnp.sum(jstep.batch_norm(x, scale, offset) * dy[0]))(x[0])
+    np.testing.assert_allclose(grads[0], grad0, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_scale_with_the_wrong_shape_is_refused_naming_the_shapes():
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"scale has shape \(4,\).*\(3,\)"):
+        jstep.batch_norm(x, jnp.ones(4), jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"offset has shape \(3, 1\)"):
+        jstep.batch_norm(x, jnp.ones(3), jnp.zeros((3, 1)))
+
+
+def test_non_floating_input_is_refused():
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        jstep.batch_norm(jnp.ones((4, 3), jnp.int32), jnp.ones(3), jnp.zeros(3))
+    with pytest.raises(TypeError, match="x has dtype"):
+        jstep.batch_stats(jnp.ones((4, 3), jnp.int32))
+
+
+@pytest.mark.parametrize("feature_axis", [2, -3, (0, 0), (1, 5)])
+def test_feature_axis_out_of_range_is_refused(feature_axis):
+    with pytest.raises(ValueError, match="feature_axis"):
+        jstep.batch_norm(jnp.ones((4, 3)), jnp.ones(3), jnp.zeros(3), feature_axis=feature_axis)
+
+
+def test_negative_eps_is_refused():
+    with pytest.raises(ValueError, match=r"eps must be in \[0, inf\), got -1e-05"):
+        jstep.batch_norm(jnp.ones((4, 3)), jnp.ones(3), jnp.zeros(3), eps=-1e-5)
+
+
+def test_a_single_value_per_feature_is_refused():
+    with pytest.raises(ValueError, match=r"shape \(1, 3\) gives K = 1"):
+        jstep.batch_norm(jnp.ones((1, 3)), jnp.ones(3), jnp.zeros(3))
+    with pytest.raises(ValueError, match="K = 1"):
+        jstep.batch_stats(jnp.ones((1, 1, 3)))
