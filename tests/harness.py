@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jstep
+import reference as ref
+
 # A multi-leaf tree: a dense layer, a nested list with a 3-d leaf, and a scalar.
 SHAPES = {"dense": {"w": (5, 3), "b": (3,)}, "conv": [(2, 3, 2)], "scale": ()}
 # Each leaf gets its own gradient scale, so that a per-leaf rule cannot hide behind another.
@@ -113,3 +116,32 @@ def assert_close_runs(actual, expected, rtol):
 RTOL64 = 1e-10
 RTOL32 = 1e-4
 STEPS = 60
+
+
+def optimizers():
+    """One instance of every jstep optimizer, by name (fresh closures on each call)."""
+    return {
+        "sgd": jstep.sgd(0.05),
+        "momentum": jstep.momentum(0.05, 0.9),
+        "momentum_nesterov": jstep.momentum(0.05, 0.9, nesterov=True),
+        "ema_momentum": jstep.ema_momentum(0.5, 0.9),
+        "rmsprop": jstep.rmsprop(0.01, 0.9),
+        "adagrad": jstep.adagrad(0.1),
+        "adadelta": jstep.adadelta(1.0, 0.9),
+        "adam": jstep.adam(0.01),
+    }
+
+
+OPTIMIZER_NAMES = list(optimizers())
+
+# The float64 reference of each of those, with the same settings: grads -> updates per step.
+REFERENCE_RUNS = {
+    "sgd": lambda g: ref.run_sgd(g, 0.05),
+    "momentum": lambda g: ref.run_momentum(g, 0.05, 0.9),
+    "momentum_nesterov": lambda g: ref.run_momentum(g, 0.05, 0.9, nesterov=True),
+    "ema_momentum": lambda g: ref.run_ema_momentum(g, 0.5, 0.9),
+    "rmsprop": lambda g: ref.run_rmsprop(g, 0.01, 0.9, 1e-8),
+    "adagrad": lambda g: ref.run_adagrad(g, 0.1, 1e-10),
+    "adadelta": lambda g: ref.run_adadelta(g, 1.0, 0.9, 1e-6),
+    "adam": lambda g: ref.run_adam(g, 0.01),
+}

@@ -1,0 +1,310 @@
+"""Dtype policy (bf16, mu/nu/accumulator dtypes, stable state types), bad input, counts, complex params."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jstep
+import reference as ref
+from harness import (
+    OPTIMIZER_NAMES,
+    REFERENCE_RUNS,
+    RTOL32,
+    RTOL64,
+    as_leaves,
+    assert_close_runs,
+    gradient_sequence,
+    leaves64,
+    max_relative_error,
+    optimizers,
+    params_like,
+    run,
+    scan_updates,
+    stack,
+)
+
+AVERAGES = {
+    "moving_average": lambda: jstep.moving_average(0.9, debias=True),
+    "cumulative_average": lambda: jstep.cumulative_average(),
+}
+
+
+def all_transformations():
+    return {**optimizers(), **{name: make() for name, make in AVERAGES.items()}}
+
+
+ALL_NAMES = OPTIMIZER_NAMES + list(AVERAGES)
+
+
+def types(tree):
+    """(shape, dtype, weak_type) of every leaf: what lax.scan and lax.cond require to match."""
+    return [jax.typeof(x) for x in jax.tree.leaves(tree)]
+
+
+# ------------------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_bfloat16_params_keep_bfloat16_updates_and_state(name):
+    """bf16 in, bf16 out; the moments follow the params' dtype (arithmetic in float32), and
+    the updates agree with the float64 reference on the same bf16 gradients to bf16 precision."""
+    opt = optimizers()[name]
+    grads = gradient_sequence(40, 6, jnp.bfloat16)
+    got, state = run(opt, grads, jnp.bfloat16)
+    initial = opt.init(params_like(grads, jnp.bfloat16))
+    assert types(state) == types(initial)
+    for leaf in jax.tree.leaves(state)[1:]:  # after the count
+        assert leaf.dtype == jnp.bfloat16
+    updates, _ = opt.update(grads[0], initial)
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
+    assert max_relative_error(got, REFERENCE_RUNS[name](as_leaves(grads))) < 3e-2
+
+
+@pytest.mark.parametrize(
+    "make, field, stored",
+    [
+        pytest.param(lambda: jstep.adam(0.01, mu_dtype=jnp.bfloat16), "mu", jnp.bfloat16, id="adam_mu_bf16"),
+        pytest.param(lambda: jstep.adam(0.01, nu_dtype=jnp.bfloat16), "nu", jnp.bfloat16, id="adam_nu_bf16"),
+        pytest.param(lambda: jstep.momentum(0.05, accumulator_dtype=jnp.bfloat16), "velocity", jnp.bfloat16, id="momentum"),
+        pytest.param(lambda: jstep.ema_momentum(0.5, accumulator_dtype=jnp.bfloat16), "average", jnp.bfloat16, id="ema_momentum"),
+        pytest.param(lambda: jstep.moving_average(0.9, accumulator_dtype=jnp.bfloat16), "average", jnp.bfloat16, id="moving_average"),
+    ],
+)
+def test_low_precision_state_for_float32_params(make, field, stored):
+    """A bf16 moment for float32 params: the state is stored in bf16, the updates stay float32."""
+    opt = make()
+    grads = gradient_sequence(41, 5, np.float32)
+    _, state = run(opt, grads, np.float32)
+    assert {x.dtype for x in jax.tree.leaves(getattr(state, field))} == {jnp.dtype(stored)}
+    updates, _ = opt.update(grads[0], state)
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+    assert types(state) == types(opt.init(params_like(grads, np.float32)))
+
+
+def test_float32_moments_for_bfloat16_params_track_the_reference_closely():
+    """mu_dtype = nu_dtype = float32 for bf16 params: float32 statistics, so only bf16
+    rounding remains, with no accumulated moment error: the direction and then the scaled
+    step are each rounded to bf16 (rel <= 2^-8 each), together <= 2^-7 per element."""
+    opt = jstep.adam(0.01, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+    grads = gradient_sequence(42, 40, jnp.bfloat16)
+    got, state = run(opt, grads, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves((state.mu, state.nu))} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in got[0]} == {np.dtype(np.float64)}  # widened by the harness
+    assert max_relative_error(got, ref.run_adam(as_leaves(grads), 0.01)) < 2**-7 + 1e-4
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_state_types_never_change(name):
+    """The state after a step has exactly the init state's types (dtype and weak type), so it
+    is a valid lax.scan carry and both lax.cond branches agree: checked eagerly, and in a
+    jitted lax.scan whose body steps or skips under lax.cond. The params mix float32 and
+    bfloat16 leaves."""
+    opt = all_transformations()[name]
+    params = {"f32": jnp.ones((3, 2), jnp.float32), "bf16": jnp.ones(4, jnp.bfloat16)}
+    grads = [jax.tree.map(lambda p, s=s: (s + 1.0) * p, params) for s in range(4)]
+    take = jnp.array([True, False, True, True])
+    state = opt.init(params)
+    initial = types(state)
+
+    _, eager = opt.update(grads[0], state)
+    assert types(eager) == initial
+
+    def body(state, inputs):
+        g, take = inputs
+        state = jax.lax.cond(take, lambda s: opt.update(g, s)[1], lambda s: s, state)
+        return state, None
+
+    final, _ = jax.jit(lambda s, xs: jax.lax.scan(body, s, xs))(state, (stack(grads), take))
+    assert types(final) == initial
+    assert int(final.count) == 3
+
+
+# --------------------------------------------------------------------- bad hyperparameters
+
+DECAYS = [
+    (jstep.running_average, "gamma", {}),
+    (jstep.moving_average, "decay", {}),
+    (jstep.momentum, "gamma", {"learning_rate": 0.1}),
+    (jstep.ema_momentum, "gamma", {"learning_rate": 0.1}),
+    (jstep.rmsprop, "gamma", {"learning_rate": 0.1}),
+    (jstep.scale_by_rms, "gamma", {}),
+    (jstep.adadelta, "rho", {}),
+    (jstep.adam, "b1", {}),
+    (jstep.adam, "b2", {}),
+    (jstep.scale_by_adam, "b1", {}),
+    (jstep.scale_by_adam, "b2", {}),
+]
+NON_NEGATIVE = [
+    (jstep.rmsprop, "eps", {"learning_rate": 0.1}),
+    (jstep.rmsprop, "initial_scale", {"learning_rate": 0.1}),
+    (jstep.scale_by_rms, "eps", {}),
+    (jstep.adagrad, "eps", {"learning_rate": 0.1}),
+    (jstep.adagrad, "initial_accumulator_value", {"learning_rate": 0.1}),
+    (jstep.scale_by_rss, "eps", {}),
+    (jstep.adadelta, "eps", {}),
+    (jstep.adam, "eps", {}),
+    (jstep.adam, "eps_root", {}),
+    (jstep.scale_by_adam, "eps", {}),
+    (jstep.scale_by_adam, "eps_root", {}),
+] + [
+    (factory, "learning_rate", {})
+    for factory in (jstep.sgd, jstep.momentum, jstep.ema_momentum, jstep.rmsprop, jstep.adagrad, jstep.adadelta, jstep.adam)
+]
+
+
+def _id(case):
+    factory, argument, _ = case
+    return f"{factory.__name__}-{argument}"
+
+
+@pytest.mark.parametrize("value", [math.nan, 1.0, -0.1, 1.5, math.inf])
+@pytest.mark.parametrize("case", DECAYS, ids=_id)
+def test_a_decay_outside_zero_one_is_rejected_at_construction(case, value):
+    factory, argument, required = case
+    with pytest.raises(ValueError) as error:
+        factory(**required, **{argument: value})
+    message = str(error.value)
+    assert argument in message and repr(value) in message and "[0, 1)" in message, message
+
+
+@pytest.mark.parametrize("value", [-1e-8, -0.1, math.nan, -math.inf])
+@pytest.mark.parametrize("case", NON_NEGATIVE, ids=_id)
+def test_a_negative_rate_or_eps_is_rejected_at_construction(case, value):
+    factory, argument, required = case
+    with pytest.raises(ValueError) as error:
+        factory(**required, **{argument: value})
+    message = str(error.value)
+    assert argument in message and repr(value) in message and "[0, inf)" in message, message
+
+
+@pytest.mark.parametrize("case", DECAYS + NON_NEGATIVE, ids=_id)
+def test_boundary_values_and_arrays_are_accepted(case):
+    """0 is allowed everywhere; an array is not checked (inject_hyperparams passes arrays)."""
+    factory, argument, required = case
+    params = {"w": jnp.ones(3)}
+    for value in (0.0, jnp.asarray(0.5)):
+        opt = factory(**required, **{argument: value})
+        updates, _ = opt.update({"w": jnp.ones(3)}, opt.init(params))
+        assert updates["w"].shape == (3,)
+
+
+# ---------------------------------------------------------------------- bad params at init
+
+
+@pytest.mark.parametrize("bad", [jnp.arange(3), jnp.array([True, False])], ids=["int32", "bool"])
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_integer_or_boolean_leaves_are_rejected_at_init_by_path(name, bad):
+    opt = all_transformations()[name]
+    params = {"layer": {"bias": jnp.zeros(3), "steps": bad}}
+    with pytest.raises(TypeError) as error:
+        opt.init(params)
+    message = str(error.value)
+    assert "['layer']['steps']" in message and str(bad.dtype) in message, message
+
+
+# -------------------------------------------------------------- mismatched trees at update
+
+# sgd keeps no per-parameter state, so there is nothing to compare a gradient tree with.
+STATEFUL = [name for name in ALL_NAMES if name != "sgd"]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", STATEFUL)
+def test_a_gradient_tree_of_another_structure_is_rejected(name, jit):
+    opt = all_transformations()[name]
+    state = opt.init({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
+    update = jax.jit(opt.update) if jit else opt.update
+    with pytest.raises(ValueError) as error:
+        update({"w": jnp.ones((2, 3)), "b": jnp.ones(3), "extra": jnp.ones(1)}, state)
+    message = str(error.value)
+    assert "structure" in message or "does not match" in message, message
+    assert "extra" in message, message
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", STATEFUL)
+def test_a_leaf_of_another_shape_is_rejected(name, jit):
+    opt = all_transformations()[name]
+    state = opt.init({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
+    update = jax.jit(opt.update) if jit else opt.update
+    with pytest.raises(ValueError) as error:
+        update({"w": jnp.ones((2, 3)), "b": jnp.ones(4)}, state)
+    message = str(error.value)
+    assert "['b']" in message and "(4,)" in message and "(3,)" in message, message
+
+
+# ------------------------------------------------------------------------------- counts
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_the_count_saturates_at_int32_max(name):
+    opt = all_transformations()[name]
+    params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    top = np.iinfo(np.int32).max
+    state = opt.init(params)._replace(count=jnp.asarray(top - 1, jnp.int32))
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    for _ in range(3):
+        updates, state = opt.update(grads, state)
+        assert state.count.dtype == jnp.int32
+        assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+    assert int(state.count) == top
+
+
+def test_adam_bias_corrections_vanish_at_a_saturated_count():
+    """At t = 2^31 - 1, B^t = 0: Adam's step is m / (sqrt(v) + eps), as the equation says."""
+    opt = jstep.adam(0.1)
+    state = opt.init(jnp.zeros(3))._replace(count=jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+    g = jnp.array([1.0, -2.0, 0.5])
+    updates, state = opt.update(g, state)
+    m, v = 0.1 * np.asarray(g), 0.001 * np.asarray(g) ** 2
+    np.testing.assert_allclose(updates, -0.1 * m / (np.sqrt(v) + 1e-8), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------- complex params
+
+@pytest.mark.parametrize(
+    "name, dtype, rtol",
+    [pytest.param(name, np.complex128, RTOL64, id=f"{name}-complex128") for name in OPTIMIZER_NAMES]
+    + [pytest.param(name, np.complex64, RTOL32, id=f"{name}-complex64") for name in ("momentum", "rmsprop", "adam")],
+)
+def test_complex_params_match_the_reference_with_squared_magnitudes(name, dtype, rtol):
+    """Complex leaves work: first moments are complex, second moments accumulate |g|^2 (real)."""
+    opt = optimizers()[name]
+    grads = gradient_sequence(44, 50, dtype, complex_values=True)
+    with jax.enable_x64(dtype == np.complex128):
+        got, state = run(opt, grads, dtype)
+    assert_close_runs(got, REFERENCE_RUNS[name](as_leaves(grads)), rtol)
+    real_state = {"nu", "sum_of_squares", "e_g", "e_x"}
+    for field in set(state._fields) & real_state:
+        for leaf in leaves64(getattr(state, field)):
+            assert not np.iscomplexobj(leaf) and np.all(leaf >= 0)
+
+
+def _split(grads):
+    """Each complex leaf as two real leaves, its real and imaginary parts."""
+    return [jax.tree.map(lambda x: np.stack([x.real, x.imag]), g) for g in grads]
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "momentum_nesterov", "ema_momentum"])
+def test_linear_rules_on_complex_params_equal_the_real_and_imaginary_parts_apart(name):
+    """sgd and momentum are linear in g, so a complex weight moves exactly as its real and
+    imaginary parts would as two real weights."""
+    grads = gradient_sequence(45, 50, np.complex128, complex_values=True)
+    with jax.enable_x64(True):
+        joint, _ = run(optimizers()[name], grads, np.complex128)
+        apart, _ = run(optimizers()[name], _split(grads), np.float64)
+    assert_close_runs([[np.stack([u.real, u.imag]) for u in step] for step in joint], apart, 1e-13)
+
+
+def test_adam_couples_the_real_and_imaginary_parts():
+    """Adam's v accumulates |g|^2 = Re^2 + Im^2, one step size per complex weight, so it is
+    *not* the two parts apart (each with its own v): the reference above is the test that counts."""
+    grads = gradient_sequence(46, 20, np.complex128, complex_values=True)
+    with jax.enable_x64(True):
+        joint, _ = run(jstep.adam(0.01), grads, np.complex128)
+        apart, _ = run(jstep.adam(0.01), _split(grads), np.float64)
+    restacked = [[np.stack([u.real, u.imag]) for u in step] for step in joint]
+    assert max_relative_error(restacked, apart) > 0.05
