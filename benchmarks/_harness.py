@@ -68,13 +68,14 @@ def timed_call(step: Step, carry: tuple) -> tuple[float, tuple]:
     return time.perf_counter() - start, out
 
 
-def interleaved_medians(steps: dict[str, Step], carries: dict[str, tuple], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each step, the contenders alternated call by call.
+def interleaved_times(steps: dict[str, Step], carries: dict[str, tuple], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, `repeats` calls each, the contenders alternated call by call.
 
     `steps[name](*carries[name])` must return the next carry (the donated buffers come back as
     new ones). Each contender gets one untimed warm-up call (compilation, first-touch page
     faults); then every repeat times each contender once, the order rotating so that no one
-    always runs first.
+    always runs first. Entry r of every list comes from the same repeat, so the lists can be
+    compared pairwise (see `paired_ratio`).
     """
     names = list(steps)
     carries = dict(carries)
@@ -86,20 +87,35 @@ def interleaved_medians(steps: dict[str, Step], carries: dict[str, tuple], repea
         for name in names[shift:] + names[:shift]:
             seconds, carries[name] = timed_call(steps[name], carries[name])
             times[name].append(seconds)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
-def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 15) -> float:
-    """Bytes per second of a donated, jitted `x + 1` over `nbytes` of float32 (read + write).
+def interleaved_medians(steps: dict[str, Step], carries: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each step, measured by `interleaved_times`."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(steps, carries, repeats).items()}
 
-    A memory-bound streaming kernel the compiler cannot skip: the practical upper bound for
-    any elementwise update on this device.
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over repeats of times[r] / reference[r]: robust to load that drifts during a run."""
+    return statistics.median(t / u for t, u in zip(times, reference))
+
+
+def copy_probe(nbytes: int = 1 << 28) -> tuple[Step, tuple, int]:
+    """A donated, jitted `x + 1` over `nbytes` of float32: (step, carry, bytes moved per call).
+
+    A memory-bound streaming kernel the compiler cannot skip (one read and one write of every
+    element): the practical upper bound for any elementwise update on this device. Time it
+    among the contenders with `interleaved_times` so that it sees the same machine load.
     """
     size = nbytes // 4
     bump = jax.jit(lambda x: (x + 1,), donate_argnums=0)
-    x = jnp.zeros([size], jnp.float32)
-    seconds = interleaved_medians({"copy": bump}, {"copy": (x,)}, repeats)["copy"]
-    return 2 * size * 4 / seconds
+    return bump, (jnp.zeros([size], jnp.float32),), 2 * size * 4
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 15) -> float:
+    """Bytes per second of `copy_probe` on its own (median of `repeats` calls)."""
+    step, carry, moved = copy_probe(nbytes)
+    return moved / interleaved_medians({"copy": step}, {"copy": carry}, repeats)["copy"]
 
 
 def temp_bytes(jitted: Any, *args: Any) -> int | None:

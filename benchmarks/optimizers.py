@@ -6,11 +6,11 @@ Compilation is excluded (one warm-up call), jstep and Optax are alternated call 
 this one process, every call waits for its outputs, and the table shows medians.
 
 Each step is memory-bound, so the table also shows the bytes it must move per second as a
-fraction of a donated ``x + 1`` copy measured in the same run: Adam reads p, g, m, v and
+fraction of a donated ``x + 1`` copy timed in the same rounds: Adam reads p, g, m, v and
 writes p, m, v (7 parameter-sized arrays); momentum and RMSprop read p, g, s and write p, s (5).
-`temp MiB` is the scratch memory XLA allocates for the step beyond its inputs and outputs.
+`tmp MiB` is the scratch memory XLA allocates for the step beyond its inputs and outputs.
 
-    python benchmarks/optimizers.py                  # every tree and optimizer, 30 repeats
+    python benchmarks/optimizers.py                  # every tree and optimizer, 50 repeats
     python benchmarks/optimizers.py --quick          # a quick look (5 repeats)
     python benchmarks/optimizers.py --trees resnet50 --optimizers adam --repeats 100
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -32,7 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jstep  # noqa: E402
-from _harness import copy_bandwidth, format_table, interleaved_medians, machine_report, temp_bytes  # noqa: E402
+from _harness import (  # noqa: E402
+    copy_probe,
+    format_table,
+    interleaved_times,
+    machine_report,
+    paired_ratio,
+    temp_bytes,
+)
 
 LEARNING_RATE = 1e-3
 
@@ -148,7 +156,8 @@ def check_same_update(jitted: dict[str, Any], optimizers: dict[str, Any], params
 # ---------------------------------------------------------------------------------- main
 
 
-def measure(tree: str, optimizer: str, repeats: int, bandwidth: float) -> list[Any]:
+def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int) -> list[str]:
+    """One table row: jstep, Optax and the copy probe timed side by side on one tree."""
     shapes = tree_shapes(tree)
     params, grads = random_tree(shapes, seed=0), random_tree(shapes, seed=1)
     pair = OPTIMIZERS[optimizer]
@@ -156,19 +165,21 @@ def measure(tree: str, optimizer: str, repeats: int, bandwidth: float) -> list[A
     jitted = {name: training_step(opt) for name, opt in optimizers.items()}
     check_same_update(jitted, optimizers, params, grads)
 
-    carries, steps, scratch = {}, {}, {}
+    steps, carries, scratch = {}, {}, {}
     for name, opt in optimizers.items():
         p = copy_tree(params)
         s = opt.init(p)
         scratch[name] = temp_bytes(jitted[name], p, s, grads)
         carries[name] = (p, s)
         steps[name] = lambda p, s, step=jitted[name]: step(p, s, grads)
-    seconds = interleaved_medians(steps, carries, repeats)
+    steps["copy"], carries["copy"], copied = copy_probe(copy_bytes)
+    times = interleaved_times(steps, carries, repeats)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+    bandwidth = copied / seconds["copy"]
+    moved = pair.arrays_moved * sum(4 * math.prod(s) for s in shapes.values())
 
-    nbytes = pair.arrays_moved * sum(4 * math.prod(s) for s in shapes.values())
-
-    def fraction(t: float) -> str:
-        return f"{nbytes / t / bandwidth:.2f}"
+    def fraction(name: str) -> str:
+        return f"{moved / seconds[name] / bandwidth:.2f}"
 
     def mib(n: int | None) -> str:
         return "n/a" if n is None else f"{n / 2**20:.1f}"
@@ -176,7 +187,8 @@ def measure(tree: str, optimizer: str, repeats: int, bandwidth: float) -> list[A
     j, o = seconds["jstep"], seconds["optax"]
     return [
         tree, optimizer, f"{1e3 * j:.2f}", f"{1e3 * o:.2f}", f"{j / o:.3f}",
-        fraction(j), fraction(o), mib(scratch["jstep"]), mib(scratch["optax"]),
+        f"{paired_ratio(times['jstep'], times['optax']):.3f}", fraction("jstep"), fraction("optax"),
+        f"{bandwidth / 1e9:.1f}", mib(scratch["jstep"]), mib(scratch["optax"]),
     ]  # fmt: skip
 
 
@@ -190,32 +202,37 @@ def choices(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender (default 30; 5 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender (default 50; 5 with --quick)")
     parser.add_argument("--trees", default=",".join(TREES), help=f"comma-separated subset of {','.join(TREES)}")
     parser.add_argument(
         "--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated subset of {','.join(OPTIMIZERS)}"
     )
-    parser.add_argument("--quick", action="store_true", help="few repeats and a smaller copy-bandwidth probe")
+    parser.add_argument("--quick", action="store_true", help="5 repeats and a 64 MiB copy probe (instead of 256 MiB)")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (5 if args.quick else 30)
+    repeats = args.repeats or (5 if args.quick else 50)
     trees = choices(args.trees, TREES, "--trees")
     optimizers = choices(args.optimizers, tuple(OPTIMIZERS), "--optimizers")
 
     print(machine_report())
-    bandwidth = copy_bandwidth(1 << 26 if args.quick else 1 << 28, repeats=5 if args.quick else 15)
-    print(f"copy bandwidth (donated jitted x + 1, read + write): {bandwidth / 1e9:.2f} GB/s")
-    print(f"median of {repeats} alternated calls per contender; ratio = jstep / optax\n")
-
-    header = ["tree", "optimizer", "jstep ms", "optax ms", "ratio", "jstep bw", "optax bw",
-              "jstep temp MiB", "optax temp MiB"]  # fmt: skip
+    print(f"median of {repeats} calls per contender, jstep, optax and a copy probe alternated call by call\n")
+    header = ["tree", "optimizer", "jstep ms", "optax ms", "ratio", "paired", "jstep bw", "optax bw",
+              "copy GB/s", "jstep tmp MiB", "optax tmp MiB"]  # fmt: skip
+    copy_bytes = 1 << 26 if args.quick else 1 << 28
     rows = []
     for tree in trees:
         for optimizer in optimizers:
-            rows.append(measure(tree, optimizer, repeats, bandwidth))
+            rows.append(measure(tree, optimizer, repeats, copy_bytes))
             print(" | ".join(rows[-1]), flush=True)
     print()
     print(format_table(header, rows, text_columns=2))
-    print("\nbw: bytes the step must move per second / copy bandwidth (1.00 = the memory limit)")
+    print(
+        f"""
+ratio:    jstep ms / optax ms (medians); paired: median over repeats of the two side-by-side calls' ratio
+bw:       bytes the step must move per second / copy GB/s (1.00 = the memory limit; more when the
+          step's arrays fit in cache). Adam moves 7 parameter-sized float32 arrays, the others 5.
+copy:     donated jitted x + 1 on {copy_bytes // 2**20} MiB of float32 (read + write), timed in the same rounds
+tmp MiB:  XLA scratch memory of the compiled step beyond its (donated) inputs and outputs"""
+    )
 
 
 if __name__ == "__main__":
