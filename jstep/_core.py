@@ -106,7 +106,11 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
-        return jnp.zeros_like(leaf, dtype=leaf_dtype)
+        # 0 * |leaf| (non-finite entries replaced), not a constant: under jit a constant has
+        # no sharding to inherit and lands on one device, while a value computed from the
+        # leaf gets the leaf's sharding from XLA's sharding propagation.
+        magnitude = jnp.abs(leaf)
+        return (jnp.where(jnp.isfinite(magnitude), magnitude, 0) * 0).astype(leaf_dtype)
 
     return jax.tree.map(zeros, tree)
 

@@ -308,3 +308,15 @@ def test_adam_couples_the_real_and_imaginary_parts():
         apart, _ = run(jstep.adam(0.01), _split(grads), np.float64)
     restacked = [[np.stack([u.real, u.imag]) for u in step] for step in joint]
     assert max_relative_error(restacked, apart) > 0.05
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_the_initial_state_is_positive_zero_whatever_the_params(name):
+    """Moments start at +0 even for params holding inf, nan or negative values (init reads
+    the params only for their shape, dtype and sharding)."""
+    opt = all_transformations()[name]
+    params = {"w": jnp.array([-2.0, jnp.inf, -jnp.inf, jnp.nan, -0.0]), "z": jnp.array([-1 - 1j, jnp.nan * 1j])}
+    state = opt.init(params)
+    for leaf in jax.tree.leaves(state)[1:]:
+        values = np.asarray(leaf)
+        assert np.all(values == 0) and not np.any(np.signbit(values.real)) and not np.any(np.signbit(values.imag))
