@@ -1,0 +1,228 @@
+"""`python -m jstep`: a short run, its files, the flags, bad flags, and --devices equivalence."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jstep import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHORT = ["--steps", "24", "--batch-size", "64", "--optimizers", "sgd,adam", "--seed", "3"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_jstep(*args, env=None):
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    environment.pop("XLA_FLAGS", None) if env is None else None
+    return subprocess.run(
+        [sys.executable, "-m", "jstep", *args], capture_output=True, text=True, cwd=REPO, env=environment, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("short") / "new folder"
+    result = run_jstep(*SHORT, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return result, out, json.loads((out / cli.JSON_NAME).read_text())
+
+
+def test_short_run_prints_the_table_and_the_check(short_run):
+    result, out, _ = short_run
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("optimizer"))
+    assert all(column in header for column in ("settings", "final train loss", "test accuracy", "steps/s"))
+    assert any(line.startswith("sgd ") and "lr=0.1" in line for line in lines)
+    assert any(line.startswith("adam ") and "lr=0.002" in line for line in lines)
+    assert not any(line.startswith("momentum ") for line in lines)
+    assert f"wrote {out / cli.PNG_NAME} and {out / cli.JSON_NAME}" in result.stdout
+    assert "check_vjp, batch-norm layer 1" in result.stdout and "passed" in result.stdout
+
+
+def test_progress_bar_per_run_on_stderr(short_run):
+    result, _, _ = short_run
+    bars = [line for line in result.stderr.splitlines() if "24/24" in line]
+    assert [bar.split()[0] for bar in bars] == ["sgd", "adam"]
+    assert all("#" * 30 in bar for bar in bars)
+    assert "24/24" not in result.stdout
+
+
+def test_png_is_written(short_run):
+    _, out, _ = short_run
+    assert (out / cli.PNG_NAME).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_json_holds_the_curves_and_the_table(short_run):
+    _, _, record = short_run
+    assert [run["optimizer"] for run in record["runs"]] == ["sgd", "adam"]
+    assert (record["steps"], record["batch_size"], record["seed"], record["devices"]) == (24, 64, 3, 1)
+    for run in record["runs"]:
+        loss = np.array(run["loss"])
+        assert loss.shape == (24,) and np.all(np.isfinite(loss))
+        assert loss[-5:].mean() < 0.6 * loss[:5].mean()  # it trains
+        assert 0.5 < run["test_accuracy"] <= 1 and run["final_train_loss"] > 0 and run["steps_per_second"] > 0
+    check = record["check_vjp"]
+    assert check["passed"] and check["input_shape"] == [64, 128]
+    assert {c["against"] for c in check["comparisons"]} == {"autodiff of reference", "finite differences"}
+    assert check["worst"]["autodiff of reference"]["rel"] < 1e-10
+
+
+def test_devices_4_equals_devices_1(short_run, tmp_path):
+    """Same seed, 4 host devices with shard_map and cross-device batch norm: the same numbers."""
+    _, _, single = short_run
+    result = run_jstep(*SHORT, "--devices", "4", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "on 4 devices" in result.stdout
+    parallel = json.loads((tmp_path / cli.JSON_NAME).read_text())
+    assert parallel["devices"] == 4
+    for one, four in zip(single["runs"], parallel["runs"]):
+        np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(four["final_train_loss"], one["final_train_loss"], rtol=1e-4)
+        assert abs(four["test_accuracy"] - one["test_accuracy"]) <= 1 / 297
+
+
+def test_help_documents_every_flag():
+    result = run_jstep("--help")
+    assert result.returncode == 0
+    for flag in ("--steps", "--batch-size", "--optimizers", "--seed", "--out", "--devices"):
+        assert flag in result.stdout
+    assert all(name in result.stdout for name in cli.OPTIMIZERS)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--optimizers", "sgd,lion"], "unknown optimizer 'lion'"),
+        (["--optimizers", ""], "unknown optimizer"),
+        (["--steps", "0"], "--steps: must be > 0, got 0"),
+        (["--steps", "-3"], "--steps: must be > 0, got -3"),
+        (["--steps", "ten"], "--steps: expected a whole number"),
+        (["--batch-size", "0"], "--batch-size: must be > 0"),
+        (["--batch-size", "2000"], "--batch-size must be at most 1500"),
+        (["--batch-size", "30", "--devices", "4"], "must be a multiple of --devices 4"),
+        (["--devices", "0"], "--devices: must be > 0"),
+        (["--colour", "red"], "unrecognized arguments: --colour red"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
+    assert cli.main(flags) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("jstep: error: ") and message in err
+
+
+def unwritable_folder(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    return str(blocker / "plots")
+
+
+def test_unwritable_out_exits_2(tmp_path, capsys):
+    assert cli.main(["--out", unwritable_folder(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("jstep: error: --out") and "is not a writable folder" in err
+
+
+@pytest.mark.parametrize("flags", [["--optimizers", "sgd,lion"], ["--steps", "0"], ["--out", None]])
+def test_bad_flags_from_the_command_line_no_traceback(flags, tmp_path):
+    flags = [flag if flag is not None else unwritable_folder(tmp_path) for flag in flags]
+    result = run_jstep(*flags)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("jstep: error: ")
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------- the pieces, in process
+
+
+def test_parse_args_defaults_and_dedup(tmp_path):
+    args = cli.parse_args(["--out", str(tmp_path), "--optimizers", "adam, sgd,adam"])
+    assert args.optimizers == ["adam", "sgd"]
+    assert (args.steps, args.batch_size, args.seed, args.devices) == (cli.DEFAULT_STEPS, cli.DEFAULT_BATCH_SIZE, 0, 1)
+    assert cli.parse_args(["--out", str(tmp_path)]).optimizers == list(cli.OPTIMIZERS)
+
+
+def test_optimizer_names_match_the_demo_settings():
+    from jstep import _demo
+
+    assert tuple(_demo.OPTIMIZER_SETTINGS) == cli.OPTIMIZERS
+
+
+def test_with_host_devices_merges_xla_flags():
+    flag = cli.HOST_DEVICES_FLAG
+    assert cli.with_host_devices("", 4) == f"{flag}=4"
+    assert cli.with_host_devices(f"--xla_cpu_a=1 {flag}=2", 4) == f"--xla_cpu_a=1 {flag}=4"
+    assert cli.with_host_devices(f"{flag}=8", 4) == f"{flag}=8"
+
+
+def test_progress_bar_to_a_file_writes_one_final_line(tmp_path):
+    with open(tmp_path / "log", "w+") as stream:
+        bar = cli.ProgressBar("adam", 100, stream, width=10)
+        for step in (25, 50, 75, 100):
+            bar.update(step, 1.0 / step)
+        stream.seek(0)
+        assert stream.read() == "adam          [##########] 100/100  loss 0.0100\n"
+
+
+def test_table_alignment():
+    row = {"optimizer": "sgd", "settings": "lr=0.1", "final_train_loss": 0.01234, "test_accuracy": 0.97, "steps_per_second": 812.4}
+    table = cli.format_table([row, {**row, "optimizer": "ema_momentum"}]).splitlines()
+    assert len(table) == 4 and len({len(line) for line in table}) == 1
+    assert table[2].split() == ["sgd", "lr=0.1", "0.0123", "97.0%", "812"]
+
+
+def test_same_seed_same_batches_and_init():
+    import jax
+
+    from jstep import _demo
+
+    a, b, c = (_demo.batch_indices(seed, 1500, 64, 50) for seed in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (50, 64) and all(len(set(row)) == 64 for row in a)
+    epoch = a[: 1500 // 64].ravel()
+    assert len(set(epoch)) == len(epoch)  # an epoch visits each example at most once
+    bn = _demo.batch_norm_layer()
+    first, second = _demo.init_mlp(jax.random.key(0), bn), _demo.init_mlp(jax.random.key(0), bn)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+
+
+def test_devices_rerun_when_the_backend_already_started(tmp_path, monkeypatch):
+    """In a process whose JAX already runs on fewer devices, main() runs the command again in a
+    child process with XLA_FLAGS asking for enough host devices (the path the test above covers
+    from a fresh process)."""
+    import jax
+
+    calls = []
+
+    def fake_run(command, env):
+        calls.append((command, env))
+        return subprocess.CompletedProcess(command, 7)
+
+    jax.devices()  # the backend has started: XLA_FLAGS can no longer change this process
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    monkeypatch.delenv(cli._CHILD_MARK, raising=False)
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    argv = ["--steps", "2", "--devices", str(jax.device_count() + 1), "--out", str(tmp_path)]
+    assert cli.main(argv) == 7
+    [(command, env)] = calls
+    assert command == [sys.executable, "-m", "jstep", *argv]
+    assert env["XLA_FLAGS"] == f"--xla_cpu_foo=1 {cli.HOST_DEVICES_FLAG}={jax.device_count() + 1}"
+    assert env[cli._CHILD_MARK] == "1"
+
+
+def test_devices_child_that_still_lacks_devices_exits_2(tmp_path, monkeypatch, capsys):
+    import jax
+
+    jax.devices()
+    monkeypatch.setenv(cli._CHILD_MARK, "1")
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    assert cli.main(["--devices", "64", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jstep: error: --devices 64") and err.count("\n") == 1
