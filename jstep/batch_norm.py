@@ -30,9 +30,11 @@ where
 
 With eps = 0 both are the notes' closing formula,
 dL/dZ_ij = sum_k dZhat_ik G_i/(K sigma_i) (delta_jk K - 1 - (Z_ik-mu_i)(Z_ij-mu_i)/sigma_i^2).
-So the backward is two per-feature reductions and one elementwise pass; it keeps only ``x``
-and per-feature vectors from the forward pass, and it is written with differentiable jnp
-operations, so second derivatives (grad of grad, Hessian-vector products) are exact too.
+So the backward is two per-feature reductions and one elementwise pass; it keeps one
+activation-sized array from the forward pass, the centred input Z - mu (computed there anyway
+for the variance; in x's dtype), plus per-feature vectors, and it is written with
+differentiable jnp operations, so second derivatives (grad of grad, Hessian-vector products)
+are exact too.
 
 Degenerate features (every value of the feature equal, sigma_i = 0):
   * eps > 0: Zbar = 0 and the output is B_i. Both forms are differentiable there; for
@@ -154,12 +156,16 @@ def _total(values: jax.Array, reduce_axes: tuple[int, ...], axis_name: Any) -> j
     return local if axis_name is None else jax.lax.psum(local, axis_name)
 
 
-def _moments(x: jax.Array, layout: _Layout, axis_name: Any) -> tuple[jax.Array, jax.Array]:
-    """mu and sigma^2 in two passes (no E[x^2] - E[x]^2), in at least float32, keepdims."""
+def _moments(x: jax.Array, layout: _Layout, axis_name: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """mu, sigma^2 (keepdims) and the centred x - mu: two passes, in at least float32.
+
+    The first pass sums x, the second sums (x - mu)^2: no E[x^2] - E[x]^2 cancellation.
+    """
     xc = x.astype(_core.compute_dtype(x.dtype))
     mean = _total(xc, layout.reduce_axes, axis_name) / layout.count
-    var = _total(jnp.square(xc - mean), layout.reduce_axes, axis_name) / layout.count
-    return mean, var
+    centred = xc - mean
+    var = _total(jnp.square(centred), layout.reduce_axes, axis_name) / layout.count
+    return mean, var, centred
 
 
 def _safe_inverse(s: jax.Array) -> jax.Array:
@@ -182,58 +188,60 @@ def _denominator(var: jax.Array, eps: float, eps_in_sqrt: bool) -> tuple[jax.Arr
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _normalize(x, scale, offset, layout: _Layout, eps: float, eps_in_sqrt: bool, axis_name: Any):
     """(Zhat, mu, sigma^2): the forward pass, statistics shaped like `scale`."""
-    y, mean, var = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
-    return y, mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
+    return _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)[0]
 
 
 def _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
-    mean, var = _moments(x, layout, axis_name)
+    """((Zhat, mu, sigma^2), x - mu)."""
+    mean, var, centred = _moments(x, layout, axis_name)
     _, s = _denominator(var, eps, eps_in_sqrt)
     gain = scale.reshape(layout.keep_shape).astype(mean.dtype) * _safe_inverse(s)  # G/s
-    y = (x.astype(mean.dtype) - mean) * gain + offset.reshape(layout.keep_shape).astype(mean.dtype)
-    return y.astype(x.dtype), mean, var
+    y = centred * gain + offset.reshape(layout.keep_shape).astype(mean.dtype)
+    outputs = (y.astype(x.dtype), mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape))
+    return outputs, centred
 
 
 def _normalize_fwd(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
     x, scale, offset = x.value, scale.value, offset.value  # symbolic_zeros wraps the primals
-    y, mean, var = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
-    outputs = (y, mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape))
-    return outputs, (x, scale, offset, mean, var)
+    outputs, centred = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
+    # The one activation-sized residual: x - mu (already computed for the variance), kept in
+    # x's dtype; with it both backward reductions and the final pass read no broadcast mean.
+    return outputs, (centred.astype(x.dtype), scale, offset, outputs[2].reshape(layout.keep_shape))
 
 
 def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
-    x, scale, offset, mean, var = residuals
+    centred, scale, offset, var = residuals
     dy, dmean, dvar = cotangents
     axes, count = layout.reduce_axes, layout.count
     sigma, s = _denominator(var, eps, eps_in_sqrt)
-    centred = x.astype(mean.dtype) - mean
-    xhat = centred * _safe_inverse(s)
-    g = scale.reshape(layout.keep_shape).astype(mean.dtype)
+    centred = centred.astype(var.dtype)
+    inverse_s = _safe_inverse(s)
+    g = scale.reshape(layout.keep_shape).astype(var.dtype)
 
     if isinstance(dy, SymbolicZero):
         dx = jnp.zeros_like(centred)
-        dscale = doffset = jnp.zeros(layout.keep_shape, mean.dtype)
+        dscale = doffset = jnp.zeros(layout.keep_shape, var.dtype)
     else:
-        dy = dy.astype(mean.dtype)
+        dy = dy.astype(var.dtype)
         doffset = jnp.sum(dy, axis=axes, keepdims=True)  # dL/dB, this device's share
-        dscale = jnp.sum(dy * xhat, axis=axes, keepdims=True)  # dL/dG, this device's share
+        dscale = jnp.sum(dy * centred, axis=axes, keepdims=True) * inverse_s  # dL/dG, this device's share
         sum_dy, sum_dy_xhat = (doffset, dscale) if axis_name is None else jax.lax.psum((doffset, dscale), axis_name)
         if eps_in_sqrt:
             c = 1
         else:
             c = jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)  # (sigma + eps)/sigma; limit 0 term
-        dx = (g / s) * (dy - sum_dy / count - xhat * (c * sum_dy_xhat / count))
+        dx = (g / s) * (dy - sum_dy / count - centred * (inverse_s * c * sum_dy_xhat / count))
 
     # Gradients through the returned statistics: d mu/dZ_ij = 1/K, d sigma^2/dZ_ij = 2(Z_ij - mu)/K.
     if not isinstance(dmean, SymbolicZero):
-        dx = dx + dmean.reshape(layout.keep_shape).astype(mean.dtype) / count
+        dx = dx + dmean.reshape(layout.keep_shape).astype(var.dtype) / count
     if not isinstance(dvar, SymbolicZero):
-        dx = dx + dvar.reshape(layout.keep_shape).astype(mean.dtype) * (2 / count) * centred
+        dx = dx + dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * centred
 
     def like(grad, primal):
         return grad.reshape(primal.shape).astype(primal.dtype)
 
-    return like(dx, x), like(dscale, scale), like(doffset, offset)
+    return like(dx, residuals[0]), like(dscale, scale), like(doffset, offset)
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
@@ -315,7 +323,7 @@ def batch_stats(x: jax.Array, *, feature_axis: FeatureAxis = -1, axis_name: Any 
     statistics of the whole batch.
     """
     layout = _layout(x, feature_axis, axis_name)
-    mean, var = _moments(jnp.asarray(x), layout, axis_name)
+    mean, var, _ = _moments(jnp.asarray(x), layout, axis_name)
     return mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
 
 
