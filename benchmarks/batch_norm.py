@@ -6,7 +6,7 @@ scale and offset, returning the input gradient as the next ``x`` (and a small st
 and offset), all buffers donated. The contenders:
 
 - ``jstep``: `jstep.batch_norm` (two-pass statistics, the notes' backward: two per-feature
-  reductions and one elementwise pass, only ``x`` kept for the backward);
+  reductions and one elementwise pass, only ``x - mu`` kept for the backward);
 - ``flax``: ``flax.linen.BatchNorm(use_running_average=False)`` (its batch-stats update included);
 - ``autodiff``: a plain jnp batch norm (two-pass statistics) differentiated by JAX.
 
