@@ -68,7 +68,14 @@ def timed_call(step: Step, carry: tuple) -> tuple[float, tuple]:
     return time.perf_counter() - start, out
 
 
-def interleaved_times(steps: dict[str, Step], carries: dict[str, tuple], repeats: int) -> dict[str, list[float]]:
+def fresh_copy(tree: Any) -> Any:
+    """The same values in newly allocated buffers (the old ones are freed when dropped)."""
+    return block(jax.tree.map(jnp.copy, tree))
+
+
+def interleaved_times(
+    steps: dict[str, Step], carries: dict[str, tuple], repeats: int, *, reallocate_every: int = 10
+) -> dict[str, list[float]]:
     """Seconds per call of each step, `repeats` calls each, the contenders alternated call by call.
 
     `steps[name](*carries[name])` must return the next carry (the donated buffers come back as
@@ -76,6 +83,12 @@ def interleaved_times(steps: dict[str, Step], carries: dict[str, tuple], repeats
     faults); then every repeat times each contender once, the order rotating so that no one
     always runs first. Entry r of every list comes from the same repeat, so the lists can be
     compared pairwise (see `paired_ratio`).
+
+    A donated step writes its outputs into its inputs' buffers, so a contender would keep the
+    same addresses for the whole run, and their offsets against each other (cache sets, 4K
+    aliasing between the streams) would bias it by a few percent for good or ill. Every
+    `reallocate_every` repeats each carry is copied, untimed, into new buffers, so that the
+    median is taken over several placements.
     """
     names = list(steps)
     carries = dict(carries)
@@ -83,6 +96,8 @@ def interleaved_times(steps: dict[str, Step], carries: dict[str, tuple], repeats
         carries[name] = block(steps[name](*carries[name]))
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
+        if r and reallocate_every and r % reallocate_every == 0:
+            carries = {name: fresh_copy(carry) for name, carry in carries.items()}
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             seconds, carries[name] = timed_call(steps[name], carries[name])
