@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jstep
 import reference as ref
@@ -46,6 +47,7 @@ def params_like(grads, dtype):
 
 def leaves64(tree):
     """The leaves of a tree as float64 (or complex128) NumPy arrays, the reference layout."""
+
     def widen(x):
         x = np.asarray(x)
         return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
@@ -68,15 +70,16 @@ def scan_updates(opt, state, stacked_grads):
     return jax.lax.scan(step, state, stacked_grads)
 
 
-def run(opt, grads, dtype):
-    """Initialize `opt` on params of `dtype` and step it, jitted, over `grads` (a list of trees).
+def run(opt, grads, dtype, *, jit=True):
+    """Initialize `opt` on params of `dtype` and step it over `grads` (a list of trees).
 
     Returns (updates per step as lists of float64/complex128 leaves, final state). Call
-    inside `jax.enable_x64(True)` for float64.
+    inside `jax.enable_x64(True)` for float64. `jit=False` steps eagerly, which is cheaper
+    than a compilation for a few steps.
     """
     params = params_like(grads, dtype)
     state = opt.init(params)
-    update = jax.jit(opt.update)
+    update = jax.jit(opt.update) if jit else opt.update
     steps = []
     for g in grads:
         updates, state = update(jax.tree.map(lambda x: np.asarray(x, dtype), g), state, params)
@@ -107,15 +110,22 @@ def assert_close_runs(actual, expected, rtol):
     return err
 
 
-# Tolerances (normwise per leaf, worst step), after ~60 steps:
+# Tolerances (normwise per leaf, worst step), after 50 steps:
 # - float64 against the float64 reference;
 # - float32 against the reference or against Optax, with the inputs rounded to float32 for
 #   both, so only round-off is measured. It includes that of the constants: 1 - b2 for
 #   b2 = 0.999 carries a relative error up to 6e-5 in float32, depending on whether it is
-#   formed in Python (Optax) or in float32 (jstep); 60 accumulated steps add the rest.
+#   formed in Python (Optax) or in float32 (jstep); 50 accumulated steps add the rest.
 RTOL64 = 1e-10
 RTOL32 = 1e-4
-STEPS = 60
+STEPS = 50
+
+
+def precision_cases(names, float32_names):
+    """(name, dtype, rtol) parameters: every case in float64 (under jax.enable_x64), and
+    the base case of each algorithm in float32 too."""
+    cases = [pytest.param(n, np.float64, RTOL64, id=f"{n}-float64") for n in names]
+    return cases + [pytest.param(n, np.float32, RTOL32, id=f"{n}-float32") for n in float32_names]
 
 
 def optimizers():

@@ -44,8 +44,7 @@ def moving_average_sum(cs, gamma):
     """The notes' unrolled moving average, C_T = sum_{t=1}^T gamma^(T-t) (1 - gamma) c_t."""
     T = len(cs)
     return [
-        sum(gamma ** (T - t) * (1 - gamma) * cs[t - 1][i] for t in range(1, T + 1))
-        for i in range(len(cs[0]))
+        sum(gamma ** (T - t) * (1 - gamma) * cs[t - 1][i] for t in range(1, T + 1)) for i in range(len(cs[0]))
     ]
 
 

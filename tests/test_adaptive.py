@@ -10,19 +10,14 @@ import jstep
 import reference as ref
 from harness import (
     RTOL32,
-    RTOL64,
     STEPS,
     as_leaves,
     assert_close_runs,
     gradient_sequence,
+    precision_cases,
     max_relative_error,
     run,
 )
-
-PRECISIONS = [
-    pytest.param(np.float64, RTOL64, id="float64"),
-    pytest.param(np.float32, RTOL32, id="float32"),
-]
 
 
 def decaying(count):
@@ -58,12 +53,14 @@ CASES = {
     "scale_by_rss": (lambda: jstep.scale_by_rss(1e-4), lambda g: ref.run_adagrad(g, -1.0, 1e-4)),
     "adadelta": (lambda: jstep.adadelta(), lambda g: ref.run_adadelta(g, 1.0, 0.9, 1e-6)),
     "adadelta_rate": (lambda: jstep.adadelta(0.5, 0.7, 1e-4), lambda g: ref.run_adadelta(g, 0.5, 0.7, 1e-4)),
-    "adadelta_schedule": (lambda: jstep.adadelta(decaying), lambda g: ref.run_adadelta(g, decaying, 0.9, 1e-6)),
+    "adadelta_schedule": (
+        lambda: jstep.adadelta(decaying),
+        lambda g: ref.run_adadelta(g, decaying, 0.9, 1e-6),
+    ),
 }
 
 
-@pytest.mark.parametrize("dtype, rtol", PRECISIONS)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name, dtype, rtol", precision_cases(CASES, ["rmsprop", "adagrad", "adadelta"]))
 def test_matches_reference(name, dtype, rtol):
     make, reference = CASES[name]
     grads = gradient_sequence(20, STEPS, dtype)

@@ -7,12 +7,7 @@ import pytest
 
 import jstep
 import reference as ref
-from harness import RTOL32, RTOL64, STEPS, as_leaves, assert_close_runs, gradient_sequence, run
-
-PRECISIONS = [
-    pytest.param(np.float64, RTOL64, id="float64"),
-    pytest.param(np.float32, RTOL32, id="float32"),
-]
+from harness import RTOL64, STEPS, as_leaves, assert_close_runs, gradient_sequence, precision_cases, run
 
 
 def smooth_gamma(t):
@@ -38,8 +33,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype, rtol", PRECISIONS)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name, dtype, rtol", precision_cases(CASES, ["running_average", "cumulative_average"])
+)
 def test_matches_reference(name, dtype, rtol):
     make, reference = CASES[name]
     values = gradient_sequence(0, STEPS, dtype)
@@ -79,7 +75,9 @@ def test_study_question_cumulative_gamma_gives_the_exact_mean():
     """
     values = gradient_sequence(2, STEPS)
     cs = as_leaves(values)
-    means = [[np.mean([c[i] for c in cs[:t]], axis=0) for i in range(len(cs[0]))] for t in range(1, STEPS + 1)]
+    means = [
+        [np.mean([c[i] for c in cs[:t]], axis=0) for i in range(len(cs[0]))] for t in range(1, STEPS + 1)
+    ]
     with jax.enable_x64(True):
         exact, _ = run(jstep.cumulative_average(), values, np.float64)
         via_gamma, _ = run(jstep.running_average(lambda t: (t - 1) / t), values, np.float64)

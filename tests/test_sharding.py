@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-NAMES = ["adam", "momentum", "rmsprop", "adagrad", "adadelta", "ema_momentum"]
+NAMES = ["adam", "momentum", "rmsprop", "adagrad"]
 
 SCRIPT = r"""
 import json, sys
