@@ -82,9 +82,9 @@ def digits_dataset() -> Dataset:
     )
 
 
-def make_optimizer(name: str) -> optax.GradientTransformation:
-    """``jstep.<name>(**OPTIMIZER_SETTINGS[name])``."""
-    return getattr(jstep, name)(**OPTIMIZER_SETTINGS[name])
+def make_optimizer(name: str, settings: dict | None = None) -> optax.GradientTransformation:
+    """``jstep.<name>(**settings)``, by default with ``OPTIMIZER_SETTINGS[name]``."""
+    return getattr(jstep, name)(**(OPTIMIZER_SETTINGS[name] if settings is None else settings))
 
 
 def describe_settings(settings: dict) -> str:
@@ -240,16 +240,19 @@ def train(
     *,
     mesh: Mesh | None = None,
     use_batch_norm: bool = True,
+    settings: dict | None = None,
     on_progress: Callable[[int, jax.Array], None] = lambda step, loss: None,
     progress_every: int = 25,
 ) -> RunResult:
-    """Train a copy of `init` with optimizer `name` on `batches` of `data`.
+    """Train a copy of `init` with optimizer `name` (`settings`, default ``OPTIMIZER_SETTINGS``)
+    on `batches` of `data`; `use_batch_norm` must match how `init` was built.
 
     `on_progress(step, loss)` is called every `progress_every` steps and after the last one
     (`loss` is that step's batch loss, a device scalar). Steps per second exclude the first
     step, which compiles.
     """
-    optimizer = make_optimizer(name)
+    settings = OPTIMIZER_SETTINGS[name] if settings is None else settings
+    optimizer = make_optimizer(name, settings)
     bn = batch_norm_layer(AXIS if mesh is not None else None) if use_batch_norm else None
     step = make_train_step(optimizer, bn, mesh)
     replicated = NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0]
@@ -274,7 +277,7 @@ def train(
     params, state = jax.device_get((params, state))
     final_loss, _ = evaluate(params, state, data.x_train, data.y_train)
     _, accuracy = evaluate(params, state, data.x_test, data.y_test)
-    return RunResult(name, OPTIMIZER_SETTINGS[name], losses, final_loss, accuracy, steps_per_second, params, state)
+    return RunResult(name, settings, losses, final_loss, accuracy, steps_per_second, params, state)
 
 
 def smooth(values: np.ndarray, decay: float = 0.95) -> np.ndarray:
