@@ -180,16 +180,21 @@ def format_table(rows: Sequence[dict]) -> str:
 def plot_curves(path: pathlib.Path, curves: dict[str, Any], smoothed: dict[str, Any], title: str) -> None:
     """Training loss per step for each optimizer (thin: raw; thick: debiased moving average)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for index, name in enumerate(curves):
+    names = list(curves)
+    for index, name in enumerate(names):
         color = f"C{index}"
         steps = range(1, len(curves[name]) + 1)
+        # A curve that coincides with an earlier one (momentum's two forms) is dashed so both show.
+        twin = next((other for other in names[:index] if np.allclose(curves[other], curves[name], rtol=1e-3)), None)
         ax.plot(steps, curves[name], color=color, alpha=0.25, linewidth=0.7)
-        ax.plot(steps, smoothed[name], color=color, linewidth=1.8, label=name)
+        ax.plot(steps, smoothed[name], color=color, linewidth=1.8, linestyle="--" if twin else "-",
+                label=f"{name} (same curve as {twin})" if twin else name)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss on the batch (cross entropy, log scale)")
