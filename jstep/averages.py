@@ -43,10 +43,15 @@ def running_average_update(average: Any, value: Any, gamma: Any) -> Any:
       gamma: the weight on the old average, a number or scalar array.
     """
 
+    # 1 - gamma before any rounding to float32: for gamma = 0.999 that keeps 1 - gamma exact
+    # to float32 precision (rounding gamma first would move it by up to 1e-5 relative).
+    weight_of_new = 1 - gamma
+
     def one(old, new):
         dtype = _core.compute_dtype(old.dtype)
-        g = jnp.asarray(gamma).astype(_core.real_dtype(dtype))
-        return (g * old.astype(dtype) + (1 - g) * new.astype(dtype)).astype(old.dtype)
+        real = _core.real_dtype(dtype)
+        keep, take = jnp.asarray(gamma).astype(real), jnp.asarray(weight_of_new).astype(real)
+        return (keep * old.astype(dtype) + take * new.astype(dtype)).astype(old.dtype)
 
     return jax.tree.map(one, average, value)
 
