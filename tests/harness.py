@@ -154,3 +154,23 @@ REFERENCE_RUNS = {
     "adadelta": lambda g: ref.run_adadelta(g, 1.0, 0.9, 1e-6),
     "adam": lambda g: ref.run_adam(g, 0.01),
 }
+
+
+def assert_matches_reference(case, seed, dtype, rtol):
+    """Run `case` = (make_optimizer, reference) for STEPS steps on a seeded sequence: the
+    optimizer (in `dtype`, under x64 for float64) must match the float64 reference."""
+    make, reference = case
+    grads = gradient_sequence(seed, STEPS, dtype)
+    with jax.enable_x64(dtype == np.float64):
+        got, state = run(make(), grads, dtype)
+    assert_close_runs(got, reference(as_leaves(grads)), rtol)
+    assert int(state.count) == STEPS
+
+
+def assert_matches_optax(pair, seed):
+    """`pair` = (make_jstep, make_optax): the same float32 updates for STEPS steps."""
+    make, make_optax = pair
+    grads = gradient_sequence(seed, STEPS, np.float32)
+    got, _ = run(make(), grads, np.float32)
+    expected, _ = run(make_optax(), grads, np.float32)
+    assert_close_runs(got, expected, RTOL32)

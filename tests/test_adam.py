@@ -9,7 +9,8 @@ import pytest
 import jstep
 import reference as ref
 from harness import (
-    RTOL32,
+    assert_matches_optax,
+    assert_matches_reference,
     STEPS,
     as_leaves,
     assert_close_runs,
@@ -48,12 +49,7 @@ CASES = {
 
 @pytest.mark.parametrize("name, dtype, rtol", precision_cases(CASES, ["published", "nesterov"]))
 def test_matches_reference(name, dtype, rtol):
-    make, reference = CASES[name]
-    grads = gradient_sequence(30, STEPS, dtype)
-    with jax.enable_x64(dtype == np.float64):
-        got, state = run(make(), grads, dtype)
-    assert_close_runs(got, reference(as_leaves(grads)), rtol)
-    assert int(state.count) == STEPS
+    assert_matches_reference(CASES[name], 30, dtype, rtol)
 
 
 OPTAX_PARITY = {
@@ -70,11 +66,7 @@ OPTAX_PARITY = {
 
 @pytest.mark.parametrize("name", list(OPTAX_PARITY))
 def test_optax_parity(name):
-    make, make_optax = OPTAX_PARITY[name]
-    grads = gradient_sequence(31, STEPS, np.float32)
-    got, _ = run(make(), grads, np.float32)
-    expected, _ = run(make_optax(), grads, np.float32)
-    assert_close_runs(got, expected, RTOL32)
+    assert_matches_optax(OPTAX_PARITY[name], 31)
 
 
 def test_published_and_literal_forms_differ_where_v_hat_is_small():

@@ -7,7 +7,7 @@ import pytest
 
 import jstep
 import reference as ref
-from harness import RTOL64, STEPS, as_leaves, assert_close_runs, gradient_sequence, precision_cases, run
+from harness import RTOL64, STEPS, as_leaves, assert_close_runs, assert_matches_reference, gradient_sequence, precision_cases, run
 
 
 def smooth_gamma(t):
@@ -37,12 +37,7 @@ CASES = {
     "name, dtype, rtol", precision_cases(CASES, ["running_average", "cumulative_average"])
 )
 def test_matches_reference(name, dtype, rtol):
-    make, reference = CASES[name]
-    values = gradient_sequence(0, STEPS, dtype)
-    with jax.enable_x64(dtype == np.float64):
-        got, state = run(make(), values, dtype)
-    assert_close_runs(got, reference(as_leaves(values)), rtol)
-    assert int(state.count) == STEPS
+    assert_matches_reference(CASES[name], 0, dtype, rtol)
 
 
 def test_moving_average_is_the_notes_unrolled_sum():

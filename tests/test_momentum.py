@@ -9,6 +9,8 @@ import pytest
 import jstep
 import reference as ref
 from harness import (
+    assert_matches_optax,
+    assert_matches_reference,
     RTOL32,
     STEPS,
     as_leaves,
@@ -53,12 +55,7 @@ CASES = {
     "name, dtype, rtol", precision_cases(CASES, ["sgd", "momentum", "momentum_nesterov", "ema_momentum"])
 )
 def test_matches_reference(name, dtype, rtol):
-    make, reference = CASES[name]
-    grads = gradient_sequence(10, STEPS, dtype)
-    with jax.enable_x64(dtype == np.float64):
-        got, state = run(make(), grads, dtype)
-    assert_close_runs(got, reference(as_leaves(grads)), rtol)
-    assert int(state.count) == STEPS
+    assert_matches_reference(CASES[name], 10, dtype, rtol)
 
 
 OPTAX_PARITY = {
@@ -73,11 +70,7 @@ OPTAX_PARITY = {
 
 @pytest.mark.parametrize("name", list(OPTAX_PARITY))
 def test_optax_parity_at_a_constant_rate(name):
-    make, make_optax = OPTAX_PARITY[name]
-    grads = gradient_sequence(11, STEPS, np.float32)
-    got, _ = run(make(), grads, np.float32)
-    expected, _ = run(make_optax(), grads, np.float32)
-    assert_close_runs(got, expected, RTOL32)
+    assert_matches_optax(OPTAX_PARITY[name], 11)
 
 
 def test_a_schedule_differs_from_optax_sgd_as_the_docstring_says():
