@@ -30,11 +30,20 @@ where
 
 With eps = 0 both are the notes' closing formula,
 dL/dZ_ij = sum_k dZhat_ik G_i/(K sigma_i) (delta_jk K - 1 - (Z_ik-mu_i)(Z_ij-mu_i)/sigma_i^2).
-So the backward is two per-feature reductions and one elementwise pass; it keeps one
-activation-sized array from the forward pass, the centred input Z - mu (computed there anyway
-for the variance; in x's dtype), plus per-feature vectors, and it is written with
-differentiable jnp operations, so second derivatives (grad of grad, Hessian-vector products)
-are exact too.
+So the backward is two per-feature reductions and one elementwise pass. It keeps one
+activation-sized array from the forward pass, the input Z itself (nothing is written out for
+the backward), plus per-feature vectors, and it is written with differentiable jnp
+operations, so second derivatives (grad of grad, Hessian-vector products) are exact too.
+The two reductions read only dZhat and Z, with no broadcast mean inside them:
+
+    sum_j dZhat_ij Zbar_ij = (sum_j dZhat_ij Z_ij - mu_i sum_j dZhat_ij) / s_i
+
+Rounding: this form's error in dL/dG_i is about u |mu_i| sum_j |dZhat_ij| / s_i (u the unit
+roundoff of the compute dtype), where summing dZhat_ij (Z_ij - mu_i) would give about
+u sum_j |dZhat_ij (Z_ij - mu_i)| / s_i: a factor |mu_i|/sigma_i more, immaterial unless a
+feature's mean is orders of magnitude larger than its spread (float32, |mu|/sigma = 1e4:
+about 1e-3 relative in dL/dG; the input gradient, where the sum is divided by K, keeps
+about 1e-5). The statistics themselves are always two-pass.
 
 Degenerate features (every value of the feature equal, sigma_i = 0):
   * eps > 0: Zbar = 0 and the output is B_i. Both forms are differentiable there; for
@@ -156,16 +165,20 @@ def _total(values: jax.Array, reduce_axes: tuple[int, ...], axis_name: Any) -> j
     return local if axis_name is None else jax.lax.psum(local, axis_name)
 
 
-def _moments(x: jax.Array, layout: _Layout, axis_name: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """mu, sigma^2 (keepdims) and the centred x - mu: two passes, in at least float32.
+def _moments(x: jax.Array, layout: _Layout, axis_name: Any) -> tuple[jax.Array, jax.Array]:
+    """mu and sigma^2 (keepdims): two reads of x, in at least float32.
 
-    The first pass sums x, the second sums (x - mu)^2: no E[x^2] - E[x]^2 cancellation.
+    The first pass sums x, the second sums (x - mu)^2: no E[x^2] - E[x]^2 cancellation. The
+    subtraction is fused into the second reduction, so x - mu is never written out. The
+    optimization barrier gives that reduction its own copy of mu: were mu's broadcast shared
+    with the caller's elementwise uses of it (Zhat, the input gradient), XLA:CPU would
+    materialise it, or x - mu, as an activation-sized array and read it back.
     """
     xc = x.astype(_core.compute_dtype(x.dtype))
     mean = _total(xc, layout.reduce_axes, axis_name) / layout.count
-    centred = xc - mean
-    var = _total(jnp.square(centred), layout.reduce_axes, axis_name) / layout.count
-    return mean, var, centred
+    shift = jax.lax.optimization_barrier(mean)  # the same values; see above
+    var = _total(jnp.square(xc - shift), layout.reduce_axes, axis_name) / layout.count
+    return mean, var
 
 
 def _safe_inverse(s: jax.Array) -> jax.Array:
@@ -192,56 +205,57 @@ def _normalize(x, scale, offset, layout: _Layout, eps: float, eps_in_sqrt: bool,
 
 
 def _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
-    """((Zhat, mu, sigma^2), x - mu)."""
-    mean, var, centred = _moments(x, layout, axis_name)
+    """((Zhat, mu, sigma^2), (mu, sigma^2)), the last two shaped to broadcast against x."""
+    mean, var = _moments(x, layout, axis_name)
     _, s = _denominator(var, eps, eps_in_sqrt)
     gain = scale.reshape(layout.keep_shape).astype(mean.dtype) * _safe_inverse(s)  # G/s
-    y = centred * gain + offset.reshape(layout.keep_shape).astype(mean.dtype)
+    y = (x.astype(mean.dtype) - mean) * gain + offset.reshape(layout.keep_shape).astype(mean.dtype)
     outputs = (y.astype(x.dtype), mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape))
-    return outputs, centred
+    return outputs, (mean, var)
 
 
 def _normalize_fwd(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
     x, scale, offset = x.value, scale.value, offset.value  # symbolic_zeros wraps the primals
-    outputs, centred = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
-    # The one activation-sized residual: x - mu (already computed for the variance), kept in
-    # x's dtype; with it both backward reductions and the final pass read no broadcast mean.
-    return outputs, (centred.astype(x.dtype), scale, offset, outputs[2].reshape(layout.keep_shape))
+    outputs, (mean, var) = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
+    # The one activation-sized residual is x itself (nothing new is written for the backward).
+    return outputs, (x, scale, offset, mean, var)
 
 
 def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
-    centred, scale, offset, var = residuals
+    x, scale, offset, mean, var = residuals
     dy, dmean, dvar = cotangents
     axes, count = layout.reduce_axes, layout.count
     sigma, s = _denominator(var, eps, eps_in_sqrt)
-    centred = centred.astype(var.dtype)
+    xc = x.astype(var.dtype)
     inverse_s = _safe_inverse(s)
     g = scale.reshape(layout.keep_shape).astype(var.dtype)
 
     if isinstance(dy, SymbolicZero):
-        dx = jnp.zeros_like(centred)
+        dx = jnp.zeros_like(xc)
         dscale = doffset = jnp.zeros(layout.keep_shape, var.dtype)
     else:
         dy = dy.astype(var.dtype)
-        doffset = jnp.sum(dy, axis=axes, keepdims=True)  # dL/dB, this device's share
-        dscale = jnp.sum(dy * centred, axis=axes, keepdims=True) * inverse_s  # dL/dG, this device's share
+        # dL/dB and dL/dG, this device's shares: sum dy, and sum dy Zbar = (sum dy Z - mu sum dy)/s,
+        # so that both reductions read only dy and x (no broadcast mean inside them).
+        doffset = jnp.sum(dy, axis=axes, keepdims=True)
+        dscale = (jnp.sum(dy * xc, axis=axes, keepdims=True) - mean * doffset) * inverse_s
         sum_dy, sum_dy_xhat = (doffset, dscale) if axis_name is None else jax.lax.psum((doffset, dscale), axis_name)
         if eps_in_sqrt:
             c = 1
         else:
             c = jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)  # (sigma + eps)/sigma; limit 0 term
-        dx = (g / s) * (dy - sum_dy / count - centred * (inverse_s * c * sum_dy_xhat / count))
+        dx = (g / s) * (dy - sum_dy / count - (xc - mean) * (inverse_s * c * sum_dy_xhat / count))
 
     # Gradients through the returned statistics: d mu/dZ_ij = 1/K, d sigma^2/dZ_ij = 2(Z_ij - mu)/K.
     if not isinstance(dmean, SymbolicZero):
         dx = dx + dmean.reshape(layout.keep_shape).astype(var.dtype) / count
     if not isinstance(dvar, SymbolicZero):
-        dx = dx + dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * centred
+        dx = dx + dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * (xc - mean)
 
     def like(grad, primal):
         return grad.reshape(primal.shape).astype(primal.dtype)
 
-    return like(dx, residuals[0]), like(dscale, scale), like(doffset, offset)
+    return like(dx, x), like(dscale, scale), like(doffset, offset)
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
@@ -323,7 +337,7 @@ def batch_stats(x: jax.Array, *, feature_axis: FeatureAxis = -1, axis_name: Any 
     statistics of the whole batch.
     """
     layout = _layout(x, feature_axis, axis_name)
-    mean, var, _ = _moments(jnp.asarray(x), layout, axis_name)
+    mean, var = _moments(jnp.asarray(x), layout, axis_name)
     return mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
 
 

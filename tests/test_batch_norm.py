@@ -178,6 +178,27 @@ def test_large_mean_float32_normalizes_correctly():
     np.testing.assert_allclose(var, x64.var(0), rtol=1e-3)
 
 
+def test_large_mean_float32_gradients_match_float64():
+    """|mean|/std = 1e4 in float32: the backward's sum dy Zbar = (sum dy Z - mu sum dy)/s keeps
+    the documented accuracy (about 1e-3 relative in dL/dG, 1e-5 in dL/dZ)."""
+    rng = np.random.default_rng(14)
+    x = (1e4 + rng.normal(size=(4096, 3))).astype(np.float32)
+    scale, offset = np.array([1.0, 2.0, 0.5], np.float32), np.array([0.0, 0.1, -0.2], np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    _, vjp = jax.vjp(lambda x, s, b: jstep.batch_norm(x, s, b, eps=0.0), jnp.asarray(x), scale, offset)
+    dx, dscale, doffset = vjp(jnp.asarray(dy))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)  # the same values, in float64
+    xhat = (x64 - x64.mean(0)) / x64.std(0)
+    dx_ref = scale / x64.std(0) * (dy64 - dy64.mean(0) - xhat * (dy64 * xhat).mean(0))
+    dscale_ref = (dy64 * xhat).sum(0)
+    assert max_rel(dx, dx_ref) <= 1e-4
+    assert max_rel(dscale, dscale_ref) <= 1e-2
+    np.testing.assert_allclose(doffset, dy64.sum(0), rtol=1e-5)
+    # The same data shifted to mean 0: both reductions are then exact to float32 round-off.
+    _, vjp = jax.vjp(lambda x, s, b: jstep.batch_norm(x, s, b, eps=0.0), jnp.asarray(x64 - 1e4, jnp.float32), scale, offset)
+    assert max_rel(vjp(jnp.asarray(dy))[1], dscale_ref) <= 1e-5
+
+
 def test_batch_stats_are_population_mean_and_variance():
     x, *_ = random_inputs((6, 5, 4), 1, seed=10)
     mean, var = jstep.batch_stats(jnp.asarray(x, jnp.float32), feature_axis=1)
