@@ -6,15 +6,22 @@ scale and offset, returning the input gradient as the next ``x`` (and a small st
 and offset), all buffers donated. The contenders:
 
 - ``jstep``: `jstep.batch_norm` (two-pass statistics, the notes' backward: two per-feature
-  reductions and one elementwise pass, only ``x - mu`` kept for the backward);
+  reductions that read only dy and x, and one elementwise pass; only ``x`` kept for the
+  backward);
 - ``flax``: ``flax.linen.BatchNorm(use_running_average=False)`` (its batch-stats update included);
 - ``autodiff``: a plain jnp batch norm (two-pass statistics) differentiated by JAX.
 
 Compilation is excluded (one warm-up call), the contenders alternate call by call in this one
-process, and the table shows medians. ``GB/s`` counts the 9 activation-sized passes a two-pass
-batch norm needs at least (forward: read x three times, write y; backward: read x and dy twice,
-write dx), as a fraction of a donated ``x + 1`` measured in the same run. ``residual MiB`` is
-what the forward keeps for the backward (the leaves of ``jax.vjp``'s closure).
+process, and the table shows medians. A call's time depends on which contender ran just
+before it (on a 2-core EPYC VM at (64,32,32,64), any step is about 4 ms slower right after
+autodiff's, which frees some 64 MiB of temporaries per call), and a fixed rotation of three
+contenders puts each one after the same neighbour two times in three; so half the repeats
+rotate the contenders in one order and half in the reverse order, and each follows each other
+equally often. ``of copy BW`` counts the 8 activation-sized passes of a two-pass batch norm's
+training step (forward: read x twice for mu and sigma; backward: read dy, then dy and x, for
+the two sums, then read x and dy and write dx; the loss needs no y, so XLA never writes it)
+as a fraction of a donated ``x + 1`` measured in the same run. ``residual MiB`` is what the
+forward keeps for the backward (the leaves of ``jax.vjp``'s closure).
 
     python benchmarks/batch_norm.py               # both shapes, 30 repeats
     python benchmarks/batch_norm.py --repeats 5   # a quick look
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import jax
@@ -34,11 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jstep  # noqa: E402
-from _harness import copy_bandwidth, format_table, interleaved_medians, machine_report  # noqa: E402
+from _harness import copy_bandwidth, format_table, interleaved_times, machine_report  # noqa: E402
 
 SHAPES = [(64, 32, 32, 64), (128, 14, 14, 256)]
 EPS = 1e-5
-PASSES = 9  # activation-sized reads + writes of a two-pass forward and the notes' backward
+PASSES = 8  # activation-sized reads + writes of a two-pass forward and the notes' backward
 
 
 def plain_batch_norm(x, scale, offset):
@@ -84,6 +92,17 @@ def residual_bytes(normalize, x, scale, offset) -> int:
     return sum(leaf.nbytes for leaf in leaves.values())
 
 
+def balanced_medians(steps: dict, shape, repeats: int) -> dict[str, float]:
+    """Median seconds per call, half the repeats in each rotation direction (fresh inputs each)."""
+    times = {name: [] for name in steps}
+    for order in (list(steps), list(steps)[::-1]):
+        carries = {name: inputs(shape) for name in order}
+        half = interleaved_times({name: steps[name] for name in order}, carries, (repeats + 1) // 2)
+        for name in order:
+            times[name] += half[name]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def inputs(shape, seed=0):
     rng = np.random.default_rng(seed)
     channels = shape[-1]
@@ -111,8 +130,7 @@ def main() -> None:
         probe = inputs(shape)
         residuals = {name: residual_bytes(f, *probe[:3]) for name, f in contenders.items()}
         steps = {name: training_step(f) for name, f in contenders.items()}
-        carries = {name: inputs(shape) for name in contenders}
-        medians = interleaved_medians(steps, carries, args.repeats)
+        medians = balanced_medians(steps, shape, args.repeats)
         moved = PASSES * np.prod(shape) * 4
         for name in contenders:
             rows.append(
