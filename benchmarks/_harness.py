@@ -81,7 +81,9 @@ def interleaved_times(
     `steps[name](*carries[name])` must return the next carry (the donated buffers come back as
     new ones). Each contender gets one untimed warm-up call (compilation, first-touch page
     faults); then every repeat times each contender once, the order rotating so that no one
-    always runs first. Entry r of every list comes from the same repeat, so the lists can be
+    always runs first, and every other round in the reverse order, so that each contender
+    follows each other equally often (a call runs slower right after one that freed many
+    temporaries, so a fixed neighbour would bias it). Entry r of every list comes from the same repeat, so the lists can be
     compared pairwise (see `paired_ratio`).
 
     A donated step writes its outputs into its inputs' buffers, so a contender would keep the
@@ -98,8 +100,9 @@ def interleaved_times(
     for r in range(repeats):
         if r and reallocate_every and r % reallocate_every == 0:
             carries = {name: fresh_copy(carry) for name, carry in carries.items()}
+        order = names if (r // len(names)) % 2 == 0 else names[::-1]
         shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in order[shift:] + order[:shift]:
             seconds, carries[name] = timed_call(steps[name], carries[name])
             times[name].append(seconds)
     return times

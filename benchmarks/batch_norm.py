@@ -15,8 +15,8 @@ Compilation is excluded (one warm-up call), the contenders alternate call by cal
 process, and the table shows medians. A call's time depends on which contender ran just
 before it (on a 2-core EPYC VM at (64,32,32,64), any step is about 4 ms slower right after
 autodiff's, which frees some 64 MiB of temporaries per call), and a fixed rotation of three
-contenders puts each one after the same neighbour two times in three; so half the repeats
-rotate the contenders in one order and half in the reverse order, and each follows each other
+contenders puts each one after the same neighbour two times in three; so the shared harness
+rotates the contenders in one order and then in the reverse order, and each follows each other
 equally often. ``of copy BW`` counts the 8 activation-sized passes of a two-pass batch norm's
 training step (forward: read x twice for mu and sigma; backward: read dy, then dy and x, for
 the two sums, then read x and dy and write dx; the loss needs no y, so XLA never writes it)
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import jax
@@ -42,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jstep  # noqa: E402
-from _harness import copy_bandwidth, format_table, interleaved_times, machine_report  # noqa: E402
+from _harness import copy_bandwidth, format_table, interleaved_medians, machine_report  # noqa: E402
 
 SHAPES = [(64, 32, 32, 64), (128, 14, 14, 256)]
 EPS = 1e-5
@@ -92,17 +91,6 @@ def residual_bytes(normalize, x, scale, offset) -> int:
     return sum(leaf.nbytes for leaf in leaves.values())
 
 
-def balanced_medians(steps: dict, shape, repeats: int) -> dict[str, float]:
-    """Median seconds per call, half the repeats in each rotation direction (fresh inputs each)."""
-    times = {name: [] for name in steps}
-    for order in (list(steps), list(steps)[::-1]):
-        carries = {name: inputs(shape) for name in order}
-        half = interleaved_times({name: steps[name] for name in order}, carries, (repeats + 1) // 2)
-        for name in order:
-            times[name] += half[name]
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def inputs(shape, seed=0):
     rng = np.random.default_rng(seed)
     channels = shape[-1]
@@ -130,7 +118,8 @@ def main() -> None:
         probe = inputs(shape)
         residuals = {name: residual_bytes(f, *probe[:3]) for name, f in contenders.items()}
         steps = {name: training_step(f) for name, f in contenders.items()}
-        medians = balanced_medians(steps, shape, args.repeats)
+        carries = {name: inputs(shape) for name in steps}
+        medians = interleaved_medians(steps, carries, args.repeats)
         moved = PASSES * np.prod(shape) * 4
         for name in contenders:
             rows.append(
