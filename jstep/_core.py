@@ -120,6 +120,11 @@ def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = F
     return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros_like_tree(tree, dtype, real=real))
 
 
+def _positive_number(value: Any) -> bool:
+    """True for a Python number that stays > 0 in float32 (fixed when the transformation is built)."""
+    return isinstance(value, numbers.Real) and value >= float(jnp.finfo(jnp.float32).tiny)
+
+
 def adaptive_step(numerator: jax.Array, second_moment: jax.Array, *, eps: Any, eps_root: Any) -> jax.Array:
     """numerator / (sqrt(second_moment + eps_root) + eps), and 0 where that denominator is 0.
 
@@ -129,6 +134,8 @@ def adaptive_step(numerator: jax.Array, second_moment: jax.Array, *, eps: Any, e
     dtype = compute_dtype(second_moment.dtype)
     denominator = jnp.sqrt(second_moment.astype(dtype) + eps_root) + eps
     numerator = numerator.astype(compute_dtype(numerator.dtype))
+    if _positive_number(eps) or _positive_number(eps_root):  # known now: never 0, no guard
+        return numerator / denominator
     safe = jnp.where(denominator > 0, denominator, 1)
     return jnp.where(denominator > 0, numerator / safe, 0)
 
