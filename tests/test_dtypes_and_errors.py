@@ -353,3 +353,15 @@ def test_the_initial_state_is_positive_zero_whatever_the_params(name):
             and not np.any(np.signbit(values.real))
             and not np.any(np.signbit(values.imag))
         )
+
+
+def _state_bytes(state):
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+
+
+def test_adam_state_is_two_copies_of_the_params_plus_a_count():
+    params = {"w": jnp.ones((64, 32), jnp.float32), "b": jnp.ones((32,), jnp.float32)}
+    param_bytes = _state_bytes(params)
+    assert _state_bytes(jstep.adam(1e-3).init(params)) == 2 * param_bytes + 4
+    low = jstep.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16).init(params)
+    assert _state_bytes(low) == param_bytes + 4
