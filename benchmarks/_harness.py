@@ -56,6 +56,51 @@ def machine_report() -> str:
     )
 
 
+def load_torch(wanted: bool | None) -> Any:
+    """PyTorch set up as a peer (threads = usable cores), or None where it is off or missing.
+
+    `wanted` None means "if it imports"; a printed note says when it does not.
+    """
+    if wanted is False:
+        return None
+    try:
+        import torch
+    except ImportError:
+        if wanted:
+            raise SystemExit("--torch: PyTorch does not import here; pip install torch==2.13.0 (the bench extra)")
+        print("note: PyTorch does not import here, so its rows are left out (pip install torch==2.13.0)")
+        return None
+    torch.set_num_threads(usable_cores())
+    return torch
+
+
+def torch_device(torch: Any) -> Any:
+    """Where the PyTorch peer runs: the GPU when JAX measures one and PyTorch can reach it, else the CPU."""
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def torch_report(torch: Any, device: Any) -> str:
+    """The line that says which PyTorch measured and where."""
+    return f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads"
+
+
+def torch_step(torch: Any, device: Any, call: Callable[[], Any]) -> Step:
+    """`call` (which updates PyTorch tensors in place) in the harness's step shape, with an empty carry.
+
+    The carry is `()` because the tensors live in `call`'s closure; on a GPU the step waits
+    for the device, as `block` does for JAX.
+    """
+
+    def step() -> tuple:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return ()
+
+    return step
+
+
 def block(tree: Any) -> Any:
     """Wait until every array in `tree` is computed."""
     return jax.block_until_ready(tree)

@@ -10,9 +10,17 @@ fraction of a donated ``x + 1`` copy timed in the same rounds: Adam reads p, g, 
 writes p, m, v (7 parameter-sized arrays); momentum and RMSprop read p, g, s and write p, s (5).
 `tmp MiB` is the scratch memory XLA allocates for the step beyond its inputs and outputs.
 
+With PyTorch installed (``--torch``, on by default when it imports), Adam is also timed as
+``torch.optim.Adam(params, lr, fused=True)`` and ``foreach=True`` on float32 tensors of the same
+trees with ``.grad`` set, ``opt.step()`` alternated in the same rounds as jstep and Optax, with
+``torch.set_num_threads`` equal to the usable cores; a second table shows jstep / torch and
+torch's bandwidth fraction. PyTorch updates its tensors in place, so they keep their addresses
+for the whole run (the JAX contenders' carries are moved to new buffers every 10 repeats).
+
     python benchmarks/optimizers.py                  # every tree and optimizer, 50 repeats
     python benchmarks/optimizers.py --quick          # a quick look (5 repeats)
     python benchmarks/optimizers.py --trees resnet50 --optimizers adam --repeats 100
+    python benchmarks/optimizers.py --no-torch       # jstep and Optax only
 """
 
 from __future__ import annotations
@@ -37,9 +45,13 @@ from _harness import (  # noqa: E402
     copy_probe,
     format_table,
     interleaved_times,
+    load_torch,
     machine_report,
     paired_ratio,
     temp_bytes,
+    torch_device,
+    torch_report,
+    torch_step,
 )
 
 LEARNING_RATE = 1e-3
@@ -153,11 +165,40 @@ def check_same_update(jitted: dict[str, Any], optimizers: dict[str, Any], params
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------------- torch
+
+TORCH_ADAM = {"torch fused": {"fused": True}, "torch foreach": {"foreach": True}}
+
+
+def torch_adam(torch: Any, device: Any, params: Any, grads: Any, **flavour: bool) -> Any:
+    """torch.optim.Adam over float32 copies of `params`, each with `.grad` set from `grads`."""
+    tensors = []
+    for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(grads)):
+        tensor = torch.tensor(np.asarray(p), device=device)
+        tensor.grad = torch.tensor(np.asarray(g), device=device)
+        tensors.append(tensor)
+    return torch.optim.Adam(tensors, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, **flavour)
+
+
+def check_torch_adam(torch: Any, device: Any, step: Any, params: Any, grads: Any) -> None:
+    """One step of jstep.adam and of each torch Adam from the same start agree to 1e-5."""
+    p, _ = step(copy_tree(params), jstep.adam(LEARNING_RATE).init(params), grads)
+    expected = [np.asarray(leaf) for leaf in jax.tree.leaves(p)]
+    for name, flavour in TORCH_ADAM.items():
+        opt = torch_adam(torch, device, params, grads, **flavour)
+        opt.step()
+        for got, want in zip(opt.param_groups[0]["params"], expected):
+            np.testing.assert_allclose(got.detach().cpu().numpy(), want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 # ---------------------------------------------------------------------------------- main
 
 
-def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int) -> list[str]:
-    """One table row: jstep, Optax and the copy probe timed side by side on one tree."""
+def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any = None) -> tuple[list, list | None]:
+    """jstep, Optax (and torch's Adams) and the copy probe timed side by side on one tree.
+
+    Returns the row of the Optax table and, when torch's Adam took part, the row of the torch table.
+    """
     shapes = tree_shapes(tree)
     params, grads = random_tree(shapes, seed=0), random_tree(shapes, seed=1)
     pair = OPTIMIZERS[optimizer]
@@ -172,6 +213,13 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int) -> list[st
         scratch[name] = temp_bytes(jitted[name], p, s, grads)
         carries[name] = (p, s)
         steps[name] = lambda p, s, step=jitted[name]: step(p, s, grads)
+    with_torch = torch is not None and optimizer == "adam"
+    if with_torch:
+        device = torch_device(torch)
+        check_torch_adam(torch, device, jitted["jstep"], params, grads)
+        for name, flavour in TORCH_ADAM.items():
+            steps[name] = torch_step(torch, device, torch_adam(torch, device, params, grads, **flavour).step)
+            carries[name] = ()
     steps["copy"], carries["copy"], copied = copy_probe(copy_bytes)
     times = interleaved_times(steps, carries, repeats)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
@@ -185,11 +233,20 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int) -> list[st
         return "n/a" if n is None else f"{n / 2**20:.1f}"
 
     j, o = seconds["jstep"], seconds["optax"]
-    return [
+    row = [
         tree, optimizer, f"{1e3 * j:.2f}", f"{1e3 * o:.2f}", f"{j / o:.3f}",
         f"{paired_ratio(times['jstep'], times['optax']):.3f}", fraction("jstep"), fraction("optax"),
         f"{bandwidth / 1e9:.1f}", mib(scratch["jstep"]), mib(scratch["optax"]),
     ]  # fmt: skip
+    if not with_torch:
+        return row, None
+    torch_row = [tree, f"{1e3 * j:.2f}", fraction("jstep")]
+    for name in TORCH_ADAM:
+        torch_row += [
+            f"{1e3 * seconds[name]:.2f}", f"{j / seconds[name]:.3f}",
+            f"{paired_ratio(times['jstep'], times[name]):.3f}", fraction(name),
+        ]  # fmt: skip
+    return row, torch_row
 
 
 def choices(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -208,23 +265,42 @@ def main(argv: list[str] | None = None) -> None:
         "--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated subset of {','.join(OPTIMIZERS)}"
     )
     parser.add_argument("--quick", action="store_true", help="5 repeats and a 64 MiB copy probe (instead of 256 MiB)")
+    parser.add_argument(
+        "--torch", action=argparse.BooleanOptionalAction, default=None,
+        help="also time torch.optim.Adam (fused and foreach) on the same trees (default: when torch imports)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 50)
     trees = choices(args.trees, TREES, "--trees")
     optimizers = choices(args.optimizers, tuple(OPTIMIZERS), "--optimizers")
 
+    torch = load_torch(args.torch)
     print(machine_report())
-    print(f"median of {repeats} calls per contender, jstep, optax and a copy probe alternated call by call\n")
+    peers = "optax, torch.optim.Adam (fused, foreach for adam)" if torch else "optax"
+    if torch:
+        print(torch_report(torch, torch_device(torch)))
+    print(f"median of {repeats} calls per contender, jstep, {peers} and a copy probe alternated call by call\n")
     header = ["tree", "optimizer", "jstep ms", "optax ms", "ratio", "paired", "jstep bw", "optax bw",
               "copy GB/s", "jstep tmp MiB", "optax tmp MiB"]  # fmt: skip
     copy_bytes = 1 << 26 if args.quick else 1 << 28
-    rows = []
+    rows, torch_rows = [], []
     for tree in trees:
         for optimizer in optimizers:
-            rows.append(measure(tree, optimizer, repeats, copy_bytes))
-            print(" | ".join(rows[-1]), flush=True)
+            row, torch_row = measure(tree, optimizer, repeats, copy_bytes, torch)
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+            if torch_row:
+                torch_rows.append(torch_row)
+                print(" | ".join(torch_row), flush=True)
     print()
     print(format_table(header, rows, text_columns=2))
+    if torch_rows:
+        torch_header = ["tree", "jstep ms", "jstep bw"]
+        for name in TORCH_ADAM:
+            short = name.split()[1]
+            torch_header += [f"{short} ms", f"jstep/{short}", "paired", f"{short} bw"]
+        print("\nadam against torch.optim.Adam, timed in the same rounds as the table above\n")
+        print(format_table(torch_header, torch_rows))
     print(
         f"""
 ratio:    jstep ms / optax ms (medians); paired: median over repeats of the two side-by-side calls' ratio
@@ -233,6 +309,8 @@ bw:       bytes the step must move per second / copy GB/s (1.00 = the memory lim
 copy:     donated jitted x + 1 on {copy_bytes // 2**20} MiB of float32 (read + write), timed in the same rounds
 tmp MiB:  XLA scratch memory of the compiled step beyond its (donated) inputs and outputs"""
     )
+    if torch_rows:
+        print("jstep/fused, jstep/foreach: jstep ms / torch.optim.Adam(fused=True | foreach=True) opt.step() ms")
 
 
 if __name__ == "__main__":
