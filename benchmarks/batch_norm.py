@@ -9,7 +9,14 @@ and offset), all buffers donated. The contenders:
   reductions that read only dy and x, and one elementwise pass; only ``x`` kept for the
   backward);
 - ``flax``: ``flax.linen.BatchNorm(use_running_average=False)`` (its batch-stats update included);
-- ``autodiff``: a plain jnp batch norm (two-pass statistics) differentiated by JAX.
+- ``autodiff``: a plain jnp batch norm (two-pass statistics) differentiated by JAX;
+- ``torch`` (when PyTorch imports; ``--no-torch`` leaves it out): PyTorch's native
+  ``torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True)`` on the same data
+  as an NCHW tensor in ``torch.channels_last`` memory format (the NHWC bytes, permuted), the loss
+  ``(y * w).sum()`` and ``torch.autograd.grad`` with respect to x, weight and bias, the same
+  update of x, weight and bias, with ``torch.set_num_threads`` equal to the usable cores. Eager
+  PyTorch also writes y and y * w and materialises the loss's gradient with respect to y, which
+  the jitted contenders never do; that is part of what its users run.
 
 Compilation is excluded (one warm-up call), the contenders alternate call by call in this one
 process, and the table shows medians. A call's time depends on which contender ran just
@@ -25,6 +32,7 @@ forward keeps for the backward (the leaves of ``jax.vjp``'s closure).
 
     python benchmarks/batch_norm.py               # both shapes, 30 repeats
     python benchmarks/batch_norm.py --repeats 5   # a quick look
+    python benchmarks/batch_norm.py --no-torch    # without PyTorch
 """
 
 from __future__ import annotations
@@ -41,7 +49,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jstep  # noqa: E402
-from _harness import copy_bandwidth, format_table, interleaved_medians, machine_report  # noqa: E402
+from _harness import (  # noqa: E402
+    copy_bandwidth,
+    format_table,
+    interleaved_medians,
+    load_torch,
+    machine_report,
+    torch_device,
+    torch_report,
+    torch_step,
+)
 
 SHAPES = [(64, 32, 32, 64), (128, 14, 14, 256)]
 EPS = 1e-5
@@ -102,13 +119,69 @@ def inputs(shape, seed=0):
     )
 
 
+def to_torch(torch, device, array, requires_grad=False):
+    """A JAX array as a torch tensor; NHWC activations become NCHW in channels_last memory format."""
+    tensor = torch.tensor(np.asarray(array), device=device)
+    if tensor.ndim == 4:
+        tensor = tensor.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    return tensor.requires_grad_(requires_grad)
+
+
+def torch_training_step(torch, device, x, scale, offset, w):
+    """PyTorch's native batch norm as `training_step`: x <- dL/dx, weight and bias take a 1e-3 step.
+
+    The tensors live in the returned step's closure (its carry is empty); also returns a
+    function that gives the current x's gradient, as NHWC NumPy, for the agreement check.
+    """
+    state = {
+        "x": to_torch(torch, device, x, True),
+        "weight": to_torch(torch, device, scale, True),
+        "bias": to_torch(torch, device, offset, True),
+    }
+    w = to_torch(torch, device, w)
+
+    def gradients():
+        x, weight, bias = state["x"], state["weight"], state["bias"]
+        y = torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True, eps=EPS)
+        return torch.autograd.grad((y * w).sum(), (x, weight, bias))
+
+    def step():
+        dx, dweight, dbias = gradients()
+        with torch.no_grad():
+            state["weight"].sub_(1e-3 * dweight)
+            state["bias"].sub_(1e-3 * dbias)
+        state["x"] = dx.requires_grad_(True)
+
+    def input_gradient():
+        return gradients()[0].permute(0, 2, 3, 1).cpu().numpy()
+
+    assert state["x"].is_contiguous(memory_format=torch.channels_last)
+    return torch_step(torch, device, step), input_gradient
+
+
+def check_torch_gradient(input_gradient, x, scale, offset, w) -> None:
+    """PyTorch's input gradient agrees with jstep's to 1e-4 of its largest entry."""
+    want = jax.grad(lambda x: jnp.sum(jstep.batch_norm(x, scale, offset) * w))(x)
+    want = np.asarray(want)
+    got = input_gradient()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--torch", action=argparse.BooleanOptionalAction, default=None,
+        help="also time PyTorch's native batch norm (default: when torch imports)",
+    )  # fmt: skip
     args = parser.parse_args()
 
+    torch = load_torch(args.torch)
     contenders = {"jstep": jstep.batch_norm, "flax": flax_batch_norm(), "autodiff": plain_batch_norm}
     print(machine_report())
+    if torch:
+        device = torch_device(torch)
+        print(torch_report(torch, device))
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (donated x + 1, float32): {bandwidth / 1e9:.1f} GB/s")
     print()
@@ -119,21 +192,29 @@ def main() -> None:
         residuals = {name: residual_bytes(f, *probe[:3]) for name, f in contenders.items()}
         steps = {name: training_step(f) for name, f in contenders.items()}
         carries = {name: inputs(shape) for name in steps}
+        if torch:
+            steps["torch"], input_gradient = torch_training_step(torch, device, *inputs(shape))
+            carries["torch"] = ()
+            check_torch_gradient(input_gradient, *inputs(shape))
         medians = interleaved_medians(steps, carries, args.repeats)
         moved = PASSES * np.prod(shape) * 4
-        for name in contenders:
-            rows.append(
-                [
-                    "x".join(map(str, shape)),
-                    name,
-                    f"{medians[name] * 1e3:.2f}",
-                    f"{medians[name] / medians['flax']:.2f}",
-                    f"{medians[name] / medians['autodiff']:.2f}",
-                    f"{moved / medians[name] / bandwidth:.2f}",
-                    f"{residuals[name] / 2**20:.1f}",
-                ]
-            )
-    header = ["NHWC shape", "contender", "ms (median)", "vs flax", "vs autodiff", "of copy BW", "residual MiB"]
+        for name in steps:
+            row = [
+                "x".join(map(str, shape)),
+                name,
+                f"{medians[name] * 1e3:.2f}",
+                f"{medians[name] / medians['flax']:.2f}",
+                f"{medians[name] / medians['autodiff']:.2f}",
+            ]
+            if torch:
+                row.append(f"{medians[name] / medians['torch']:.2f}")
+            row += [
+                f"{moved / medians[name] / bandwidth:.2f}",
+                f"{residuals[name] / 2**20:.1f}" if name in residuals else "n/a",
+            ]
+            rows.append(row)
+    header = ["NHWC shape", "contender", "ms (median)", "vs flax", "vs autodiff"]
+    header += ["vs torch"] * bool(torch) + ["of copy BW", "residual MiB"]
     print(format_table(header, rows, text_columns=2))
     print(f"\n{args.repeats} repeats, forward + backward per call; targets: jstep <= 0.8x flax, <= 0.3x autodiff")
 
