@@ -179,6 +179,16 @@ def copy_probe(nbytes: int = 1 << 28) -> tuple[Step, tuple, int]:
     return bump, (jnp.zeros([size], jnp.float32),), 2 * size * 4
 
 
+def torch_copy_probe(torch: Any, device: Any, nbytes: int = 1 << 28) -> tuple[Step, tuple, int]:
+    """PyTorch's in-place `x.add_(1)` over `nbytes` of float32: (step, carry, bytes moved per call).
+
+    The same streaming kernel as `copy_probe` in PyTorch's hands; where it runs faster than
+    XLA's, `copy_probe` understates what the memory can deliver.
+    """
+    x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+    return torch_step(torch, device, lambda: x.add_(1)), (), 2 * x.numel() * 4
+
+
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 15) -> float:
     """Bytes per second of `copy_probe` on its own (median of `repeats` calls)."""
     step, carry, moved = copy_probe(nbytes)

@@ -56,6 +56,7 @@ from _harness import (  # noqa: E402
     load_torch,
     machine_report,
     torch_device,
+    torch_copy_probe,
     torch_report,
     torch_step,
 )
@@ -184,6 +185,10 @@ def main() -> None:
         print(torch_report(torch, device))
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (donated x + 1, float32): {bandwidth / 1e9:.1f} GB/s")
+    if torch:
+        step, carry, moved = torch_copy_probe(torch, device)
+        torch_bandwidth = moved / interleaved_medians({"torch copy": step}, {"torch copy": carry}, 15)["torch copy"]
+        print(f"PyTorch's in-place x.add_(1) on the same bytes: {torch_bandwidth / 1e9:.1f} GB/s")
     print()
 
     rows = []

@@ -50,6 +50,7 @@ from _harness import (  # noqa: E402
     paired_ratio,
     temp_bytes,
     torch_device,
+    torch_copy_probe,
     torch_report,
     torch_step,
 )
@@ -220,6 +221,7 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
         for name, flavour in TORCH_ADAM.items():
             steps[name] = torch_step(torch, device, torch_adam(torch, device, params, grads, **flavour).step)
             carries[name] = ()
+        steps["torch copy"], carries["torch copy"], torch_copied = torch_copy_probe(torch, device, copy_bytes)
     steps["copy"], carries["copy"], copied = copy_probe(copy_bytes)
     times = interleaved_times(steps, carries, repeats)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
@@ -246,6 +248,7 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
             f"{1e3 * seconds[name]:.2f}", f"{j / seconds[name]:.3f}",
             f"{paired_ratio(times['jstep'], times[name]):.3f}", fraction(name),
         ]  # fmt: skip
+    torch_row.append(f"{torch_copied / seconds['torch copy'] / 1e9:.1f}")
     return row, torch_row
 
 
@@ -299,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in TORCH_ADAM:
             short = name.split()[1]
             torch_header += [f"{short} ms", f"jstep/{short}", "paired", f"{short} bw"]
+        torch_header.append("torch copy GB/s")
         print("\nadam against torch.optim.Adam, timed in the same rounds as the table above\n")
         print(format_table(torch_header, torch_rows))
     print(
@@ -310,7 +314,11 @@ copy:     donated jitted x + 1 on {copy_bytes // 2**20} MiB of float32 (read + w
 tmp MiB:  XLA scratch memory of the compiled step beyond its (donated) inputs and outputs"""
     )
     if torch_rows:
-        print("jstep/fused, jstep/foreach: jstep ms / torch.optim.Adam(fused=True | foreach=True) opt.step() ms")
+        print(
+            """jstep/fused, jstep/foreach: jstep ms / torch.optim.Adam(fused=True | foreach=True) opt.step() ms
+torch copy: in-place x.add_(1) in PyTorch on the same bytes as the copy probe, timed in the same
+          rounds; the bw columns are fractions of the (XLA) copy GB/s of the first table"""
+        )
 
 
 if __name__ == "__main__":
