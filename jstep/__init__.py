@@ -23,6 +23,7 @@ from jstep.averages import (
     running_average_update,
 )
 from jstep.batch_norm import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_stats
+from jstep.grouping import grouped
 from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
 from jstep._core import CountState
 from jstep.testing import check_vjp
@@ -48,6 +49,7 @@ __all__ = [
     "check_vjp",
     "cumulative_average",
     "ema_momentum",
+    "grouped",
     "momentum",
     "moving_average",
     "rmsprop",
