@@ -2,7 +2,9 @@
 
 The step is ``updates, state = opt.update(grads, state, params)`` followed by
 ``params = optax.apply_updates(params, updates)``, jitted with params and state donated.
-Compilation is excluded (one warm-up call), jstep and Optax are alternated call by call in
+Three contenders: the jstep optimizer, the same optimizer wrapped in ``jstep.grouped`` (the
+state of leaves up to 65536 elements packed into one buffer per dtype), and Optax's.
+Compilation is excluded (one warm-up call), the contenders are alternated call by call in
 this one process, every call waits for its outputs, and the table shows medians.
 
 Each step is memory-bound, so the table also shows the bytes it must move per second as a
@@ -155,15 +157,16 @@ def training_step(optimizer: optax.GradientTransformation):
 
 
 def check_same_update(jitted: dict[str, Any], optimizers: dict[str, Any], params: Any, grads: Any) -> None:
-    """Three steps of both contenders from the same start agree to float32 round-off."""
+    """Three steps of every contender from the same start agree with Optax's to float32 round-off."""
     results = {}
     for name, step in jitted.items():
         p, s = copy_tree(params), optimizers[name].init(params)
         for _ in range(3):
             p, s = step(p, s, grads)
         results[name] = p
-    for a, b in zip(jax.tree.leaves(results["jstep"]), jax.tree.leaves(results["optax"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for name, result in results.items():
+        for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(results["optax"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------- torch
@@ -203,7 +206,7 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
     shapes = tree_shapes(tree)
     params, grads = random_tree(shapes, seed=0), random_tree(shapes, seed=1)
     pair = OPTIMIZERS[optimizer]
-    optimizers = {"jstep": pair.jstep(), "optax": pair.optax()}
+    optimizers = {"jstep": pair.jstep(), "grouped": jstep.grouped(pair.jstep()), "optax": pair.optax()}
     jitted = {name: training_step(opt) for name, opt in optimizers.items()}
     check_same_update(jitted, optimizers, params, grads)
 
@@ -234,19 +237,21 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
     def mib(n: int | None) -> str:
         return "n/a" if n is None else f"{n / 2**20:.1f}"
 
-    j, o = seconds["jstep"], seconds["optax"]
+    j, g, o = seconds["jstep"], seconds["grouped"], seconds["optax"]
     row = [
-        tree, optimizer, f"{1e3 * j:.2f}", f"{1e3 * o:.2f}", f"{j / o:.3f}",
-        f"{paired_ratio(times['jstep'], times['optax']):.3f}", fraction("jstep"), fraction("optax"),
-        f"{bandwidth / 1e9:.1f}", mib(scratch["jstep"]), mib(scratch["optax"]),
+        tree, optimizer, f"{1e3 * j:.2f}", f"{1e3 * g:.2f}", f"{1e3 * o:.2f}", f"{j / o:.3f}",
+        f"{paired_ratio(times['jstep'], times['optax']):.3f}", f"{g / o:.3f}",
+        f"{paired_ratio(times['grouped'], times['optax']):.3f}", fraction("jstep"), fraction("grouped"),
+        fraction("optax"), f"{bandwidth / 1e9:.1f}", mib(scratch["jstep"]), mib(scratch["grouped"]),
+        mib(scratch["optax"]),
     ]  # fmt: skip
     if not with_torch:
         return row, None
-    torch_row = [tree, f"{1e3 * j:.2f}", fraction("jstep")]
+    torch_row = [tree, f"{1e3 * j:.2f}", f"{1e3 * g:.2f}"]
     for name in TORCH_ADAM:
         torch_row += [
-            f"{1e3 * seconds[name]:.2f}", f"{j / seconds[name]:.3f}",
-            f"{paired_ratio(times['jstep'], times[name]):.3f}", fraction(name),
+            f"{1e3 * seconds[name]:.2f}", f"{j / seconds[name]:.3f}", f"{g / seconds[name]:.3f}",
+            f"{paired_ratio(times['grouped'], times[name]):.3f}", fraction(name),
         ]  # fmt: skip
     torch_row.append(f"{torch_copied / seconds['torch copy'] / 1e9:.1f}")
     return row, torch_row
@@ -283,8 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     if torch:
         print(torch_report(torch, torch_device(torch)))
     print(f"median of {repeats} calls per contender, jstep, {peers} and a copy probe alternated call by call\n")
-    header = ["tree", "optimizer", "jstep ms", "optax ms", "ratio", "paired", "jstep bw", "optax bw",
-              "copy GB/s", "jstep tmp MiB", "optax tmp MiB"]  # fmt: skip
+    header = ["tree", "optimizer", "jstep ms", "grouped ms", "optax ms", "jstep/optax", "paired",
+              "grouped/optax", "paired", "jstep bw", "grouped bw", "optax bw", "copy GB/s",
+              "jstep tmp MiB", "grouped tmp MiB", "optax tmp MiB"]  # fmt: skip
     copy_bytes = 1 << 26 if args.quick else 1 << 28
     rows, torch_rows = [], []
     for tree in trees:
@@ -298,16 +304,18 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_table(header, rows, text_columns=2))
     if torch_rows:
-        torch_header = ["tree", "jstep ms", "jstep bw"]
+        torch_header = ["tree", "jstep ms", "grouped ms"]
         for name in TORCH_ADAM:
             short = name.split()[1]
-            torch_header += [f"{short} ms", f"jstep/{short}", "paired", f"{short} bw"]
+            torch_header += [f"{short} ms", f"jstep/{short}", f"grouped/{short}", "paired", f"{short} bw"]
         torch_header.append("torch copy GB/s")
         print("\nadam against torch.optim.Adam, timed in the same rounds as the table above\n")
         print(format_table(torch_header, torch_rows))
     print(
         f"""
-ratio:    jstep ms / optax ms (medians); paired: median over repeats of the two side-by-side calls' ratio
+grouped:  jstep.grouped(the same jstep optimizer): the small leaves' state packed into one buffer per dtype
+ratio:    jstep/optax and grouped/optax: ms / optax ms (medians); paired: median over repeats of the
+          two side-by-side calls' ratio
 bw:       bytes the step must move per second / copy GB/s (1.00 = the memory limit; more when the
           step's arrays fit in cache). Adam moves 7 parameter-sized float32 arrays, the others 5.
 copy:     donated jitted x + 1 on {copy_bytes // 2**20} MiB of float32 (read + write), timed in the same rounds
@@ -315,7 +323,8 @@ tmp MiB:  XLA scratch memory of the compiled step beyond its (donated) inputs an
     )
     if torch_rows:
         print(
-            """jstep/fused, jstep/foreach: jstep ms / torch.optim.Adam(fused=True | foreach=True) opt.step() ms
+            """jstep/fused, grouped/fused (foreach likewise): ms / torch.optim.Adam(fused=True) opt.step() ms;
+          paired: grouped against that torch Adam
 torch copy: in-place x.add_(1) in PyTorch on the same bytes as the copy probe, timed in the same
           rounds; the bw columns are fractions of the (XLA) copy GB/s of the first table"""
         )
