@@ -1,0 +1,257 @@
+"""grouped(): the same updates as the transformation it wraps, with far fewer state arrays.
+
+What these tests prove:
+
+- every jstep optimizer gives the updates it gives unwrapped (to float32 round-off, see
+  RTOL), whether every leaf, some leaves or (the default on the harness tree) all leaves
+  are packed;
+- the packed state is one flat buffer per dtype (bf16 stays bf16), sized by that dtype's
+  leaves, with scalar, zero-size and None leaves handled, and it costs no extra bytes;
+- it composes with Optax's wrappers (chain, MultiSteps, inject_hyperparams, masked), with a
+  donated jitted step and with vmap;
+- bad max_leaf_size values and integer leaves are refused with messages that name them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jstep
+from harness import (
+    OPTIMIZER_NAMES,
+    STEPS,
+    assert_close_runs,
+    gradient_sequence,
+    leaves64,
+    optimizers,
+    params_like,
+    run,
+    stack,
+    tree_of,
+)
+
+DEFAULT = object()  # marks "leave max_leaf_size at its default"
+MAX_LEAF_SIZES = [
+    pytest.param(DEFAULT, id="default"),  # every leaf of the harness tree is grouped
+    pytest.param(4, id="max4"),  # dense.b and the scalar grouped; dense.w and conv stay large
+    pytest.param(None, id="all"),
+]
+
+
+def grouped_with(transformation, max_leaf_size):
+    if max_leaf_size is DEFAULT:
+        return jstep.grouped(transformation)
+    return jstep.grouped(transformation, max_leaf_size=max_leaf_size)
+
+
+# Not bitwise: XLA:CPU's rounding of an element depends on the length of the array that
+# holds it and on the fusion (e.g. whether g*eta + gamma*v becomes an FMA). Plain jstep.adam
+# already gives different bits for the same gradients stored as a (1,) or a (4,) array, jitted
+# or not, and grouping changes exactly those lengths. Measured: at most 4e-7 (normwise per
+# leaf) over 50 float32 steps, while a misplaced offset or a mixed-up leaf is off by O(1).
+# A bf16 update may differ by one bf16 rounding (2^-8 relative).
+RTOL = {"float32": 1e-6, "bfloat16": 2.0**-7}
+
+
+def assert_close_trees(actual, expected):
+    """Same tree structure, shapes and dtypes, and values equal up to RTOL."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert (a.shape, a.dtype) == (e.shape, e.dtype)
+        if a.size:
+            assert_close_runs([leaves64(a)], [leaves64(e)], RTOL[a.dtype.name])
+
+
+def state_bytes(state):
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+
+
+# ------------------------------------------------------------------------ same updates
+
+
+@pytest.mark.parametrize("max_leaf_size", MAX_LEAF_SIZES)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_same_updates_as_unwrapped(name, max_leaf_size):
+    grads = gradient_sequence(1, STEPS, np.float32)
+    got, _ = run(grouped_with(optimizers()[name], max_leaf_size), grads, np.float32)
+    expected, _ = run(optimizers()[name], grads, np.float32)
+    assert_close_runs(got, expected, RTOL["float32"])
+
+
+def test_large_leaves_keep_their_own_arrays():
+    params = tree_of(lambda i, shape: jnp.ones(shape, jnp.float32))
+    # dense.b has exactly 3 elements: at the limit, so it is grouped (with the scalar).
+    mu = jstep.grouped(jstep.adam(1e-2), max_leaf_size=3).init(params).mu
+    leaves = jax.tree.leaves(params)
+    assert [m.shape for m in mu["large"]] == [p.shape for p in leaves if p.size > 3]
+    assert mu["groups"]["float32"].shape == (sum(p.size for p in leaves if p.size <= 3),)
+
+
+# ------------------------------------------------------------- mixed dtypes and layout
+
+# float32 and bfloat16 leaves, a scalar, a zero-size leaf and a None: (shape, dtype) or None.
+MIXED = {
+    "w": ((4, 3), jnp.float32),
+    "b": ((3,), jnp.bfloat16),
+    "scale": ((), jnp.float32),
+    "empty": ((0,), jnp.float32),
+    "h": ((2, 2), jnp.bfloat16),
+    "none": None,
+}
+
+
+def mixed_tree(make):
+    return {key: None if spec is None else make(*spec) for key, spec in MIXED.items()}
+
+
+def test_mixed_dtypes_one_buffer_per_dtype_and_same_updates():
+    rng = np.random.default_rng(2)
+    params = mixed_tree(lambda shape, dtype: jnp.ones(shape, dtype))
+    grads = [mixed_tree(lambda shape, dtype: jnp.asarray(rng.normal(size=shape), dtype)) for _ in range(5)]
+    opt, plain = jstep.grouped(jstep.adam(1e-2)), jstep.adam(1e-2)
+    state, plain_state = opt.init(params), plain.init(params)
+
+    for moment in (state.mu, state.nu):
+        assert moment["large"] == ()
+        assert sorted(moment["groups"]) == ["bfloat16", "float32"]
+        for dtype_name, buffer in moment["groups"].items():
+            leaves = [p for p in jax.tree.leaves(params) if p.dtype.name == dtype_name]
+            assert buffer.dtype.name == dtype_name
+            assert buffer.shape == (sum(p.size for p in leaves),)
+
+    update, plain_update = jax.jit(opt.update), jax.jit(plain.update)
+    for g in grads:
+        updates, state = update(g, state, params)
+        expected, plain_state = plain_update(g, plain_state, params)
+        assert jax.tree.map(lambda u: (u.shape, u.dtype), updates) == jax.tree.map(lambda p: (p.shape, p.dtype), params)
+        assert_close_trees(updates, expected)
+
+
+@pytest.mark.parametrize("max_leaf_size", MAX_LEAF_SIZES)
+def test_adam_state_bytes_are_twice_the_params_plus_count(max_leaf_size):
+    params = tree_of(lambda i, shape: jnp.ones(shape, jnp.float32))
+    state = grouped_with(jstep.adam(1e-2), max_leaf_size).init(params)
+    assert state_bytes(state) == 2 * state_bytes(params) + 4  # m, v and the int32 count
+
+
+def test_bf16_moments_halve_the_state_bytes():
+    params = tree_of(lambda i, shape: jnp.ones(shape, jnp.float32))
+    state = jstep.grouped(jstep.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)).init(params)
+    assert state_bytes(state) == state_bytes(params) + 4
+
+
+def test_state_of_many_small_leaves_is_three_arrays():
+    params = {f"layer{i}": jnp.ones((8,), jnp.float32) for i in range(100)}
+    state = jstep.grouped(jstep.adam(1e-3)).init(params)
+    assert len(jax.tree.leaves(state)) == 3  # count, m, v
+    assert state.mu["groups"]["float32"].shape == (800,)
+    assert len(jax.tree.leaves(jstep.adam(1e-3).init(params))) == 201
+
+
+# ----------------------------------------------------------------------- composition
+
+
+def clipped(opt):
+    return optax.chain(optax.clip_by_global_norm(1.0), opt)
+
+
+def accumulated(opt):
+    return optax.MultiSteps(opt, every_k_schedule=2)
+
+
+def injected():
+    return optax.inject_hyperparams(jstep.adam)(learning_rate=1e-2)
+
+
+@pytest.mark.parametrize(
+    "wrapped, plain",
+    [
+        pytest.param(lambda: clipped(jstep.grouped(jstep.adam(1e-2))), lambda: clipped(jstep.adam(1e-2)), id="chain"),
+        pytest.param(
+            lambda: accumulated(jstep.grouped(jstep.adam(1e-2))), lambda: accumulated(jstep.adam(1e-2)), id="multisteps"
+        ),
+        pytest.param(lambda: jstep.grouped(injected()), injected, id="inject_hyperparams"),
+    ],
+)
+def test_inside_optax_wrappers(wrapped, plain):
+    grads = gradient_sequence(3, STEPS, np.float32)
+    got, _ = run(wrapped(), grads, np.float32)
+    expected, _ = run(plain(), grads, np.float32)
+    assert_close_runs(got, expected, RTOL["float32"])
+
+
+def test_injected_hyperparams_stay_reachable():
+    params = params_like(gradient_sequence(4, 1, np.float32), np.float32)
+    state = jstep.grouped(injected()).init(params)
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
+
+
+def test_under_masked():
+    mask = {"dense": {"w": True, "b": False}, "conv": [True], "scale": False}
+    grads = gradient_sequence(5, STEPS, np.float32)
+    got, _ = run(optax.masked(jstep.grouped(jstep.adam(1e-2)), mask), grads, np.float32)
+    unmasked, _ = run(jstep.adam(1e-2), grads, np.float32)
+    for step_got, step_unmasked, g in zip(got, unmasked, grads, strict=True):
+        for a, u, g_leaf, masked_in in zip(step_got, step_unmasked, leaves64(g), jax.tree.leaves(mask), strict=True):
+            if masked_in:
+                assert_close_runs([[a]], [[u]], RTOL["float32"])
+            else:
+                np.testing.assert_array_equal(a, g_leaf)  # passed through untouched
+
+
+@pytest.mark.filterwarnings("error:Some donated buffers were not usable")
+def test_donated_training_step():
+    grads = gradient_sequence(6, STEPS, np.float32)
+
+    def train(opt):
+        def step(params, state, g):
+            updates, state = opt.update(g, state, params)
+            return optax.apply_updates(params, updates), state
+
+        step = jax.jit(step, donate_argnums=(0, 1))
+        params = params_like(grads, np.float32)
+        state = opt.init(params)
+        for g in grads:
+            donated = params
+            params, state = step(params, state, g)
+            assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated))
+        return params
+
+    assert_close_trees(train(jstep.grouped(jstep.adam(1e-2))), train(jstep.adam(1e-2)))
+
+
+def test_vmap_equals_per_example_runs():
+    batch, steps = 3, 5
+    # max_leaf_size=4 so that both the grouped and the large leaves are batched.
+    opt = jstep.grouped(jstep.momentum(0.1, 0.9), max_leaf_size=4)
+    per_example = [gradient_sequence(seed, steps, np.float32) for seed in range(batch)]
+    params = stack([params_like(grads, np.float32) for grads in per_example])
+    state = jax.vmap(opt.init)(params)
+    update = jax.jit(jax.vmap(opt.update))
+    batched = []
+    for t in range(steps):
+        updates, state = update(stack([grads[t] for grads in per_example]), state, params)
+        batched.append(updates)
+
+    for b, grads in enumerate(per_example):
+        expected, _ = run(jstep.momentum(0.1, 0.9), grads, np.float32)
+        got = [[leaf[b] for leaf in leaves64(updates)] for updates in batched]
+        assert_close_runs(got, expected, RTOL["float32"])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "big"])
+def test_bad_max_leaf_size_is_refused(bad):
+    with pytest.raises(ValueError, match="max_leaf_size"):
+        jstep.grouped(jstep.adam(1e-2), max_leaf_size=bad)
+
+
+def test_integer_leaf_is_refused_at_init_by_path():
+    params = {"w": jnp.ones((3,), jnp.float32), "step": jnp.zeros((), jnp.int32)}
+    opt = jstep.grouped(jstep.adam(1e-2))
+    with pytest.raises(TypeError, match=r"\['step'\].*dtype int32"):
+        opt.init(params)
