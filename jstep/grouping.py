@@ -103,6 +103,9 @@ def grouped(transformation: optax.GradientTransformation, *, max_leaf_size: int 
         arrays of their own (concatenating them would copy many bytes to save one array).
         ``None`` groups every leaf.
 
+    The leaves are grouped by the dtypes of the params given to ``init`` and ``update``; call
+    ``update`` with ``params`` when the gradients' dtypes differ from the params'.
+
     Under a sharded ``jit`` the groups are concatenations of the leaves, so keep to the
     default where large leaves are sharded, or leave grouping out.
     """
@@ -113,9 +116,11 @@ def grouped(transformation: optax.GradientTransformation, *, max_leaf_size: int 
         return transformation.init(pack(params, layout_of(params, max_leaf_size)))
 
     def update(updates, state, params=None):
-        layout = layout_of(updates, max_leaf_size)
-        packed_params = None if params is None else pack(params, layout_of(params, max_leaf_size))
+        # Grouped as at init: by the params' dtypes where given (gradients may differ from
+        # them, e.g. float32 gradients of bfloat16 params); each update keeps its own dtype.
+        layout = layout_of(updates if params is None else params, max_leaf_size)
+        packed_params = None if params is None else pack(params, layout)
         packed_updates, state = transformation.update(pack(updates, layout), state, packed_params)
-        return unpack(packed_updates, layout), state
+        return _core.cast_like(unpack(packed_updates, layout), updates), state
 
     return optax.GradientTransformation(init, update)

@@ -129,6 +129,19 @@ def test_mixed_dtypes_one_buffer_per_dtype_and_same_updates():
         assert_close_trees(updates, expected)
 
 
+def test_gradients_of_another_dtype_than_the_params():
+    """float32 gradients of bfloat16 params (mixed-precision training): grouped by the params'
+    dtypes as at init, each update in its gradient's dtype, as the plain optimizer gives."""
+    rng = np.random.default_rng(3)
+    params = mixed_tree(lambda shape, dtype: jnp.ones(shape, dtype))
+    grads = mixed_tree(lambda shape, dtype: jnp.asarray(rng.normal(size=shape), jnp.float32))
+    opt, plain = jstep.grouped(jstep.adam(1e-2)), jstep.adam(1e-2)
+    updates, state = jax.jit(opt.update)(grads, opt.init(params), params)
+    expected, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    assert sorted(state.mu["groups"]) == ["bfloat16", "float32"]
+    assert_close_trees(updates, expected)
+
+
 @pytest.mark.parametrize("max_leaf_size", MAX_LEAF_SIZES)
 def test_adam_state_bytes_are_twice_the_params_plus_count(max_leaf_size):
     params = tree_of(lambda i, shape: jnp.ones(shape, jnp.float32))
