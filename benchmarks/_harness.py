@@ -195,12 +195,25 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 15) -> float:
     return moved / interleaved_medians({"copy": step}, {"copy": carry}, repeats)["copy"]
 
 
-def temp_bytes(jitted: Any, *args: Any) -> int | None:
-    """Scratch bytes XLA allocates for `jitted(*args)` beyond arguments and outputs."""
+def compiled_figures(jitted: Any, *args: Any) -> tuple[int | None, float | None]:
+    """(scratch bytes beyond arguments and outputs, bytes all kernels read and write) of the
+    compiled `jitted(*args)`, from XLA's memory and cost analyses; None where a backend has none.
+
+    The second figure is what the compiled HLO moves: it shows how many passes over the
+    arrays the kernels XLA chose make, against the minimum the algorithm needs.
+    """
+    compiled = jitted.lower(*args).compile()
     try:
-        return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+        scratch = compiled.memory_analysis().temp_size_in_bytes
     except Exception:  # memory_analysis is not available on every backend
-        return None
+        scratch = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        accessed = float(cost["bytes accessed"])
+    except Exception:  # nor is cost_analysis
+        accessed = None
+    return scratch, accessed
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, text_columns: int = 1) -> str:

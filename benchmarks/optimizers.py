@@ -44,13 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jstep  # noqa: E402
 from _harness import (  # noqa: E402
+    compiled_figures,
     copy_probe,
     format_table,
     interleaved_times,
     load_torch,
     machine_report,
     paired_ratio,
-    temp_bytes,
     torch_device,
     torch_copy_probe,
     torch_report,
@@ -209,12 +209,15 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
     optimizers = {"jstep": pair.jstep(), "grouped": jstep.grouped(pair.jstep()), "optax": pair.optax()}
     jitted = {name: training_step(opt) for name, opt in optimizers.items()}
     check_same_update(jitted, optimizers, params, grads)
+    # The floor: plain SGD reads p and g and writes p, which every optimizer's step must do too.
+    optimizers["sgd floor"] = jstep.sgd(LEARNING_RATE)
+    jitted["sgd floor"] = training_step(optimizers["sgd floor"])
 
-    steps, carries, scratch = {}, {}, {}
+    steps, carries, figures = {}, {}, {}
     for name, opt in optimizers.items():
         p = copy_tree(params)
         s = opt.init(p)
-        scratch[name] = temp_bytes(jitted[name], p, s, grads)
+        figures[name] = compiled_figures(jitted[name], p, s, grads)
         carries[name] = (p, s)
         steps[name] = lambda p, s, step=jitted[name]: step(p, s, grads)
     with_torch = torch is not None and optimizer == "adam"
@@ -229,21 +232,29 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
     times = interleaved_times(steps, carries, repeats)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     bandwidth = copied / seconds["copy"]
-    moved = pair.arrays_moved * sum(4 * math.prod(s) for s in shapes.values())
+    param_bytes = sum(4 * math.prod(s) for s in shapes.values())
+    moved = pair.arrays_moved * param_bytes
 
     def fraction(name: str) -> str:
         return f"{moved / seconds[name] / bandwidth:.2f}"
 
-    def mib(n: int | None) -> str:
+    def three(show: Callable[[str], str]) -> str:
+        return " / ".join(show(name) for name in ("jstep", "grouped", "optax"))
+
+    def mib(name: str) -> str:
+        n = figures[name][0]
         return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+    def passes(name: str) -> str:
+        n = figures[name][1]
+        return "n/a" if n is None else f"{n / param_bytes:.1f}"
 
     j, g, o = seconds["jstep"], seconds["grouped"], seconds["optax"]
     row = [
         tree, optimizer, f"{1e3 * j:.2f}", f"{1e3 * g:.2f}", f"{1e3 * o:.2f}", f"{j / o:.3f}",
         f"{paired_ratio(times['jstep'], times['optax']):.3f}", f"{g / o:.3f}",
-        f"{paired_ratio(times['grouped'], times['optax']):.3f}", fraction("jstep"), fraction("grouped"),
-        fraction("optax"), f"{bandwidth / 1e9:.1f}", mib(scratch["jstep"]), mib(scratch["grouped"]),
-        mib(scratch["optax"]),
+        f"{paired_ratio(times['grouped'], times['optax']):.3f}", f"{seconds['sgd floor'] / o:.3f}",
+        three(fraction), f"{bandwidth / 1e9:.1f}", three(passes), three(mib),
     ]  # fmt: skip
     if not with_torch:
         return row, None
@@ -289,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         print(torch_report(torch, torch_device(torch)))
     print(f"median of {repeats} calls per contender, jstep, {peers} and a copy probe alternated call by call\n")
     header = ["tree", "optimizer", "jstep ms", "grouped ms", "optax ms", "jstep/optax", "paired",
-              "grouped/optax", "paired", "jstep bw", "grouped bw", "optax bw", "copy GB/s",
-              "jstep tmp MiB", "grouped tmp MiB", "optax tmp MiB"]  # fmt: skip
+              "grouped/optax", "paired", "floor/optax", "bw j / g / o", "copy GB/s",
+              "HLO passes j / g / o", "tmp MiB j / g / o"]  # fmt: skip
     copy_bytes = 1 << 26 if args.quick else 1 << 28
     rows, torch_rows = [], []
     for tree in trees:
@@ -316,8 +327,13 @@ def main(argv: list[str] | None = None) -> None:
 grouped:  jstep.grouped(the same jstep optimizer): the small leaves' state packed into one buffer per dtype
 ratio:    jstep/optax and grouped/optax: ms / optax ms (medians); paired: median over repeats of the
           two side-by-side calls' ratio
-bw:       bytes the step must move per second / copy GB/s (1.00 = the memory limit; more when the
-          step's arrays fit in cache). Adam moves 7 parameter-sized float32 arrays, the others 5.
+floor:    jstep.sgd's step on the same tree (read p and g, write p: what every optimizer's step
+          must do at least), timed in the same rounds, / optax ms
+bw:       bytes the step must move per second / copy GB/s for jstep / grouped / optax (1.00 = the
+          memory limit; more when the step's arrays fit in cache). Adam moves 7 parameter-sized
+          float32 arrays, the others 5.
+HLO passes: bytes all kernels of the compiled step read and write (XLA's cost analysis) /
+          the parameters' bytes; the minimum is the arrays moved above (7 or 5)
 copy:     donated jitted x + 1 on {copy_bytes // 2**20} MiB of float32 (read + write), timed in the same rounds
 tmp MiB:  XLA scratch memory of the compiled step beyond its (donated) inputs and outputs"""
     )
