@@ -94,8 +94,9 @@ def check_max_leaf_size(value: Any) -> None:
 def grouped(transformation: optax.GradientTransformation, *, max_leaf_size: int | None = 1 << 16) -> optax.GradientTransformation:
     """`transformation` run on the params' small leaves packed into one flat buffer per dtype.
 
-    The updates are those of `transformation` on the unpacked tree, to the last bit for an
-    elementwise rule such as every jstep optimizer: u_j depends on g_j and the state of j only.
+    The updates are those of `transformation` on the unpacked tree for an elementwise rule
+    such as every jstep optimizer (u_j depends on g_j and the state of j only), up to the
+    last bits: XLA may compile the same arithmetic differently for arrays of other lengths.
 
     Args:
       transformation: an elementwise ``optax.GradientTransformation``.
