@@ -104,6 +104,9 @@ def grouped(transformation: optax.GradientTransformation, *, max_leaf_size: int 
         arrays of their own (concatenating them would copy many bytes to save one array).
         ``None`` groups every leaf.
 
+    The state holds the same bytes as the plain transformation's; the step needs one scratch
+    buffer the size of the grouped gradients (their packed copy).
+
     The leaves are grouped by the dtypes of the params given to ``init`` and ``update``; call
     ``update`` with ``params`` when the gradients' dtypes differ from the params'.
 
