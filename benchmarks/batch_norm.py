@@ -27,7 +27,9 @@ rotates the contenders in one order and then in the reverse order, and each foll
 equally often. ``of copy BW`` counts the 8 activation-sized passes of a two-pass batch norm's
 training step (forward: read x twice for mu and sigma; backward: read dy, then dy and x, for
 the two sums, then read x and dy and write dx; the loss needs no y, so XLA never writes it)
-as a fraction of a donated ``x + 1`` measured in the same run. ``residual MiB`` is what the
+as a fraction of a donated ``x + 1`` measured in the same run; ``HLO passes`` is what the kernels
+of each compiled step read and write, in activation-sized arrays, by XLA's cost analysis (a
+reduction whose operand fits in cache may re-read it for less). ``residual MiB`` is what the
 forward keeps for the backward (the leaves of ``jax.vjp``'s closure).
 
     python benchmarks/batch_norm.py               # both shapes, 30 repeats
@@ -50,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jstep  # noqa: E402
 from _harness import (  # noqa: E402
+    compiled_figures,
     copy_bandwidth,
     format_table,
     interleaved_medians,
@@ -197,6 +200,7 @@ def main() -> None:
         residuals = {name: residual_bytes(f, *probe[:3]) for name, f in contenders.items()}
         steps = {name: training_step(f) for name, f in contenders.items()}
         carries = {name: inputs(shape) for name in steps}
+        accessed = {name: compiled_figures(step, *carries[name])[1] for name, step in steps.items()}
         if torch:
             steps["torch"], input_gradient = torch_training_step(torch, device, *inputs(shape))
             carries["torch"] = ()
@@ -213,18 +217,21 @@ def main() -> None:
             ]
             if torch:
                 row.append(f"{medians[name] / medians['torch']:.2f}")
+            passes = accessed.get(name)
             row += [
                 f"{moved / medians[name] / bandwidth:.2f}",
+                "n/a" if passes is None else f"{passes / (np.prod(shape) * 4):.1f}",
                 f"{residuals[name] / 2**20:.1f}" if name in residuals else "n/a",
             ]
             rows.append(row)
     header = ["NHWC shape", "contender", "ms (median)", "vs flax", "vs autodiff"]
-    header += ["vs torch"] * bool(torch) + ["of copy BW", "residual MiB"]
+    header += ["vs torch"] * bool(torch) + ["of copy BW", "HLO passes", "residual MiB"]
     print(format_table(header, rows, text_columns=2))
     targets = "jstep <= 0.6x flax, <= 0.3x autodiff" + (", <= 1x torch" if torch else "")
     print(f"\n{args.repeats} repeats, forward + backward per call; targets: {targets}")
     if torch:
         print("of copy BW counts the 8 passes of the jitted step for every contender, torch included")
+    print("HLO passes: activation-sized arrays the compiled step's kernels read and write (XLA's cost analysis)")
 
 
 if __name__ == "__main__":
