@@ -1,5 +1,7 @@
 """Sharded jit on 8 CPU devices: state and updates keep the params' NamedSharding, values match one device.
 
+`grouped` is run with its sharded leaf kept large: its updates keep the sharding, its values match.
+
 The 8 devices come from XLA_FLAGS, which must be set before jax is imported, so the check
 runs in a subprocess; the rest of the suite keeps its single device.
 """
@@ -12,7 +14,7 @@ import sys
 
 import pytest
 
-NAMES = ["adam", "momentum", "rmsprop", "adagrad"]
+NAMES = ["adam", "momentum", "rmsprop", "adagrad", "grouped_adam"]
 
 SCRIPT = r"""
 import json, sys
@@ -33,6 +35,9 @@ make = {
     "adagrad": lambda: jstep.adagrad(0.1),
     "adadelta": lambda: jstep.adadelta(),
     "ema_momentum": lambda: jstep.ema_momentum(0.5),
+    # The sharded w (1024 values) stays an array of its own, the replicated b is grouped; the
+    # packed state is not shaped like the params, so only the updates' shardings are checked.
+    "grouped_adam": lambda: jstep.grouped(jstep.adam(0.01), max_leaf_size=100),
 }
 
 def put(tree, sharded):
@@ -50,10 +55,11 @@ def check(tree, where, problems):
             problems.append(f"{where}{jax.tree_util.keystr(path)}: {leaf.sharding} (params: {want})")
     jax.tree_util.tree_map_with_path(one, tree)
 
-def trajectory(opt, sharded, problems):
+def trajectory(opt, sharded, problems, state_like_params):
+    fields = param_shaped_fields if state_like_params else lambda state: {}
     state = jax.jit(opt.init)(put(params, sharded))
     if sharded:
-        for f, tree in param_shaped_fields(state).items():
+        for f, tree in fields(state).items():
             check(tree, f"init state.{f}", problems)
     update = jax.jit(opt.update)
     out = []
@@ -61,16 +67,17 @@ def trajectory(opt, sharded, problems):
         updates, state = update(put(g, sharded), state)
         if sharded:
             check(updates, f"step {t} updates", problems)
-            for f, tree in param_shaped_fields(state).items():
+            for f, tree in fields(state).items():
                 check(tree, f"step {t} state.{f}", problems)
-        out.append(jax.device_get((updates, param_shaped_fields(state))))
+        out.append(jax.device_get((updates, state if not state_like_params else fields(state))))
     return out
 
 report = {}
 for name in sys.argv[1:]:
     problems = []
-    sharded = trajectory(make[name](), True, problems)
-    single = trajectory(make[name](), False, [])
+    like = not name.startswith("grouped")
+    sharded = trajectory(make[name](), True, problems, like)
+    single = trajectory(make[name](), False, [], like)
     diff = max(
         float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
         for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single))
