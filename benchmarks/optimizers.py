@@ -22,7 +22,7 @@ for the whole run (the JAX contenders' carries are moved to new buffers every 10
     python benchmarks/optimizers.py                  # every tree and optimizer, 50 repeats
     python benchmarks/optimizers.py --quick          # a quick look (5 repeats)
     python benchmarks/optimizers.py --trees resnet50 --optimizers adam --repeats 100
-    python benchmarks/optimizers.py --no-torch       # jstep and Optax only
+    python benchmarks/optimizers.py --no-torch       # without PyTorch
 """
 
 from __future__ import annotations
@@ -238,8 +238,8 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
     def fraction(name: str) -> str:
         return f"{moved / seconds[name] / bandwidth:.2f}"
 
-    def three(show: Callable[[str], str]) -> str:
-        return " / ".join(show(name) for name in ("jstep", "grouped", "optax"))
+    def joined(show: Callable[[str], str], names: tuple[str, ...] = ("jstep", "grouped", "optax")) -> str:
+        return " / ".join(show(name) for name in names)
 
     def mib(name: str) -> str:
         n = figures[name][0]
@@ -249,15 +249,12 @@ def measure(tree: str, optimizer: str, repeats: int, copy_bytes: int, torch: Any
         n = figures[name][1]
         return "n/a" if n is None else f"{n / param_bytes:.1f}"
 
-    def two(show: Callable[[str], str]) -> str:
-        return " / ".join(show(name) for name in ("jstep", "optax"))
-
     j, g, o = seconds["jstep"], seconds["grouped"], seconds["optax"]
     row = [
         tree, optimizer, f"{1e3 * j:.2f}", f"{1e3 * g:.2f}", f"{1e3 * o:.2f}", f"{j / o:.3f}",
         f"{paired_ratio(times['jstep'], times['optax']):.3f}", f"{g / o:.3f}",
         f"{paired_ratio(times['grouped'], times['optax']):.3f}", f"{seconds['sgd floor'] / o:.3f}",
-        three(fraction), f"{bandwidth / 1e9:.1f}", two(passes), three(mib),
+        joined(fraction), f"{bandwidth / 1e9:.1f}", joined(passes, ("jstep", "optax")), joined(mib),
     ]  # fmt: skip
     if not with_torch:
         return row, None
