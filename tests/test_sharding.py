@@ -69,7 +69,7 @@ def trajectory(opt, sharded, problems, state_like_params):
             check(updates, f"step {t} updates", problems)
             for f, tree in fields(state).items():
                 check(tree, f"step {t} state.{f}", problems)
-        out.append(jax.device_get((updates, state if not state_like_params else fields(state))))
+        out.append(jax.device_get((updates, fields(state) if state_like_params else state)))
     return out
 
 report = {}
