@@ -4,9 +4,10 @@ Every optimizer is an ``optax.GradientTransformation``; batch normalization is a
 function whose gradient is the notes' hand derivation.
 """
 
-from jstep.adam import ScaleByAdamState, adam, scale_by_adam
+from jstep.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from jstep.adaptive import (
     AdadeltaState,
+    ScaleByCenteredRmsState,
     ScaleByRmsState,
     ScaleByRssState,
     adadelta,
@@ -39,11 +40,13 @@ __all__ = [
     "MomentumState",
     "RunningAverageState",
     "ScaleByAdamState",
+    "ScaleByCenteredRmsState",
     "ScaleByRmsState",
     "ScaleByRssState",
     "adadelta",
     "adagrad",
     "adam",
+    "adamw",
     "batch_norm",
     "batch_stats",
     "check_vjp",

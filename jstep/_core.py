@@ -100,12 +100,19 @@ def squared_magnitude(g: jax.Array) -> jax.Array:
 
 
 def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
-    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex."""
+    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex.
+
+    A leaf may be a ``jax.ShapeDtypeStruct`` (abstract params): its zeros are placed with its
+    sharding when it has one, so ``init`` of abstract params gives the state that
+    ``jax.eval_shape(init, params)`` describes, already laid out across the devices.
+    """
 
     def zeros(leaf):
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jnp.zeros(leaf.shape, leaf_dtype, device=leaf.sharding)
         # 0 * |leaf| (non-finite entries replaced), not a constant: under jit a constant has
         # no sharding to inherit and lands on one device, while a value computed from the
         # leaf gets the leaf's sharding from XLA's sharding propagation.
@@ -175,20 +182,23 @@ class CountState(NamedTuple):
     count: jax.Array
 
 
-def descent(direction: optax.GradientTransformation, learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
+def descent(
+    direction: optax.GradientTransformationExtraArgs, learning_rate: ScalarOrSchedule
+) -> optax.GradientTransformationExtraArgs:
     """Turn a direction d_t into the update -eta_t d_t, eta_t read at the state's count.
 
     `direction`'s state must have a `count` field; the result keeps that same state, so
-    `descent(scale_by_adam(...), lr)` checkpoints exactly like `scale_by_adam(...)`.
+    `descent(scale_by_adam(...), lr)` checkpoints exactly like `scale_by_adam(...)`. Extra
+    keyword arguments of ``update`` are passed on to `direction`.
     """
     check_learning_rate(learning_rate)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
         eta = learning_rate_at(learning_rate, state.count)
-        directions, new_state = direction.update(updates, state, params)
+        directions, new_state = direction.update(updates, state, params, **extra_args)
         return jax.tree.map(lambda d: (-eta * d).astype(d.dtype), directions), new_state
 
-    return optax.GradientTransformation(direction.init, update)
+    return optax.GradientTransformationExtraArgs(direction.init, update)
 
 
 def cast_like(tree: Any, like: Any) -> Any:

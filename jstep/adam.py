@@ -10,8 +10,12 @@ The published algorithm (Kingma & Ba, Optax, PyTorch) puts eps outside the root:
 eta m_hat / (sqrt(v_hat) + eps). jstep writes the denominator as
 sqrt(v_hat + eps_root) + eps, so that both are one call away:
 
-    adam(lr)                          published form (the default; same numbers as optax.adam)
+    adam(lr)                          published form (the default; optax.adam's numbers)
     adam(lr, eps=0.0, eps_root=1e-8)  the notes' equation, literally
+
+AdamW (Loshchilov & Hutter) adds decoupled weight decay lambda W to Adam's direction:
+
+    W_t = W_{t-1} - eta_t (m_hat_t / (sqrt(v_hat_t + eps_root) + eps) + lambda W_{t-1})
 
 Study question: m_hat_t is itself a running average of g with gamma_t =
 B1 (1 - B1^(t-1)) / (1 - B1^t), so gamma_1 = 0 and gamma_t -> B1 as t grows.
@@ -19,9 +23,10 @@ B1 (1 - B1^(t-1)) / (1 - B1^t), so gamma_1 = 0 and gamma_t -> B1 as t grows.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
+import numpy as np
 import optax
 
 from jstep import _core
@@ -45,7 +50,7 @@ def scale_by_adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     nesterov: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Adam's direction m_hat_t / (sqrt(v_hat_t + eps_root) + eps), without the learning rate.
 
     Args:
@@ -74,8 +79,8 @@ def scale_by_adam(
             _core.zeros_like_tree(params, nu_dtype, real=True),
         )
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
         _core.check_same_shapes(updates, state.mu)
         count = _core.increment(state.count)
         mu = running_average_update(state.mu, updates, b1)
@@ -99,7 +104,7 @@ def scale_by_adam(
         directions = jax.tree.map(direction, updates, mu, nu)
         return directions, ScaleByAdamState(count, mu, nu)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def adam(
@@ -112,7 +117,7 @@ def adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     nesterov: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Adam: W_t = W_{t-1} - eta_t m_hat_t / (sqrt(v_hat_t + eps_root) + eps).
 
     The defaults are the published algorithm and ``optax.adam``'s numbers. The notes' literal
@@ -124,3 +129,82 @@ def adam(
         scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov),
         learning_rate,
     )
+
+
+Mask = Union[Any, Callable[[Any], Any]]
+
+
+def _decay_mask(mask: Mask, params: Any) -> Any:
+    """A bool per leaf of `params`: `mask` (a tree of bools shaped like `params` or a prefix
+    of it, or a callable ``params -> such a tree``) broadcast over the params, as in
+    ``optax.masked``."""
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    tree = mask(params) if callable(mask) else mask
+    for path, keep in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(keep, (bool, np.bool_)):
+            raise TypeError(
+                f"mask leaf {jax.tree_util.keystr(path) or '<root>'} is {keep!r}; a weight-decay mask "
+                "holds Python bools (True: decay this leaf), shaped like the params or a prefix of them"
+            )
+    try:
+        return jax.tree.map(lambda keep, subtree: jax.tree.map(lambda _: bool(keep), subtree), tree, params)
+    except ValueError as error:
+        raise ValueError(
+            "the weight-decay mask must have the params' tree structure (or a prefix of it): "
+            f"mask {jax.tree.structure(tree)}, params {jax.tree.structure(params)}"
+        ) from error
+
+
+def adamw(
+    learning_rate: _core.ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 1e-4,
+    *,
+    mask: Mask = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW: W_t = W_{t-1} - eta_t (m_hat_t / (sqrt(v_hat_t + eps_root) + eps) + lambda W_{t-1}).
+
+    Decoupled weight decay (Loshchilov & Hutter, 2019): lambda W is added to Adam's
+    direction, after the adaptive scaling, so every weight shrinks by the same fraction
+    eta_t lambda per step. The numbers of ``optax.adamw`` and ``torch.optim.AdamW``.
+
+    ``optax.chain(optax.add_decayed_weights(lambda), jstep.adam(lr))`` is *not* AdamW: it adds
+    lambda W to the gradient, so the decay enters m and v and is divided by
+    sqrt(v_hat) + eps like the gradient. That is Adam on an L2-regularised loss: weights with
+    large gradients are barely decayed, weights with tiny gradients are decayed by up to
+    lambda W / eps. AdamW's decay does not depend on the gradients at all.
+
+    Args:
+      learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: as in `adam`.
+      weight_decay: lambda >= 0 (``torch.optim.AdamW``'s default is 1e-2, Optax's 1e-4).
+      mask: which params decay: a tree of bools shaped like the params (or a prefix of
+        them), or a callable ``params -> that tree``, as in ``optax.adamw``; e.g.
+        ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)`` leaves biases and norms alone.
+        None decays every leaf.
+
+    ``update`` needs ``params`` (the W in lambda W).
+    """
+    _core.check_number("weight_decay", weight_decay)
+    direction = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov)
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("adamw's update needs the params for the weight decay: call update(grads, state, params)")
+        directions, state = direction.update(updates, state, params, **extra_args)
+
+        def decayed(d, w, keep):
+            if not keep:
+                return d
+            dtype = _core.compute_dtype(d.dtype)
+            return (d.astype(dtype) + weight_decay * w.astype(dtype)).astype(d.dtype)
+
+        return jax.tree.map(decayed, directions, params, _decay_mask(mask, params)), state
+
+    return _core.descent(optax.GradientTransformationExtraArgs(direction.init, update), learning_rate)

@@ -23,12 +23,21 @@ import optax
 
 from jstep import _core
 from jstep.averages import running_average_update
+from jstep.momentum import momentum as jstep_momentum
 
 
 class ScaleByRmsState(NamedTuple):
     """`count`: steps taken (int32, saturating); `nu`: G_t, the moving average of g^2."""
 
     count: jax.Array
+    nu: Any
+
+
+class ScaleByCenteredRmsState(NamedTuple):
+    """`count`; `mu`: M_t, the moving average of g; `nu`: G_t, the moving average of g^2."""
+
+    count: jax.Array
+    mu: Any
     nu: Any
 
 
@@ -53,15 +62,30 @@ def _eps_placement(eps: Any, eps_in_sqrt: bool) -> dict[str, Any]:
 
 
 def scale_by_rms(
-    gamma: Any = 0.9, eps: Any = 1e-8, *, eps_in_sqrt: bool = False, initial_scale: Any = 0.0
-) -> optax.GradientTransformation:
+    gamma: Any = 0.9,
+    eps: Any = 1e-8,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_scale: Any = 0.0,
+    centered: bool = False,
+    bias_correction: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     """g_t / (sqrt(G_t) + eps) with G_t = gamma G_{t-1} + (1 - gamma) g_t^2 (no learning rate).
+
+    ``centered=True`` (Graves 2013) also keeps the moving average of g itself,
+    M_t = gamma M_{t-1} + (1 - gamma) g_t, and divides by the root of the running variance
+    instead: g_t / (sqrt(G_t - M_t^2) + eps). G_t - M_t^2 >= 0 in exact arithmetic (the
+    average of the squares is at least the square of the average); it is clipped at 0 so
+    that rounding cannot make the root NaN.
 
     Args:
       gamma: decay of the squared-gradient average, in [0, 1).
       eps: >= 0, added to the denominator.
       eps_in_sqrt: use g_t / sqrt(G_t + eps) (the notes' sentence; Optax's and Keras' form).
       initial_scale: G_0, >= 0 (the notes: 0; TensorFlow 1: 1).
+      centered: subtract M_t^2 under the root. The state is then `ScaleByCenteredRmsState`.
+      bias_correction: divide G_t (and M_t) by 1 - gamma^t, as Adam does, before the root
+        (``optax.scale_by_rms(bias_correction=True)``).
     """
     _core.check_decay("gamma", gamma)
     _core.check_number("eps", eps)
@@ -70,18 +94,38 @@ def scale_by_rms(
 
     def init(params):
         _core.check_floating_leaves(params)
-        return ScaleByRmsState(_core.new_count(), _core.full_like_tree(params, initial_scale, real=True))
+        nu = _core.full_like_tree(params, initial_scale, real=True)
+        if centered:
+            return ScaleByCenteredRmsState(_core.new_count(), _core.zeros_like_tree(params), nu)
+        return ScaleByRmsState(_core.new_count(), nu)
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
         _core.check_same_shapes(updates, state.nu)
+        count = _core.increment(state.count)
         nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma)
-        directions = jax.tree.map(
-            lambda g, G: _core.adaptive_step(g, G, **placement).astype(g.dtype), updates, nu
-        )
-        return directions, ScaleByRmsState(_core.increment(state.count), nu)
+        mu = running_average_update(state.mu, updates, gamma) if centered else None
+        correction = _core.bias_correction(gamma, count) if bias_correction else None
 
-    return optax.GradientTransformation(init, update)
+        def second_moment(G, M=None):
+            G = G.astype(_core.compute_dtype(G.dtype))
+            if correction is not None:
+                G = G / correction.astype(G.dtype)
+            if M is None:
+                return G
+            M = M.astype(_core.compute_dtype(M.dtype))
+            if correction is not None:
+                M = M / correction.astype(G.dtype)
+            return jnp.maximum(G - _core.squared_magnitude(M), 0)
+
+        def direction(g, *moments):
+            return _core.adaptive_step(g, second_moment(*moments), **placement).astype(g.dtype)
+
+        if centered:
+            return jax.tree.map(direction, updates, nu, mu), ScaleByCenteredRmsState(count, mu, nu)
+        return jax.tree.map(direction, updates, nu), ScaleByRmsState(count, nu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def rmsprop(
@@ -91,13 +135,28 @@ def rmsprop(
     *,
     eps_in_sqrt: bool = False,
     initial_scale: Any = 0.0,
-) -> optax.GradientTransformation:
+    centered: bool = False,
+    momentum: Any = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     """The notes' "adadelta" (RMSprop): W_t = W_{t-1} - eta_t g_t / (sqrt(G_t) + eps).
 
     G_t = gamma G_{t-1} + (1 - gamma) g_t^2, G_0 = `initial_scale`.
 
-    The default is the notes' equation (eps outside the root). ``eps_in_sqrt=True`` gives
-    the notes' sentence, eta g_t / sqrt(G_t + eps), which is ``optax.rmsprop``'s form.
+    The default is the notes' equation (eps outside the root), which is PyTorch's
+    ``torch.optim.RMSprop``. ``eps_in_sqrt=True`` gives the notes' sentence,
+    eta g_t / sqrt(G_t + eps), which is ``optax.rmsprop``'s default form.
+
+    With ``momentum=beta`` the scaled step d_t = g_t / (sqrt(G_t) + eps) drives a velocity
+    with the learning rate inside it, as in `jstep.momentum` (the notes' V form)::
+
+        V_t = beta V_{t-1} + eta_t d_t,   W_t = W_{t-1} - V_t
+        (nesterov: W_t = W_{t-1} - (beta V_t + eta_t d_t))
+
+    which is ``torch.optim.RMSprop(momentum=beta)`` and ``optax.rmsprop(momentum=beta)``
+    at a constant rate. The state is then ``(ScaleByRmsState, MomentumState)`` (or the
+    centered state first), as from ``optax.chain``.
 
     Args:
       learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
@@ -105,15 +164,30 @@ def rmsprop(
       eps: >= 0.
       eps_in_sqrt: put eps inside the square root.
       initial_scale: G_0, >= 0.
+      centered: divide by the root of G_t - M_t^2, the running variance (see `scale_by_rms`).
+      momentum: beta in [0, 1), or None for no velocity.
+      nesterov: Nesterov's look-ahead on the velocity; needs `momentum`.
+      bias_correction: divide the averages by 1 - gamma^t (see `scale_by_rms`).
     """
-    return _core.descent(
-        scale_by_rms(gamma, eps, eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale), learning_rate
+    scaled = scale_by_rms(
+        gamma,
+        eps,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_scale=initial_scale,
+        centered=centered,
+        bias_correction=bias_correction,
     )
+    if momentum is None:
+        if nesterov:
+            raise ValueError("nesterov=True needs a momentum: give momentum=beta in [0, 1), e.g. 0.9")
+        return _core.descent(scaled, learning_rate)
+    _core.check_decay("momentum", momentum)
+    return optax.chain(scaled, jstep_momentum(learning_rate, momentum, nesterov=nesterov))
 
 
 def scale_by_rss(
     eps: Any = 1e-10, *, eps_in_sqrt: bool = False, initial_accumulator_value: Any = 0.0
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """g_t / (sqrt(G_t) + eps) with G_t = G_{t-1} + g_t^2, the root of the sum of squares.
 
     Args:
@@ -130,8 +204,8 @@ def scale_by_rss(
         initial = _core.full_like_tree(params, initial_accumulator_value, real=True)
         return ScaleByRssState(_core.new_count(), initial)
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
         _core.check_same_shapes(updates, state.sum_of_squares)
 
         def step(g, G):
@@ -143,7 +217,7 @@ def scale_by_rss(
         )
         return directions, ScaleByRssState(_core.increment(state.count), sum_of_squares)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def adagrad(
@@ -152,7 +226,7 @@ def adagrad(
     *,
     eps_in_sqrt: bool = False,
     initial_accumulator_value: Any = 0.0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Adagrad: W_t = W_{t-1} - eta_t g_t / (sqrt(G_t) + eps), G_t = G_{t-1} + g_t^2.
 
     ``optax.adagrad(lr)`` is ``adagrad(lr, eps=1e-7, eps_in_sqrt=True,
@@ -170,7 +244,7 @@ def adagrad(
     )
 
 
-def adadelta(learning_rate: _core.ScalarOrSchedule = 1.0, rho: Any = 0.9, eps: Any = 1e-6) -> optax.GradientTransformation:
+def adadelta(learning_rate: _core.ScalarOrSchedule = 1.0, rho: Any = 0.9, eps: Any = 1e-6) -> optax.GradientTransformationExtraArgs:
     """Zeiler's ADADELTA (2012), the method the name usually means (for completeness).
 
         E[g^2]_t  = rho E[g^2]_{t-1} + (1 - rho) g_t^2
@@ -196,8 +270,8 @@ def adadelta(learning_rate: _core.ScalarOrSchedule = 1.0, rho: Any = 0.9, eps: A
             _core.zeros_like_tree(params, real=True),
         )
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
         _core.check_same_shapes(updates, state.e_g)
         e_g = running_average_update(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
 
@@ -209,4 +283,4 @@ def adadelta(learning_rate: _core.ScalarOrSchedule = 1.0, rho: Any = 0.9, eps: A
         e_x = running_average_update(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
         return _core.cast_like(steps, updates), AdadeltaState(_core.increment(state.count), e_g, e_x)
 
-    return _core.descent(optax.GradientTransformation(init, update), learning_rate)
+    return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)

@@ -56,7 +56,7 @@ def running_average_update(average: Any, value: Any, gamma: Any) -> Any:
     return jax.tree.map(one, average, value)
 
 
-def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """The notes' running average, C_t = gamma_t C_{t-1} + (1 - gamma_t) c_t, C_0 = 0.
 
     Args:
@@ -65,7 +65,7 @@ def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.Gra
       accumulator_dtype: dtype of the stored C (default: each leaf's own dtype).
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update(values, state)`` returns C_t in the
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(values, state)`` returns C_t in the
       values' dtypes, with state `RunningAverageState`.
     """
     if not callable(gamma):
@@ -75,18 +75,18 @@ def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.Gra
         _core.check_floating_leaves(values)
         return RunningAverageState(_core.new_count(), _core.zeros_like_tree(values, accumulator_dtype))
 
-    def update(values, state, params=None):
-        del params
+    def update(values, state, params=None, **extra_args):
+        del params, extra_args
         _core.check_same_shapes(values, state.average)
         count = _core.increment(state.count)
         gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
         average = running_average_update(state.average, values, gamma_t)
         return _core.cast_like(average, values), RunningAverageState(count, average)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
-def moving_average(decay: Any, *, debias: bool = False, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+def moving_average(decay: Any, *, debias: bool = False, accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """A moving average: the running average with constant gamma = `decay`.
 
     C_t = decay C_{t-1} + (1 - decay) c_t = sum_{s<=t} decay^(t-s) (1 - decay) c_s.
@@ -103,15 +103,15 @@ def moving_average(decay: Any, *, debias: bool = False, accumulator_dtype: Any =
     if not debias:
         return biased
 
-    def update(values, state, params=None):
-        average, state = biased.update(values, state, params)
+    def update(values, state, params=None, **extra_args):
+        average, state = biased.update(values, state, params, **extra_args)
         correction = _core.bias_correction(decay, state.count)
         return jax.tree.map(lambda c: (c / correction.astype(c.dtype)).astype(c.dtype), average), state
 
-    return optax.GradientTransformation(biased.init, update)
+    return optax.GradientTransformationExtraArgs(biased.init, update)
 
 
-def cumulative_average(*, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+def cumulative_average(*, accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """The exact mean of c_1..c_t, as the running average with gamma_t = (t - 1) / t.
 
     (The notes' first study question: C_t = ((t-1)/t) C_{t-1} + (1/t) c_t; if

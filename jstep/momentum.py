@@ -30,7 +30,7 @@ class MomentumState(NamedTuple):
     velocity: Any
 
 
-def sgd(learning_rate: _core.ScalarOrSchedule) -> optax.GradientTransformation:
+def sgd(learning_rate: _core.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     """Plain gradient descent: W_t = W_{t-1} - eta_t g_t.
 
     Args:
@@ -41,11 +41,11 @@ def sgd(learning_rate: _core.ScalarOrSchedule) -> optax.GradientTransformation:
         _core.check_floating_leaves(params)
         return _core.CountState(_core.new_count())
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
         return updates, _core.CountState(_core.increment(state.count))
 
-    return _core.descent(optax.GradientTransformation(init, update), learning_rate)
+    return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)
 
 
 def momentum(
@@ -54,7 +54,7 @@ def momentum(
     *,
     nesterov: bool = False,
     accumulator_dtype: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Momentum in the notes' V form: V_t = gamma V_{t-1} + eta_t g_t, update -V_t.
 
     The learning rate sits *inside* the velocity, as in the notes. At a constant rate this is
@@ -81,8 +81,8 @@ def momentum(
         _core.check_floating_leaves(params)
         return MomentumState(_core.new_count(), _core.zeros_like_tree(params, accumulator_dtype))
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
         _core.check_same_shapes(updates, state.velocity)
         eta = _core.learning_rate_at(learning_rate, state.count)
 
@@ -98,7 +98,7 @@ def momentum(
         new_updates, velocity = _core.unzip_pairs(out, updates)
         return new_updates, MomentumState(_core.increment(state.count), velocity)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def ema_momentum(
@@ -106,7 +106,7 @@ def ema_momentum(
     gamma: Any = 0.9,
     *,
     accumulator_dtype: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Momentum in the notes' M form: M_t = gamma M_{t-1} + (1-gamma) g_t, update -eta'_t M_t.
 
     M is the `moving_average` of the gradients. ``ema_momentum(eta', gamma)`` equals
