@@ -1,0 +1,352 @@
+"""Optax's contract: extra keyword arguments, abstract init, rmsprop's options and adamw.
+
+References: PyTorch (`torch.optim.RMSprop`, `torch.optim.AdamW`) and Optax (`optax.rmsprop`,
+`optax.scale_by_rms`, `optax.adamw`), all in float64 over 100 steps; `jax.eval_shape` for the
+abstract state. The sharded abstract init runs on 8 CPU devices in a subprocess.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jstep
+from jstep import _core
+from harness import gradient_sequence, leaves64, tree_of
+
+torch = pytest.importorskip("torch")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 100
+RTOL = 1e-9
+
+
+def every_transformation():
+    """One instance of every jstep factory, by name."""
+    return {
+        "sgd": jstep.sgd(0.1),
+        "momentum": jstep.momentum(0.1, 0.9, nesterov=True),
+        "ema_momentum": jstep.ema_momentum(0.1),
+        "rmsprop": jstep.rmsprop(0.01),
+        "rmsprop_centered_momentum": jstep.rmsprop(0.01, centered=True, momentum=0.9),
+        "scale_by_rms": jstep.scale_by_rms(bias_correction=True),
+        "adagrad": jstep.adagrad(0.1),
+        "scale_by_rss": jstep.scale_by_rss(),
+        "adadelta": jstep.adadelta(),
+        "adam": jstep.adam(0.01),
+        "scale_by_adam": jstep.scale_by_adam(),
+        "adamw": jstep.adamw(0.01, weight_decay=0.1),
+        "running_average": jstep.running_average(0.9),
+        "moving_average_debiased": jstep.moving_average(0.9, debias=True),
+        "cumulative_average": jstep.cumulative_average(),
+    }
+
+
+NAMES = list(every_transformation())
+
+
+def initial_params(dtype=np.float64):
+    rng = np.random.default_rng(7)
+    return tree_of(lambda i, shape: rng.normal(size=shape).astype(dtype))
+
+
+# ----------------------------------------------------------------------------- extra args
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_update_takes_extra_keyword_arguments(name):
+    """Every factory is a GradientTransformationExtraArgs; extra arguments change nothing."""
+    opt = every_transformation()[name]
+    assert isinstance(opt, optax.GradientTransformationExtraArgs)
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = jax.tree.map(jnp.asarray, gradient_sequence(1, 1, np.float32)[0])
+    state = opt.init(params)
+    plain = opt.update(grads, state, params)
+    with_extras = opt.update(grads, state, params, value=jnp.float32(1.5), batch_index=3)
+    jax.tree.map(np.testing.assert_array_equal, with_extras, plain)
+
+
+def test_extra_arguments_reach_the_wrapped_transformation():
+    """`descent` (which turns every direction into a step) hands the extra arguments on."""
+    seen = []
+
+    def init(params):
+        return _core.CountState(_core.new_count())
+
+    def update(updates, state, params=None, **extra_args):
+        seen.append(extra_args)
+        return updates, _core.CountState(_core.increment(state.count))
+
+    opt = _core.descent(optax.GradientTransformationExtraArgs(init, update), 0.5)
+    updates, _ = opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.ones(2)}), None, value=3.0)
+    assert seen == [{"value": 3.0}]
+    np.testing.assert_array_equal(updates["w"], -0.5)
+
+
+def test_optax_chain_passes_extra_arguments_through_jstep():
+    """In a chain, a transformation that needs `value` still gets it after a jstep one."""
+
+    def init(params):
+        return optax.EmptyState()
+
+    def scale_by_value(updates, state, params=None, *, value, **extra_args):
+        return jax.tree.map(lambda u: u * value, updates), state
+
+    opt = optax.chain(jstep.adam(0.1), optax.GradientTransformationExtraArgs(init, scale_by_value))
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    scaled, _ = opt.update({"w": jnp.ones(3)}, state, params, value=2.0)
+    unscaled, _ = jstep.adam(0.1).update({"w": jnp.ones(3)}, jstep.adam(0.1).init(params), params)
+    np.testing.assert_allclose(scaled["w"], 2.0 * unscaled["w"])
+
+
+# --------------------------------------------------------------------------- abstract init
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_of_abstract_params_is_what_eval_shape_describes(name):
+    opt = every_transformation()[name]
+    params = {"w": jnp.ones((4, 3), jnp.float32), "b": jnp.ones((3,), jnp.bfloat16), "s": jnp.ones((), jnp.float32)}
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    state = opt.init(abstract)
+    described = jax.eval_shape(opt.init, abstract)
+    assert jax.tree.structure(state) == jax.tree.structure(described)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(described), strict=True):
+        assert isinstance(got, jax.Array)
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    # The same values as init of concrete params of those shapes (init reads no values).
+    jax.tree.map(np.testing.assert_array_equal, state, opt.init(params))
+
+
+def test_init_of_abstract_params_still_refuses_integer_leaves():
+    with pytest.raises(TypeError, match=r"\['n'\].*int32"):
+        jstep.adam(0.1).init({"n": jax.ShapeDtypeStruct((3,), jnp.int32)})
+
+
+SHARDED_SCRIPT = textwrap.dedent(
+    r'''
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import jstep
+
+    assert jax.device_count() == 8
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type, axis_type))
+        shardings = {"w": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P()),
+                     "v": NamedSharding(mesh, P("model"))}
+        shapes = {"w": (8, 6), "b": (6,), "v": (4,)}
+        abstract = {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes}
+        concrete = {k: jax.device_put(jnp.ones(shapes[k]), shardings[k]) for k in shapes}
+        for name, opt in [("adam", jstep.adam(0.1)), ("adamw", jstep.adamw(0.1)),
+                          ("rmsprop", jstep.rmsprop(0.1, centered=True, momentum=0.9)),
+                          ("adagrad", jstep.adagrad(0.1)), ("momentum", jstep.momentum(0.1))]:
+            for how, state in [("abstract", opt.init(abstract)), ("jit", jax.jit(opt.init)(concrete))]:
+                trees = [t for t in jax.tree.leaves(state, is_leaf=lambda t: isinstance(t, dict)) if isinstance(t, dict)]
+                assert trees, (name, state)
+                for tree in trees:
+                    for k, leaf in tree.items():
+                        assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), (axis_type, name, how, k, leaf.sharding)
+            print(f"{axis_type.name} {name}: ok")
+    print("ALL OK")
+    '''
+)
+
+
+def test_state_of_sharded_abstract_params_carries_their_sharding():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Explicit adamw: ok" in run.stdout and "ALL OK" in run.stdout, run.stdout
+
+
+# ------------------------------------------------------------------ float64 trajectories
+
+
+def jstep_trajectory(opt, grads, params):
+    """The params after each of len(grads) steps of `opt`, as float64 leaves (under x64)."""
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, params)
+        state = opt.init(params)
+
+        @jax.jit
+        def step(params, state, g):
+            updates, state = opt.update(g, state, params)
+            return optax.apply_updates(params, updates), state
+
+        out = []
+        for g in grads:
+            params, state = step(params, state, jax.tree.map(jnp.asarray, g))
+            out.append(leaves64(params))
+    return out
+
+
+def torch_trajectory(make_opt, grads, params):
+    """The same for a torch.optim optimizer on float64 tensors (one tensor per leaf)."""
+    tensors = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in leaves64(params)]
+    opt = make_opt(tensors)
+    out = []
+    for g in grads:
+        for tensor, leaf in zip(tensors, leaves64(g), strict=True):
+            tensor.grad = torch.tensor(leaf, dtype=torch.float64)
+        opt.step()
+        out.append([t.detach().numpy().copy() for t in tensors])
+    return out
+
+
+def assert_same_trajectory(got, want, rtol=RTOL):
+    worst = 0.0
+    for step_got, step_want in zip(got, want, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)))
+    assert worst <= rtol, f"relative error {worst:.3g} > {rtol:g}"
+
+
+@pytest.fixture(scope="module")
+def grads():
+    return gradient_sequence(30, STEPS)
+
+
+TORCH_RMSPROP = {
+    "plain": {},
+    "centered": {"centered": True},
+    "momentum": {"momentum": 0.9},
+    "centered_momentum": {"centered": True, "momentum": 0.8},
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_RMSPROP))
+def test_rmsprop_equals_torch(name, grads):
+    """jstep's default eps placement (outside the root) is PyTorch's."""
+    options = TORCH_RMSPROP[name]
+    jstep_options = {"momentum": options["momentum"]} if "momentum" in options else {}
+    opt = jstep.rmsprop(0.01, 0.95, 1e-3, centered=options.get("centered", False), **jstep_options)
+    got = jstep_trajectory(opt, grads, initial_params())
+    want = torch_trajectory(lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.95, eps=1e-3, **options), grads, initial_params())
+    assert_same_trajectory(got, want)
+
+
+def decaying(count):
+    return 0.02 / (1.0 + 0.1 * count)
+
+
+OPTAX_RMSPROP = {
+    "centered": {"centered": True},
+    "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "bias_correction": {"bias_correction": True},
+    "everything": {"centered": True, "momentum": 0.7, "nesterov": True, "bias_correction": True, "initial_scale": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTAX_RMSPROP))
+@pytest.mark.parametrize("rate", [0.01, decaying], ids=["constant", "schedule"])
+def test_rmsprop_equals_optax_with_eps_in_sqrt(name, rate, grads):
+    options = OPTAX_RMSPROP[name]
+    opt = jstep.rmsprop(rate, 0.9, 1e-3, eps_in_sqrt=True, **options)
+    expected = optax.rmsprop(rate, decay=0.9, eps=1e-3, eps_in_sqrt=True, **options)
+    assert_same_trajectory(jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params()))
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_scale_by_rms_bias_correction_equals_optax(eps_in_sqrt, grads):
+    opt = optax.chain(jstep.scale_by_rms(0.9, 1e-4, eps_in_sqrt=eps_in_sqrt, bias_correction=True), optax.scale(-0.01))
+    expected = optax.chain(optax.scale_by_rms(0.9, 1e-4, eps_in_sqrt=eps_in_sqrt, bias_correction=True), optax.scale(-0.01))
+    assert_same_trajectory(jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params()))
+
+
+def test_centered_rmsprop_divides_by_the_running_variance():
+    """One step by hand: G_1 = (1-gamma) g^2, M_1 = (1-gamma) g, so G - M^2 = gamma (1-gamma) g^2."""
+    g, gamma = np.array([2.0, -0.5]), 0.9
+    opt = jstep.scale_by_rms(gamma, 0.0, centered=True)
+    with jax.enable_x64(True):
+        d, state = opt.update(jnp.asarray(g), opt.init(jnp.zeros(2)))
+    np.testing.assert_allclose(np.asarray(d), g / np.sqrt(gamma * (1 - gamma) * g**2), rtol=1e-12)
+    assert isinstance(state, jstep.ScaleByCenteredRmsState)
+
+
+def test_rmsprop_options_are_checked():
+    with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
+        jstep.rmsprop(0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.5"):
+        jstep.rmsprop(0.1, momentum=1.5)
+
+
+# ---------------------------------------------------------------------------------- adamw
+
+
+def test_adamw_equals_torch(grads):
+    opt = jstep.adamw(0.01, 0.9, 0.99, 1e-6, weight_decay=0.05)
+    got = jstep_trajectory(opt, grads, initial_params())
+    want = torch_trajectory(
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05), grads, initial_params()
+    )
+    assert_same_trajectory(got, want)
+
+
+MASK_TREE = {"conv": [True], "dense": {"b": False, "w": True}, "scale": False}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="every_leaf"),
+        pytest.param({"mask": MASK_TREE}, id="mask_tree"),
+        pytest.param({"mask": {"conv": True, "dense": False, "scale": True}}, id="mask_prefix"),
+        pytest.param({"mask": lambda p: jax.tree.map(lambda x: x.ndim > 1, p)}, id="mask_callable"),
+        pytest.param({"nesterov": True, "eps_root": 1e-8}, id="nesterov"),
+    ],
+)
+@pytest.mark.parametrize("rate", [0.01, decaying], ids=["constant", "schedule"])
+def test_adamw_equals_optax(options, rate, grads):
+    opt = jstep.adamw(rate, 0.9, 0.999, 1e-8, weight_decay=0.1, **options)
+    expected = optax.adamw(rate, 0.9, 0.999, 1e-8, weight_decay=0.1, **options)
+    assert_same_trajectory(jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params()))
+
+
+def test_adam_after_added_decay_is_not_adamw(grads):
+    """L2 regularisation through Adam's moments is a different method: far beyond round-off."""
+    l2 = optax.chain(optax.add_decayed_weights(0.1), jstep.adam(0.01))
+    got = jstep_trajectory(l2, grads[:20], initial_params())
+    want = jstep_trajectory(jstep.adamw(0.01, weight_decay=0.1), grads[:20], initial_params())
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_same_trajectory(got, want, rtol=1e-3)
+
+
+def test_adamw_with_zero_decay_is_adam(grads):
+    got = jstep_trajectory(jstep.adamw(0.01, weight_decay=0.0), grads[:10], initial_params())
+    want = jstep_trajectory(jstep.adam(0.01), grads[:10], initial_params())
+    assert_same_trajectory(got, want, rtol=0.0)
+
+
+def test_adamw_works_inside_optax_wrappers(grads):
+    """inject_hyperparams (weight decay and rate as arrays) and MultiSteps give adamw's numbers."""
+    injected = optax.inject_hyperparams(jstep.adamw)(learning_rate=0.01, weight_decay=0.1, mask=MASK_TREE)
+    plain = jstep.adamw(0.01, weight_decay=0.1, mask=MASK_TREE)
+    assert_same_trajectory(jstep_trajectory(injected, grads[:10], initial_params()), jstep_trajectory(plain, grads[:10], initial_params()))
+    every_other = optax.MultiSteps(jstep.adamw(0.01, weight_decay=0.1), every_k_schedule=2)
+    averaged = [jax.tree.map(lambda a, b: (a + b) / 2, grads[2 * i], grads[2 * i + 1]) for i in range(5)]
+    got = jstep_trajectory(every_other, grads[:10], initial_params())[1::2]
+    assert_same_trajectory(got, jstep_trajectory(jstep.adamw(0.01, weight_decay=0.1), averaged, initial_params()))
+
+
+def test_adamw_errors():
+    with pytest.raises(ValueError, match=r"weight_decay must be in \[0, inf\), got -0.1"):
+        jstep.adamw(0.1, weight_decay=-0.1)
+    opt = jstep.adamw(0.1)
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match="needs the params"):
+        opt.update(params, opt.init(params))
+    masked = jstep.adamw(0.1, mask={"w": 1})
+    with pytest.raises(TypeError, match=r"mask leaf \['w'\] is 1"):
+        masked.update(params, masked.init(params), params)
+    wrong = jstep.adamw(0.1, mask={"v": True})
+    with pytest.raises(ValueError, match="tree structure"):
+        wrong.update(params, wrong.init(params), params)
