@@ -1,6 +1,6 @@
 """jstep: the optimizers and batch normalization of "Optimizing Neural Networks", in JAX.
 
-Every optimizer is an ``optax.GradientTransformation``; batch normalization is a pure
+Every optimizer is an ``optax.GradientTransformationExtraArgs``; batch normalization is a pure
 function whose gradient is the notes' hand derivation.
 """
 
