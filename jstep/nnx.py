@@ -1,0 +1,172 @@
+"""Batch normalization for Flax NNX: a drop-in for `flax.nnx.BatchNorm` with jstep's numbers.
+
+``jstep.nnx.BatchNorm`` has `flax.nnx.BatchNorm`'s constructor, call and variables (`scale` and
+`bias` as `nnx.Param`, `mean` and `var` as `nnx.BatchStat`), so a model switches by changing
+the import and its weights and checkpoints load into either layer. What differs is inside:
+the statistics are two-pass (no E[x^2] - E[x]^2), and the gradient is the notes' derivation
+(`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+
+Needs Flax: ``pip install "jstep[flax]"``. Not imported by ``import jstep``.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from types import MappingProxyType
+
+import jax
+import jax.numpy as jnp
+
+from jstep import _layers
+
+try:
+    from flax import nnx
+    from flax.nnx.nn import dtypes, initializers
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise _layers.missing_framework("jstep.nnx", "Flax", "flax") from error
+
+__all__ = ["BatchNorm"]
+
+_NO_MODE = (
+    "No use_running_average was given to jstep.nnx.BatchNorm. Pass it to the constructor "
+    "(BatchNorm(..., use_running_average=False)), to the call (bn(x, use_running_average=True)), "
+    "or set it with model.train() / model.eval() or nnx.view(model, use_running_average=...)."
+)
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization as `flax.nnx.BatchNorm`, computed by `jstep.batch_norm`.
+
+    Training (``use_running_average=False``, what ``model.train()`` sets): for each feature i,
+    over the K values of the batch (every axis but `axis`; across devices under `axis_name`),
+
+        Zhat_ij = G_i (Z_ij - mu_i) / sqrt(sigma_i^2 + eps) + B_i
+
+    with G = `scale`, B = `bias`, eps = `epsilon`, and mu, sigma^2 the batch mean and
+    population variance; the running statistics become ``mean <- momentum * mean +
+    (1 - momentum) * mu`` (and the same for `var`), the notes' running average with
+    gamma = `momentum`. Evaluation (``use_running_average=True``, ``model.eval()``) uses the
+    running `mean` and `var` and leaves them unchanged.
+
+    Args:
+      num_features: the number of features (the size of `axis` in the input).
+      use_running_average: the mode when the call does not give one; ``model.train()`` and
+        ``model.eval()`` set it.
+      axis: the feature axis of the input (-1 for NHWC or (batch, features)).
+      momentum: the running statistics' gamma, in [0, 1).
+      epsilon: eps >= 0.
+      dtype: the dtype of the computation and the result; None promotes the input with the
+        variables, as Flax does (bfloat16 inputs with float32 variables give float32).
+        Statistics are at least float32 either way.
+      param_dtype: the dtype of `scale` and `bias` (the running statistics are float32).
+      use_bias, use_scale: whether B and G are learned (else B = 0, G = 1).
+      bias_init, scale_init: their initializers.
+      axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nnx.shard_map``) over
+        which the batch is split; the statistics and the gradient's sums are all-reduced over it.
+        Under a sharded ``jit`` leave it None: XLA inserts the collectives.
+      axis_index_groups: accepted for Flax's signature; jstep does not take index groups
+        (NotImplementedError at construction, see `jstep._layers.check_axis_index_groups`).
+      use_fast_variance: accepted and moot: jstep's variance is always the two-pass
+        (1/K) sum (Z - mu)^2, never E[Z^2] - mu^2.
+      promote_dtype: Flax's dtype promotion of ``(x, mean, var, scale, bias)``.
+      rngs: the `nnx.Rngs` the initializers draw from.
+      bias_metadata, scale_metadata: metadata of the `nnx.Param`s (e.g. sharding).
+      eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: tp.Any = None,
+        param_dtype: tp.Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: tp.Callable = initializers.zeros_init(),
+        scale_init: tp.Callable = initializers.ones_init(),
+        axis_name: tp.Any = None,
+        axis_index_groups: tp.Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: tp.Callable = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        eps_in_sqrt: bool = True,
+    ):
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        _layers.core_layer(
+            momentum=momentum,
+            epsilon=epsilon,
+            eps_in_sqrt=eps_in_sqrt,
+            feature_axis=axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )  # checks the settings now
+        shape = (num_features,)
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale = (
+            nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata) if use_scale else nnx.data(None)
+        )
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
+        )
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.eps_in_sqrt = eps_in_sqrt
+
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalize `x`; in training also update `mean` and `var`.
+
+        Args:
+          x: the input, with `num_features` features on `axis`.
+          use_running_average: overrides the layer's mode for this call.
+          mask: booleans broadcastable to `x`: the statistics are taken over the True
+            positions only; every position is normalized.
+        """
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        if use_running_average is None:
+            raise ValueError(_NO_MODE)
+        _layers.check_feature_count(x, self.axis, self.num_features, "num_features")
+        layer = _layers.core_layer(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            eps_in_sqrt=self.eps_in_sqrt,
+            feature_axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+        )
+        if use_running_average:
+            return _layers.normalize(layer, x, scale, bias, mean, var, training=False)[0]
+        y, self.mean[...], self.var[...] = _layers.normalize(
+            layer, x, scale, bias, self.mean[...], self.var[...], training=True, mask=mask
+        )
+        return y
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view(model, use_running_average=...)``, as in Flax."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average

@@ -1,0 +1,150 @@
+"""jstep.nnx.BatchNorm against flax.nnx.BatchNorm: the same variables, values, gradients,
+running statistics and modes, and weights that load into either layer.
+
+The reference is Flax's own layer with ``use_fast_variance=False`` (its two-pass variance), so
+the two differ only by float32 rounding; jstep's gradient is the notes' derivation, Flax's is
+autodiff. Multi-device runs are in tests/test_layers_devices.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jstep.nnx
+
+FEATURES = 6
+RNG = np.random.default_rng(0)
+BATCHES = [RNG.normal(1.5 * i, 1.0 + i, (12, FEATURES)).astype(np.float32) for i in range(3)]
+WEIGHTS = RNG.normal(size=(12, FEATURES)).astype(np.float32)  # the loss is sum(sin(y) * w)
+
+
+def pair(**options):
+    """(jstep's layer, Flax's layer), built alike; Flax's computes its variance in two passes."""
+    ours = jstep.nnx.BatchNorm(FEATURES, rngs=nnx.Rngs(0), **options)
+    theirs = nnx.BatchNorm(FEATURES, rngs=nnx.Rngs(0), use_fast_variance=False, **options)
+    return ours, theirs
+
+
+def describe(model):
+    """{path: (variable type, shape, dtype)} of a layer's state."""
+    return {path: (type(v).__name__, v.shape, v.dtype) for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def close(got, want, tol=2e-6):
+    """|got - want| <= tol * max|want| elementwise (float32 agreement), and the same dtype."""
+    assert jnp.result_type(got) == jnp.result_type(want)
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.max(np.abs(want)), 1.0))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"use_scale": False},
+        {"use_bias": False, "param_dtype": jnp.bfloat16},
+        {"scale_init": nnx.initializers.normal(), "bias_init": nnx.initializers.normal()},
+    ],
+    ids=["default", "no scale", "bfloat16 params, no bias", "random init"],
+)
+def test_variables_are_flaxs(options):
+    """Same paths, variable types, shapes, dtypes and initial values (random inits included)."""
+    ours, theirs = pair(**options)
+    assert describe(ours) == describe(theirs)
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)))
+
+
+def loss(model, x, w):
+    return jnp.sum(jnp.sin(model(x)) * w)
+
+
+@nnx.jit
+def train_step(model, x, w):
+    """(y, dL/dParams, dL/dx) of one training call; the running statistics update in place."""
+    y = model(x)
+    param_grads, x_grad = nnx.grad(loss, argnums=(0, 1))(nnx.clone(model), x, w)
+    return y, param_grads, x_grad
+
+
+@pytest.mark.parametrize(
+    ("options", "shape"),
+    [({"momentum": 0.8}, (12, FEATURES)), ({"axis": 1, "epsilon": 1e-3}, (4, FEATURES, 3))],
+    ids=["features last", "features on axis 1"],
+)
+def test_training_values_gradients_and_running_statistics_over_steps(options, shape):
+    ours, theirs = pair(**options)
+    w = WEIGHTS.reshape(shape)
+    for batch in BATCHES:
+        x = batch.reshape(shape)
+        (y1, g1, dx1), (y2, g2, dx2) = train_step(ours, x, w), train_step(theirs, x, w)
+        close(y1, y2)
+        close(dx1, dx2, tol=1e-5)
+        jax.tree.map(lambda a, b: close(a, b, tol=1e-5), nnx.to_pure_dict(g1), nnx.to_pure_dict(g2))
+        close(ours.mean[...], theirs.mean[...])
+        close(ours.var[...], theirs.var[...], tol=1e-5)
+    ours.eval(), theirs.eval()
+    x = BATCHES[0].reshape(shape)
+    close(ours(x), theirs(x))
+
+
+def test_modes_follow_eval_train_view_and_the_call():
+    ours, theirs = pair()
+    x = BATCHES[1]
+    statistics = nnx.clone(nnx.state(ours, nnx.BatchStat))
+    ours.eval()
+    assert ours.use_running_average is True
+    close(ours(x), theirs(x, use_running_average=True))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(ours, nnx.BatchStat), statistics)  # unchanged
+    ours.train()
+    assert ours.use_running_average is False
+    close(ours(x), theirs(x))  # training: batch statistics, and the running ones move
+    assert not np.allclose(ours.mean[...], statistics["mean"][...])
+    close(ours.mean[...], theirs.mean[...])
+    evaluating = nnx.view(ours, use_running_average=True)
+    close(evaluating(x), theirs(x, use_running_average=True))
+    close(ours(x, use_running_average=True), theirs(x, use_running_average=True))
+    with pytest.raises(ValueError, match="use_running_average"):
+        jstep.nnx.BatchNorm(FEATURES, use_running_average=None, rngs=nnx.Rngs(0))(x)
+
+
+def test_bfloat16_activations_with_float32_params_follow_flaxs_dtype_policy():
+    """dtype=None promotes (a float32 result); dtype=bfloat16 gives bfloat16."""
+    x = jnp.asarray(BATCHES[2], jnp.bfloat16)
+    ours, theirs = pair()
+    close(ours(x), theirs(x))  # both normalize the same bfloat16 values in float32
+    close(ours.var[...], theirs.var[...], tol=1e-5)
+    ours, theirs = pair(dtype=jnp.bfloat16)
+    close(ours(x), theirs(x), tol=2e-2)  # Flax does part of the arithmetic in bfloat16
+    assert ours.mean[...].dtype == jnp.float32
+    close(ours.mean[...], theirs.mean[...], tol=1e-5)
+
+
+def test_weights_swap_both_ways():
+    """Flax's trained state loaded into jstep's layer gives Flax's outputs, and back."""
+    _, trained = pair(scale_init=nnx.initializers.normal(), bias_init=nnx.initializers.normal())
+    for x in BATCHES:
+        trained(x)
+    ours, _ = pair()
+    nnx.update(ours, nnx.state(trained))
+    close(ours(BATCHES[0], use_running_average=True), trained(BATCHES[0], use_running_average=True))
+    fresh = nnx.BatchNorm(FEATURES, rngs=nnx.Rngs(1), use_fast_variance=False)
+    nnx.update(fresh, nnx.state(ours))
+    close(fresh(BATCHES[1]), ours(BATCHES[1]))
+    close(fresh.var[...], ours.var[...])
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="momentum"):
+        jstep.nnx.BatchNorm(FEATURES, momentum=1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="eps"):
+        jstep.nnx.BatchNorm(FEATURES, epsilon=-1e-5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_features"):
+        jstep.nnx.BatchNorm(0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_features=6"):
+        jstep.nnx.BatchNorm(FEATURES, rngs=nnx.Rngs(0))(np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match="axis_name"):
+        jstep.nnx.BatchNorm(FEATURES, axis_index_groups=[[0, 1]], rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="axis_index_groups"):
+        jstep.nnx.BatchNorm(FEATURES, axis_name="batch", axis_index_groups=[[0, 1]], rngs=nnx.Rngs(0))
