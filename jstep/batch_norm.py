@@ -1,7 +1,7 @@
 """B.0.2 Batch normalization, with the notes' hand-derived gradient.
 
 For each feature i, over the K values Z_i1..Z_iK it takes in a batch (every axis of ``x``
-except the feature axes; across devices too under ``axis_name``)::
+except the feature axes; across devices and vmapped examples too under ``axis_name``)::
 
     mu_i      = (1/K) sum_j Z_ij
     sigma_i^2 = (1/K) sum_j (Z_ij - mu_i)^2                (population variance, two passes)
@@ -62,7 +62,8 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ from jax.custom_derivatives import SymbolicZero
 from jstep import _core
 from jstep.averages import running_average_update
 
-FeatureAxis = Union[int, Sequence[int]]
+FeatureAxis = int | Sequence[int]
 
 
 # ------------------------------------------------------------------------- validation
@@ -156,13 +157,75 @@ def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any) -> _Layout:
     return _Layout(reduce_axes, feature_shape, keep_shape, _batch_size(shape, reduce_axes, axis_name))
 
 
+# ------------------------------------------------------------------ across mapped axes
+
+
+def _split_axis_name(axis_name: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The names in `axis_name` split into (mesh axes of ``shard_map``/``pmap``, ``vmap`` axes).
+
+    The two kinds reduce differently: a mesh axis is typed (a value is varying or invariant over
+    it, and ``psum`` wants it varying), while a vmap axis is a batch dimension of the traced
+    values, with no such typing. ``pmap`` runs as a ``shard_map``, so its axis is a mesh axis.
+    """
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    return tuple(n for n in names if n in manual), tuple(n for n in names if n not in manual)
+
+
+def _per_device(value: Any, axis_name: Any) -> Any:
+    """`value` (a pytree) typed as varying over the mesh axes of `axis_name`.
+
+    Under ``shard_map`` a replicated `scale` is cast to varying here, so its gradient is this
+    device's share; the transpose of that cast sums the per-device gradients, exactly as for a
+    parameter used by ordinary jnp code. The vmap axes are left alone: there an unbatched
+    `scale`'s per-example gradients are summed by vmap's own rule for ``custom_vjp``.
+    """
+    if axis_name is None:
+        return value
+    mesh_axes, _ = _split_axis_name(axis_name)
+
+    def varying(leaf):
+        aval = jax.typeof(leaf)
+        already = aval.vma if hasattr(aval, "vma") else aval.manual_axis_type.varying
+        missing = tuple(name for name in mesh_axes if name not in already)
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(varying, value)
+
+
+def _all_reduce(value: Any, axis_name: Any) -> Any:
+    """psum of `value` (a pytree) over every axis in `axis_name`: the vmap axes, then the mesh axes."""
+    mesh_axes, vmap_axes = _split_axis_name(axis_name)
+    if vmap_axes:
+        value = _sum_over_vmap_axes(value, vmap_axes)
+    if mesh_axes:
+        value = jax.lax.psum(_per_device(value, mesh_axes), mesh_axes)
+    return value
+
+
+def _sum_over_vmap_axes(value: Any, vmap_axes: tuple[Any, ...]) -> Any:
+    """psum over vmap axes, also when the vmap runs inside ``shard_map``/``pmap``.
+
+    There (jax 0.10), ``jax.lax.psum`` over a vmap axis fails with a bare AssertionError: it
+    first casts the value to varying over every named axis, and a vmap axis is no mesh axis.
+    The sum itself needs no such cast, so it is bound as the untyped all-reduce that ``psum``
+    uses when ``shard_map`` runs with ``check_vma=False``; vmap turns it into a sum over the
+    batch dimension. (Only the backward of `_normalize` is ever differentiated through it.)
+    """
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return jax.lax.psum(value, vmap_axes)
+    from jax._src.lax.parallel import psum_p  # no public untyped psum (see above)
+
+    return jax.tree.map(lambda leaf: psum_p.bind(leaf, axes=vmap_axes, axis_index_groups=None), value)
+
+
 # ----------------------------------------------------------------------------- numerics
 
 
 def _total(values: jax.Array, reduce_axes: tuple[int, ...], axis_name: Any) -> jax.Array:
     """sum over the batch axes (keeping them as size 1), all-reduced across `axis_name`."""
     local = jnp.sum(values, axis=reduce_axes, keepdims=True)
-    return local if axis_name is None else jax.lax.psum(local, axis_name)
+    return local if axis_name is None else _all_reduce(local, axis_name)
 
 
 def _moments(x: jax.Array, layout: _Layout, axis_name: Any) -> tuple[jax.Array, jax.Array]:
@@ -239,11 +302,9 @@ def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
         # so that both reductions read only dy and x (no broadcast mean inside them).
         doffset = jnp.sum(dy, axis=axes, keepdims=True)
         dscale = (jnp.sum(dy * xc, axis=axes, keepdims=True) - mean * doffset) * inverse_s
-        sum_dy, sum_dy_xhat = (doffset, dscale) if axis_name is None else jax.lax.psum((doffset, dscale), axis_name)
-        if eps_in_sqrt:
-            c = 1
-        else:
-            c = jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)  # (sigma + eps)/sigma; limit 0 term
+        sum_dy, sum_dy_xhat = (doffset, dscale) if axis_name is None else _all_reduce((doffset, dscale), axis_name)
+        # c = 1, or (sigma + eps)/sigma for the notes' form (0 at sigma = 0: the term's limit)
+        c = 1 if eps_in_sqrt else jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)
         dx = (g / s) * (dy - sum_dy / count - (xc - mean) * (inverse_s * c * sum_dy_xhat / count))
 
     # Gradients through the returned statistics: d mu/dZ_ij = 1/K, d sigma^2/dZ_ij = 2(Z_ij - mu)/K.
@@ -268,21 +329,6 @@ def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_na
     _check_features("offset", offset, layout.feature_shape, jnp.shape(x), features)
     scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
     return _normalize(x, scale, offset, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
-
-
-def _per_device(value: jax.Array, axis_name: Any) -> jax.Array:
-    """`value` typed as varying over `axis_name`, so its gradient is this device's share.
-
-    Under ``shard_map`` a replicated `scale` is cast to varying here; the transpose of that cast
-    sums the per-device gradients, exactly as for a parameter used by ordinary jnp code.
-    """
-    if axis_name is None:
-        return value
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    aval = jax.typeof(value)
-    varying = aval.vma if hasattr(aval, "vma") else aval.manual_axis_type.varying
-    missing = tuple(name for name in names if name not in varying)
-    return jax.lax.pcast(value, missing, to="varying") if missing else value
 
 
 # --------------------------------------------------------------------------- public API
@@ -316,12 +362,16 @@ def batch_norm(
         notes' n x K); statistics are taken over every other axis.
       eps: eps >= 0, a Python number. eps = 0 is the notes' derivation.
       eps_in_sqrt: True for sqrt(sigma^2 + eps), False for sigma + eps.
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which the batch is split:
-        the statistics and the backward pass's two reductions are all-reduced over it, so the
-        output and the input gradient equal those of one device holding the whole batch. The
-        gradients of `scale` and `offset` stay this device's contribution (sum them over the
-        axis, as for any parameter under data parallelism; shard_map's transpose does that for
-        a replicated `scale`).
+      axis_name: the mapped axis, or a tuple of them, over which the batch is split: a
+        ``shard_map``/``pmap`` axis (devices), a ``jax.vmap(..., axis_name=...)`` axis (e.g. one
+        example per call, as in Equinox, ``nnx.vmap`` or Linen's ``nn.vmap``), or both, e.g.
+        ``("devices", "examples")`` for a vmap inside a shard_map. The statistics and the
+        backward pass's two reductions are all-reduced over it, so the output and the input
+        gradient equal those of one device holding the whole batch. The gradients of `scale`
+        and `offset` taken inside the map stay this device's (or example's) contribution: sum
+        them over the axis, as for any parameter under data parallelism. Taken outside the
+        map, they are already summed (shard_map's transpose does that for a replicated
+        `scale`, vmap's for an unbatched one).
 
     Returns:
       Zhat, with the shape and dtype of `x`.
@@ -409,7 +459,8 @@ class BatchNorm:
         features = _feature_axes(jnp.ndim(x), self.feature_axis)
         keep_shape = tuple(n if a in features else 1 for a, n in enumerate(jnp.shape(x)))
         feature_shape = tuple(jnp.shape(x)[a] for a in features)
-        for name, value in [("scale", params.scale), ("offset", params.offset), ("state.mean", state.mean), ("state.var", state.var)]:
+        named = {"scale": params.scale, "offset": params.offset, "state.mean": state.mean, "state.var": state.var}
+        for name, value in named.items():
             _check_features(name, value, feature_shape, jnp.shape(x), features)
         dtype = _core.compute_dtype(jnp.result_type(x))
 

@@ -1,4 +1,7 @@
-"""batch_norm across 8 (CPU) devices equals batch_norm of the whole batch on one device.
+"""batch_norm split across 8 (CPU) devices, across vmapped examples, or both, equals batch_norm
+of the whole batch on one device: shard_map, pmap, sharded jit, jax.vmap(axis_name=...) and
+vmap inside shard_map with a tuple axis_name, for the values, the gradients and the running
+statistics.
 
 The checks run in a subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=8,
 so the rest of the suite keeps its single device.
@@ -15,7 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
-    r'''
+    r"""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -97,6 +100,97 @@ SCRIPT = textwrap.dedent(
     close("BatchNorm running mean", new_state.mean, state1.mean)
     close("BatchNorm running var", new_state.var, state1.var)
 
+    # The BatchNorm layer under every way of splitting the batch: a function of one shard that
+    # returns (y, its share of the loss, the new state), mapped over the batch; the gradient of
+    # the summed loss is taken outside the map (Equinox's, nnx.vmap's and Linen's nn.vmap's
+    # pattern). Values, gradients of x, scale and offset, and the running statistics must be
+    # those of one device holding the whole batch.
+    def shard_step(names):
+        layer = jstep.BatchNorm(momentum=0.8, eps=1e-3, eps_in_sqrt=False, axis_name=names)
+
+        def step(params, state, x, w):
+            y, new_state = layer.apply(params, state, x)
+            return y, jnp.sum(jnp.sin(y) * w), new_state
+        return step
+
+    params = jstep.BatchNormParams(jnp.asarray(scale), jnp.asarray(offset))
+    state = jstep.BatchNormState(jnp.asarray(rng.normal(size=5)), jnp.asarray(rng.uniform(1, 2, 5)))
+
+    def whole_batch(params, state, x, w):
+        y, new_state = jstep.BatchNorm(momentum=0.8, eps=1e-3, eps_in_sqrt=False).apply(params, state, x)
+        return jnp.sum(jnp.sin(y) * w), (y, new_state)
+
+    reference = jax.value_and_grad(whole_batch, argnums=(0, 2), has_aux=True)
+    (_, (y_ref, state_ref)), (dparams_ref, dx_ref) = reference(params, state, x, w)
+
+    def by_vmap(params, state, x, w):  # one example per mapped slice
+        y, losses, new_state = jax.vmap(shard_step("examples"), in_axes=(None, None, 0, 0), out_axes=(0, 0, None),
+                                        axis_name="examples")(params, state, x, w)
+        return losses.sum(), (y, new_state)
+
+    def by_shard_map(params, state, x, w):
+        def step(params, state, x, w):
+            y, loss, new_state = shard_step("batch")(params, state, x, w)
+            return y, loss[None], new_state
+        y, losses, new_state = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                                             out_specs=(P("batch"), P("batch"), P()))(params, state, x, w)
+        return losses.sum(), (y, new_state)
+
+    def by_pmap(params, state, x, w):
+        y, losses, new_state = jax.pmap(shard_step("i"), in_axes=(None, None, 0, 0), axis_name="i")(
+            params, state, x.reshape(8, 2, *x.shape[1:]), w.reshape(8, 2, *w.shape[1:]))
+        for leaf in jax.tree.leaves(new_state):  # every device holds the same running statistics
+            np.testing.assert_array_equal(leaf, jnp.broadcast_to(leaf[0], leaf.shape))
+        return losses.sum(), (y.reshape(x.shape), jax.tree.map(lambda a: a[0], new_state))
+
+    def by_vmap_in_shard_map(params, state, x, w):  # axis_name=("batch", "examples"): 8 devices x 2 examples
+        def on_device(params, state, x, w):
+            y, losses, new_state = jax.vmap(shard_step(("batch", "examples")), in_axes=(None, None, 0, 0),
+                                            out_axes=(0, 0, None), axis_name="examples")(params, state, x, w)
+            return y, losses, new_state
+        y, losses, new_state = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                                             out_specs=(P("batch"), P("batch"), P()))(params, state, x, w)
+        return losses.sum(), (y, new_state)
+
+    mappings = [("vmap", by_vmap, True), ("vmap, jitted", by_vmap, False), ("shard_map", by_shard_map, False),
+                ("pmap", by_pmap, True), ("vmap inside shard_map", by_vmap_in_shard_map, False)]
+    for label, mapped, eager in mappings:
+        run = jax.value_and_grad(mapped, argnums=(0, 2), has_aux=True)
+        (_, (y, new_state)), (dparams, dx) = run(params, state, x, w) if eager else jax.jit(run)(params, state, x, w)
+        close(f"{label}: output", y, y_ref)
+        close(f"{label}: input gradient", dx, dx_ref)
+        close(f"{label}: scale gradient", dparams.scale, dparams_ref.scale)
+        close(f"{label}: offset gradient", dparams.offset, dparams_ref.offset)
+        close(f"{label}: running mean", new_state.mean, state_ref.mean)
+        close(f"{label}: running var", new_state.var, state_ref.var)
+
+    # Per-example gradients under vmap (the gradient taken inside the map): the input gradient is
+    # the whole batch's, and the examples' scale and offset gradients are shares summing to it.
+    def example_loss(x, scale, offset, w):
+        y = jstep.batch_norm(x, scale, offset, eps=1e-3, eps_in_sqrt=False, axis_name="examples")
+        return jnp.sum(jnp.sin(y) * w)
+
+    dx, dscale, doffset = jax.jit(jax.vmap(jax.grad(example_loss, argnums=(0, 1, 2)), in_axes=(0, None, None, 0),
+                                           axis_name="examples"))(x, scale, offset, w)
+    close("vmap per-example grad: input gradient", dx, dx_ref)
+    close("vmap per-example grad: scale shares, summed", dscale.sum(0), dparams_ref.scale)
+    close("vmap per-example grad: offset shares, summed", doffset.sum(0), dparams_ref.offset)
+    # Second derivatives through the all-reduces over a vmap axis inside shard_map: a
+    # Hessian-vector product of the summed loss equals the whole batch's.
+    v = jnp.asarray(rng.normal(size=x.shape))
+
+    def total_loss(x, mapped):
+        return mapped(params, state, x, w)[0]
+
+    hvp_ref = jax.jvp(jax.grad(lambda x: whole_batch(params, state, x, w)[0]), (x,), (v,))[1]
+    hvp = jax.jit(lambda x, v: jax.jvp(jax.grad(lambda x: total_loss(x, by_vmap_in_shard_map)), (x,), (v,))[1])(x, v)
+    close("vmap inside shard_map: Hessian-vector product", hvp, hvp_ref, tol=1e-11)
+
+    mean, var = jax.vmap(lambda x: jstep.batch_stats(x, axis_name="examples"), axis_name="examples",
+                         out_axes=None)(x)
+    close("vmap batch_stats mean", mean, x.mean((0, 1, 2)))
+    close("vmap batch_stats var", var, x.var((0, 1, 2)))
+
     # A batch of one value per feature in total is refused even when split across devices.
     one = jax.shard_map(lambda x: jstep.batch_norm(x, scale[:1], offset[:1], axis_name="batch"), mesh=mesh,
                         in_specs=P("batch"), out_specs=P("batch"))
@@ -106,7 +200,7 @@ SCRIPT = textwrap.dedent(
     except ValueError as error:
         raise AssertionError(f"8 values across 8 devices are a valid batch: {error}")
     print("ALL OK")
-    '''
+    """
 )
 
 
@@ -114,12 +208,24 @@ SCRIPT = textwrap.dedent(
 def eight_device_run():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", SCRIPT]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_run):
     run = eight_device_run
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ALL OK" in run.stdout
-    for check in ["shard_map input gradient", "sharded jit gradient of x", "pmap output", "BatchNorm running var"]:
+    checks = [
+        "shard_map input gradient",
+        "sharded jit gradient of x",
+        "pmap output",
+        "BatchNorm running var",
+        "vmap per-example grad: scale shares, summed",
+        "vmap inside shard_map: Hessian-vector product",
+    ]
+    quantities = ["output", "input gradient", "scale gradient", "running var"]
+    for mapping in ["vmap", "vmap, jitted", "shard_map", "pmap", "vmap inside shard_map"]:
+        checks += [f"{mapping}: {quantity}" for quantity in quantities]
+    for check in checks:
         assert f"{check}: ok" in run.stdout, run.stdout
