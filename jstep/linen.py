@@ -1,0 +1,129 @@
+"""Batch normalization for Flax Linen: a drop-in for `flax.linen.BatchNorm` with jstep's numbers.
+
+``jstep.linen.BatchNorm`` has `flax.linen.BatchNorm`'s fields, call and collections (`params`
+holds `scale` and `bias`, `batch_stats` holds `mean` and `var`), and initializes as Flax's
+does, so a model switches by changing the import and its variables load into either layer.
+What differs is inside: two-pass statistics, and the notes' derivation as the gradient
+(`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+
+Needs Flax: ``pip install "jstep[flax]"``. Not imported by ``import jstep``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jstep import _layers
+
+try:
+    import flax.linen as nn
+    from flax.linen import dtypes, initializers
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise _layers.missing_framework("jstep.linen", "Flax", "flax") from error
+
+__all__ = ["BatchNorm"]
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization as `flax.linen.BatchNorm`, computed by `jstep.batch_norm`.
+
+    Training (``use_running_average=False``): for each feature i, over the K values of the
+    batch (every axis but `axis`; across devices under `axis_name`),
+
+        Zhat_ij = G_i (Z_ij - mu_i) / sqrt(sigma_i^2 + eps) + B_i
+
+    with G = `scale`, B = `bias`, eps = `epsilon`, and mu, sigma^2 the batch mean and
+    population variance. With ``batch_stats`` mutable the running statistics become
+    ``mean <- momentum * mean + (1 - momentum) * mu`` (and the same for `var`), the notes'
+    running average with gamma = `momentum`. As in Flax, ``init`` does not update them and
+    ignores `axis_name` (the mapped axis need not exist then). ``use_running_average=True``
+    normalizes with the running statistics.
+
+    Attributes:
+      use_running_average: the mode when the call does not give one.
+      axis: the feature axis or axes of the input.
+      momentum: the running statistics' gamma, in [0, 1).
+      epsilon: eps >= 0.
+      dtype: the dtype of the result; None promotes the input with `scale` and `bias`, as Flax
+        does. Statistics are at least float32 either way.
+      param_dtype: the dtype of `scale` and `bias`.
+      use_bias, use_scale: whether B and G are learned (else B = 0, G = 1).
+      bias_init, scale_init: their initializers.
+      axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nn.vmap``) over which the
+        batch is split; the statistics and the gradient's sums are all-reduced over it. Under
+        a sharded ``jit`` leave it None: XLA inserts the collectives.
+      axis_index_groups: accepted for Flax's signature; jstep does not take index groups
+        (NotImplementedError when the module is built).
+      use_fast_variance: accepted and moot: jstep's variance is always the two-pass
+        (1/K) sum (Z - mu)^2, never E[Z^2] - mu^2.
+      force_float32_reductions: as in Flax, the dtype of the running statistics (float32, or
+        `param_dtype` when False). jstep's reductions are at least float32 either way.
+      eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+    """
+
+    use_running_average: bool | None = None
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = initializers.zeros
+    scale_init: Callable = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    eps_in_sqrt: bool = True
+
+    def __post_init__(self):
+        self._core(self.axis_name)  # checks the settings when the module is built
+        super().__post_init__()
+
+    def _core(self, axis_name):
+        return _layers.core_layer(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            eps_in_sqrt=self.eps_in_sqrt,
+            feature_axis=self.axis,
+            axis_name=axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalize `x`; when training outside ``init``, also update ``batch_stats``.
+
+        Args:
+          x: the input.
+          use_running_average: the mode; merged with the attribute as Flax does (give it in
+            one place only).
+          mask: booleans broadcastable to `x`: the statistics are taken over the True
+            positions only; every position is normalized.
+        """
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        shape = _layers.feature_shape(x, self.axis)
+        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
+        scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, shape, self.param_dtype) if self.use_bias else None
+
+        # Flax's result dtype; the arithmetic runs in at least the input's precision.
+        dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), dtype))
+        initializing = self.is_initializing()
+        layer = self._core(None if initializing else self.axis_name)
+        y, mean, var = _layers.normalize(
+            layer, x, scale, bias, ra_mean.value, ra_var.value, training=not use_running_average, mask=mask
+        )
+        if not use_running_average and not initializing:
+            ra_mean.value, ra_var.value = mean, var
+        return y.astype(dtype)

@@ -1,0 +1,170 @@
+"""jstep.linen.BatchNorm against flax.linen.BatchNorm: the same collections, init behaviour,
+values, gradients, running statistics and evaluation, and variables that load into either layer.
+
+The reference is Flax's own layer with ``use_fast_variance=False`` (its two-pass variance), so
+the two differ only by float32 rounding; jstep's gradient is the notes' derivation, Flax's is
+autodiff. Multi-device runs are in tests/test_layers_devices.py.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jstep.linen
+
+RNG = np.random.default_rng(1)
+BATCHES = [RNG.normal(1.5 * i, 1.0 + i, (4, 3, 6)).astype(np.float32) for i in range(3)]
+WEIGHTS = RNG.normal(size=(4, 3, 6)).astype(np.float32)  # the loss is sum(sin(y) * w)
+KEY = jax.random.key(0)
+
+
+def pair(**fields):
+    """(jstep's layer, Flax's layer) with the same fields; Flax's variance is two-pass."""
+    return jstep.linen.BatchNorm(**fields), nn.BatchNorm(use_fast_variance=False, **fields)
+
+
+def describe(variables):
+    """{path: (shape, dtype)} of a variables dict."""
+    return {jax.tree_util.keystr(p): (v.shape, v.dtype) for p, v in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+def close(got, want, tol=2e-6):
+    """|got - want| <= tol * max|want| elementwise (float32 agreement), and the same dtype."""
+    assert jnp.result_type(got) == jnp.result_type(want)
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.max(np.abs(want)), 1.0))
+
+
+def trees_close(got, want, tol=2e-6):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: close(a, b, tol), got, want)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"axis": (1, 2), "use_scale": False},
+        {"param_dtype": jnp.bfloat16, "force_float32_reductions": False, "use_bias": False},
+        {"scale_init": nn.initializers.normal(), "bias_init": nn.initializers.normal()},
+    ],
+    ids=["default", "two feature axes, no scale", "bfloat16 params and statistics", "random init"],
+)
+def test_init_gives_flaxs_collections_and_leaves_the_statistics_alone(fields):
+    """params/{scale,bias}, batch_stats/{mean,var}: same shapes, dtypes and initial values, and
+    init (in training mode, with an axis_name that is not bound) does not move the statistics."""
+    ours, theirs = pair(use_running_average=False, axis_name="batch", **fields)
+    ours_vars, theirs_vars = ours.init(KEY, BATCHES[2]), theirs.init(KEY, BATCHES[2])
+    assert describe(ours_vars) == describe(theirs_vars)
+    jax.tree.map(np.testing.assert_array_equal, ours_vars, theirs_vars)
+    np.testing.assert_array_equal(ours_vars["batch_stats"]["mean"], 0)
+    np.testing.assert_array_equal(ours_vars["batch_stats"]["var"], 1)
+
+
+def train_step(module):
+    """(y, new batch_stats, dL/dparams, dL/dx) of one training apply, jitted."""
+
+    def loss(params, batch_stats, x, w):
+        y, updates = module.apply({"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y) * w), (y, updates["batch_stats"])
+
+    @jax.jit
+    def step(variables, x, w):
+        (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)(
+            variables["params"], variables["batch_stats"], x, w
+        )
+        return y, stats, grads
+
+    return step
+
+
+@pytest.mark.parametrize(
+    "fields", [{"momentum": 0.8}, {"axis": (1, 2), "epsilon": 1e-3}], ids=["features last", "two feature axes"]
+)
+def test_training_values_gradients_and_running_statistics_over_steps(fields):
+    ours, theirs = pair(use_running_average=False, **fields)
+    variables = ours.init(KEY, BATCHES[0])
+    ours_vars, theirs_vars = variables, variables
+    ours_step, theirs_step = train_step(ours), train_step(theirs)
+    for x in BATCHES:
+        y1, stats1, grads1 = ours_step(ours_vars, x, WEIGHTS)
+        y2, stats2, grads2 = theirs_step(theirs_vars, x, WEIGHTS)
+        close(y1, y2)
+        trees_close(grads1, grads2, tol=1e-5)
+        trees_close(stats1, stats2, tol=1e-5)
+        ours_vars, theirs_vars = {**ours_vars, "batch_stats": stats1}, {**theirs_vars, "batch_stats": stats2}
+    ours, theirs = pair(use_running_average=True, **fields)
+    close(ours.apply(ours_vars, BATCHES[1]), theirs.apply(theirs_vars, BATCHES[1]))
+
+
+def test_evaluation_and_the_mode_argument():
+    x = BATCHES[1]
+    variables = nn.BatchNorm(use_running_average=False).init(KEY, x)
+    variables = {**variables, "batch_stats": {"mean": jnp.full(6, 0.5), "var": jnp.full(6, 2.0)}}
+    close(
+        jstep.linen.BatchNorm(use_running_average=True).apply(variables, x),
+        nn.BatchNorm(use_running_average=True).apply(variables, x),
+    )
+    close(  # the mode given at the call, and batch_stats left immutable: no update is attempted
+        jstep.linen.BatchNorm().apply(variables, x, use_running_average=True),
+        nn.BatchNorm().apply(variables, x, use_running_average=True),
+    )
+    with pytest.raises(ValueError, match="use_running_average"):  # given twice: Flax's merge_param error
+        jstep.linen.BatchNorm(use_running_average=True).apply(variables, x, use_running_average=False)
+    with pytest.raises(Exception, match="batch_stats"):  # training needs a mutable batch_stats, as in Flax
+        jstep.linen.BatchNorm(use_running_average=False).apply(variables, x)
+
+
+def test_bfloat16_activations_with_float32_params_follow_flaxs_dtype_policy():
+    """dtype=None gives the promoted float32 (bfloat16 without scale and bias); dtype=bfloat16 gives bfloat16."""
+    x = jnp.asarray(BATCHES[2], jnp.bfloat16)
+    for fields, tol in [({}, 2e-6), ({"use_scale": False, "use_bias": False}, 1e-2), ({"dtype": jnp.bfloat16}, 1e-2)]:
+        ours, theirs = pair(use_running_average=False, **fields)
+        variables = ours.init(KEY, x)
+        (y1, stats1), (y2, stats2) = (m.apply(variables, x, mutable=["batch_stats"]) for m in (ours, theirs))
+        close(y1, y2, tol)
+        trees_close(stats1, stats2, tol=1e-5)
+
+
+def test_variables_swap_both_ways():
+    """Variables trained by Flax's layer give Flax's outputs in jstep's, and the other way round."""
+    ours, theirs = pair(scale_init=nn.initializers.normal(), bias_init=nn.initializers.normal())
+    initial = theirs.init(KEY, BATCHES[0], use_running_average=False)
+    for trainer, other in [(theirs, ours), (ours, theirs)]:
+        trained = initial
+        for x in BATCHES:
+            _, stats = trainer.apply(trained, x, use_running_average=False, mutable=["batch_stats"])
+            trained = {**trained, **stats}
+        for use_running_average in (True, False):
+            outputs = [
+                m.apply(trained, BATCHES[1], use_running_average=use_running_average, mutable=["batch_stats"])
+                for m in (other, trainer)
+            ]
+            close(outputs[0][0], outputs[1][0])
+            trees_close(outputs[0][1], outputs[1][1])
+
+
+def test_use_fast_variance_is_accepted_and_changes_nothing():
+    x = BATCHES[2] + 1e3  # where E[x^2] - E[x]^2 would lose digits; jstep is two-pass either way
+    fast, slow = jstep.linen.BatchNorm(use_fast_variance=True), jstep.linen.BatchNorm(use_fast_variance=False)
+    variables = fast.init(KEY, x, use_running_average=False)
+    (y1, s1), (y2, s2) = (
+        m.apply(variables, x, use_running_average=False, mutable=["batch_stats"]) for m in (fast, slow)
+    )
+    np.testing.assert_array_equal(y1, y2)
+    jax.tree.map(np.testing.assert_array_equal, s1, s2)
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="momentum"):
+        jstep.linen.BatchNorm(momentum=-0.1)
+    with pytest.raises(ValueError, match="eps"):
+        jstep.linen.BatchNorm(epsilon=-1.0)
+    with pytest.raises(ValueError, match="feature_axis"):
+        jstep.linen.BatchNorm(axis=3).init(KEY, BATCHES[0], use_running_average=False)
+    with pytest.raises(ValueError, match="axis_name"):
+        jstep.linen.BatchNorm(axis_index_groups=[[0, 1]])
+    with pytest.raises(NotImplementedError, match="axis_index_groups"):
+        jstep.linen.BatchNorm(axis_name="batch", axis_index_groups=[[0, 1]])
