@@ -1,0 +1,277 @@
+"""Low precision: stochastic rounding, and adding updates to low-precision parameters.
+
+Two things go wrong when the notes' running averages (B.0.1.1) and the weights themselves are
+stored in bfloat16 (8 significant bits) with round-to-nearest:
+
+* The average stops moving. ``C_t = gamma C_{t-1} + (1 - gamma) c_t`` with gamma = 0.999 asks
+  for a change of 0.1% of C per step, less than half a bfloat16 ulp (2^-9 = 0.2% of C at
+  best), so ``gamma C_{t-1}`` rounds back to C_{t-1}: Adam's v cannot decay from its peak.
+* Small steps vanish. ``W_t = W_{t-1} - eta d_t`` is lost entirely when |eta d_t| is under half
+  an ulp of W_{t-1}, however many steps ask for it.
+
+Stochastic rounding stores a value x that lies between two neighbours lo < x < hi of the narrow
+grid as hi with probability (x - lo) / (hi - lo) and as lo otherwise, so that
+
+    E[round(x)] = lo + (hi - lo) (x - lo) / (hi - lo) = x.
+
+Each stored value is then off by less than one ulp, but the errors average out instead of
+piling up on one side: a 0.1% decay happens on 1 step in ~4, a step of a tenth of an ulp on 1
+in 10, and the sums and averages of the notes are right in expectation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jstep import _core
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _floating_dtype(name: str, dtype: Any) -> jnp.dtype:
+    """`dtype` as a real floating dtype, or a TypeError naming `name` and what is allowed."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating dtype such as jnp.bfloat16, got {dtype!r}") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(
+            f"{name} must be a real floating dtype, got {resolved}; stochastic rounding works between "
+            "bfloat16, float16, float32 and float64"
+        )
+    return resolved
+
+
+def _check_key(key: Any) -> None:
+    """Raise TypeError unless `key` is one JAX random key (typed, or a raw uint32 key)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if jnp.shape(key) != ():
+            raise TypeError(
+                f"key must be a single random key, got a batch of keys of shape {jnp.shape(key)}; "
+                "split it and call once per key, or jax.vmap over the keys"
+            )
+        return
+    if dtype == jnp.uint32 and jnp.shape(key) == _raw_key_shape():
+        return
+    shown = (
+        f"an array of dtype {dtype} and shape {jnp.shape(key)}"
+        if dtype is not None
+        else f"{type(key).__name__} {key!r}"
+    )
+    raise TypeError(f"key must be a JAX random key such as jax.random.key(0), got {shown}")
+
+
+def _raw_key_shape() -> tuple[int, ...]:
+    """The shape of a raw ``jax.random.PRNGKey`` under the default implementation ((2,) for threefry)."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+
+
+def _is_exact_cast(source: jnp.dtype, target: jnp.dtype) -> bool:
+    """True when `target` holds every finite value of `source` (so a cast never rounds)."""
+    s, t = jnp.finfo(source), jnp.finfo(target)
+    smallest = lambda f: f.minexp - f.nmant  # log2 of the smallest subnormal  # noqa: E731
+    return t.nmant >= s.nmant and t.maxexp >= s.maxexp and smallest(t) <= smallest(s)
+
+
+# --------------------------------------------------------------------------- random bits
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """A 32-bit avalanche mixer (Wellons' "lowbias32"): each output bit depends on every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    """Each element's row-major index, modulo 2^32, as uint32 (works on sharded arrays)."""
+    position = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = lax.broadcasted_iota(jnp.uint32, shape, axis)
+        position = position + index * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return position
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...], words: int = 1) -> tuple[jax.Array, ...]:
+    """`words` arrays of independent uniform uint32 bits of `shape`, from `key`.
+
+    ``jax.random.bits`` gives two 32-bit seed words per array; each element's bits are then
+    ``mix32(position * (seed0 | 1) + seed1)``: a keyed odd multiple of the element's index (a
+    bijection) through an avalanche mixer. That costs a few integer operations per element,
+    where threefry for every element costs about nine times a copy of the array on a CPU
+    (measured), too much for a step that is otherwise memory-bound. Stochastic rounding
+    needs only that each element's bits are uniform and unrelated to its value and to its
+    neighbours' bits, which the mixer gives. Elements 2^32 positions apart share their bits.
+    """
+    seed = jax.random.bits(key, (2 * words,), jnp.uint32)
+    position = _positions(tuple(shape))
+    return tuple(_mix32(position * (seed[2 * w] | 1) + seed[2 * w + 1]) for w in range(words))
+
+
+def _uniform(bits: tuple[jax.Array, ...], dtype: jnp.dtype) -> jax.Array:
+    """A uniform in [0, 1) on the grid of 2^-23 (float32) or 2^-52 (float64, from two words)."""
+    if dtype == jnp.float32:
+        return (bits[0] >> 9).astype(dtype) * np.float32(2.0**-23)
+    high, low = (b >> 6 for b in bits)  # 26 bits each
+    return (high.astype(dtype) * 2.0**26 + low.astype(dtype)) * 2.0**-52
+
+
+# ------------------------------------------------------------------------------ rounding
+
+
+def _round_float32_to_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """The bit form: add 16 uniform random bits below bfloat16's last bit, then truncate.
+
+    bfloat16 is float32 with the low 16 bits of the word cut off (same sign and exponent
+    bits), and the words of floats of one sign are ordered like their magnitudes. For x with
+    word w = q 2^16 + f (0 <= f < 2^16), lo = q 2^16 and hi = (q + 1) 2^16 are the words of
+    the two neighbours (a carry into the exponent gives the next binade's first value, and
+    subnormals are spaced like the first normal binade, so it holds there too), and
+    w + r with r uniform in [0, 2^16) reaches hi exactly when r >= 2^16 - f: probability
+    f / 2^16 = (x - lo) / (hi - lo). Exactly unbiased for every finite x in bfloat16's range.
+    """
+    word = lax.bitcast_convert_type(x, jnp.uint32)
+    rounded = lax.bitcast_convert_type(((word + (bits >> 16)) >> 16).astype(jnp.uint16), jnp.bfloat16)
+    # Finite and |x| <= bfloat16's largest value (0x7F7F0000); NaN, inf and beyond: a plain cast.
+    in_range = (word & jnp.uint32(0x7FFFFFFF)) <= jnp.uint32(0x7F7F0000)
+    return jnp.where(in_range, rounded, x.astype(jnp.bfloat16))
+
+
+def _round_by_neighbours(x: jax.Array, dtype: jnp.dtype, bits: tuple[jax.Array, ...]) -> jax.Array:
+    """The general form: count |x| in units of `dtype`'s spacing there, and round that count at random.
+
+    In the binade [2^k, 2^(k+1)) of |x| the grid of `dtype` is spaced s = 2^(max(k, kmin) - m)
+    (m mantissa bits, kmin the exponent of its smallest normal value), so lo = floor(|x|/s) s
+    and hi = lo + s; q = |x|/s and its fraction f = q - floor(q) = (|x| - lo)/s are exact in the
+    working dtype (float32, or float64 for a float64 x: scaling by a power of two). The result
+    is floor(q) + 1 units with probability f: f is compared with a uniform on the grid of
+    2^-23 (2^-52), so it is exactly unbiased wherever f lies on that grid: every |x| at or above
+    `dtype`'s smallest subnormal (float32 -> float16: 13 to 23 bits dropped; float64 ->
+    float32: 29 to 52). Below it the probability is off by less than 2^-23 (2^-52), a bias
+    under that fraction of the smallest subnormal (and float32 subnormal inputs, which XLA
+    flushes to zero in arithmetic, round to 0).
+
+    A result in `dtype`'s subnormal range is assembled from its bits (its count of units),
+    because XLA's CPU and GPU kernels flush subnormal results of a float conversion to zero.
+    """
+    work = _core.compute_dtype(x.dtype)
+    info = jnp.finfo(dtype)
+    x = x.astype(work)
+    magnitude = abs(x)
+    binade = jnp.frexp(magnitude)[1] - 1
+    spacing = jnp.ldexp(jnp.ones((), work), jnp.maximum(binade, info.minexp) - info.nmant)
+    units = magnitude / spacing
+    below = jnp.floor(units)
+    count = below + (_uniform(bits, work) < units - below).astype(work)
+    uint = _UNSIGNED[dtype.itemsize]
+    value = count * spacing  # on dtype's grid: exact
+    word = jnp.where(
+        value < float(info.smallest_normal),
+        count.astype(uint),  # subnormal: the bits are the count of smallest subnormals
+        lax.bitcast_convert_type(value.astype(dtype), uint),
+    )
+    sign = jnp.where(jnp.signbit(x), uint(1 << (8 * dtype.itemsize - 1)), uint(0))
+    in_range = jnp.isfinite(x) & (magnitude <= float(info.max))
+    return jnp.where(in_range, lax.bitcast_convert_type(word | sign, dtype), x.astype(dtype))
+
+
+def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """Round `x` to `dtype`, up or down at random so that the result is right on average.
+
+    For x between the two neighbours lo < x < hi on `dtype`'s grid::
+
+        round(x) = hi with probability (x - lo) / (hi - lo), else lo,  so  E[round(x)] = x.
+
+    Values on the grid come back unchanged; every other value becomes one of its two
+    neighbours, never anything else. Each element draws its own random bits from `key` (see
+    `random_bits`), so the same `key` gives the same result.
+
+    float32 -> bfloat16 uses the bit form (add 16 random bits below bfloat16's last bit and
+    truncate; exact for every finite value, subnormals included, and cheap enough for an
+    optimizer step). Other pairs (float32 -> float16, float64 -> float32, ...) pick between
+    the two neighbours computed exactly; see `_round_by_neighbours` for the one corner (below
+    the target's smallest subnormal) where its probability is off by at most 2^-23.
+
+    Like an ordinary cast: NaN stays NaN, +-inf stays +-inf, and a finite x beyond `dtype`'s
+    largest finite value (where no upper neighbour exists) is cast by round-to-nearest, so it
+    becomes the largest value or inf exactly as ``x.astype(dtype)`` does. Where `dtype`
+    holds every value of x's dtype (float32 -> float32, bfloat16 -> float32) the result is
+    the exact cast and `key` is not used.
+
+    Args:
+      x: a real floating array (bfloat16, float16, float32 or float64), any shape.
+      dtype: the real floating dtype to round to.
+      key: one JAX random key, ``jax.random.key(seed)`` (or a raw ``jax.random.PRNGKey``).
+
+    Raises:
+      TypeError: for an integer, complex or bool `x` or `dtype`, or a `key` that is not one
+        random key.
+    """
+    source = _floating_dtype("x's dtype", jnp.result_type(x))
+    target = _floating_dtype("dtype", dtype)
+    _check_key(key)
+    x = jnp.asarray(x)
+    if _is_exact_cast(source, target):
+        return x.astype(target)
+    if source == jnp.float32 and target == jnp.bfloat16:
+        return _round_float32_to_bfloat16(x, random_bits(key, x.shape)[0])
+    words = 2 if _core.compute_dtype(source) == jnp.float64 else 1
+    return _round_by_neighbours(x, target, random_bits(key, x.shape, words))
+
+
+# ------------------------------------------------------------------------------- updates
+
+
+def _is_low_precision(dtype: Any) -> bool:
+    """Floating and narrower than float32 (bfloat16, float16, float8): the dtypes rounded stochastically."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+
+
+def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) -> Any:
+    """W_t = W_{t-1} + u_t for every leaf, formed in at least float32, stored in W's dtype.
+
+    Without `key` this is ``optax.apply_updates`` with the sum in at least float32 (Optax
+    adds two bfloat16 arrays in bfloat16) and a round-to-nearest cast back. With `key`,
+    the sum for each low-precision leaf (bfloat16, float16) is stored by `stochastic_round`
+    with the key ``jax.random.fold_in(key, i)`` for leaf i of the flattened `params`, so
+    that steps smaller than half an ulp of W still move it on average (W_t is W_{t-1} + u_t
+    in expectation). float32 and float64 leaves are untouched by the key: bit for bit
+    ``optax.apply_updates``. Use a new key every step (e.g. ``jax.random.fold_in(key, step)``).
+
+    Args:
+      params: the tree of W_{t-1}; None leaves stay None (as in Optax).
+      updates: the tree of u_t, shaped like `params`.
+      key: None, or one JAX random key.
+
+    Returns:
+      The tree of W_t, each leaf in its param's dtype.
+    """
+    if key is not None:
+        _check_key(key)
+    is_none = lambda leaf: leaf is None  # noqa: E731
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_none)
+    update_leaves = treedef.flatten_up_to(updates)
+
+    def add(index, p, u):
+        if p is None:
+            return None
+        p, u = jnp.asarray(p), jnp.asarray(u)
+        total = p.astype(_core.compute_dtype(jnp.result_type(p, u))) + u
+        if key is None or not _is_low_precision(p.dtype):
+            return total.astype(p.dtype)
+        return stochastic_round(total, p.dtype, jax.random.fold_in(key, index))
+
+    return treedef.unflatten([add(i, p, u) for i, (p, u) in enumerate(zip(leaves, update_leaves, strict=True))])
