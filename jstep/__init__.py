@@ -26,6 +26,7 @@ from jstep.averages import (
 from jstep.batch_norm import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_stats
 from jstep.grouping import grouped
 from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
+from jstep.precision import apply_updates, stochastic_round
 from jstep._core import CountState
 from jstep.testing import check_vjp
 
@@ -47,6 +48,7 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
+    "apply_updates",
     "batch_norm",
     "batch_stats",
     "check_vjp",
@@ -62,4 +64,5 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rss",
     "sgd",
+    "stochastic_round",
 ]
