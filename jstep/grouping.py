@@ -4,11 +4,11 @@ Every rule in the notes acts on each weight j on its own (W_j, g_j, m_j, v_j, ..
 gives the same numbers whether the weights are stored as many arrays or as one long vector.
 On a jitted step each array costs a fixed price besides its bytes (a kernel launch, a buffer
 to allocate, donate and hand back), and on a tree of many small leaves that price dominates.
-`grouped` packs the leaves with at most `max_leaf_size` elements into one flat buffer per
-dtype, runs `transformation` on the packed tree, and unpacks its updates:
+`grouped` packs the leaves with at most `max_leaf_size` elements into one buffer per dtype
+and sharding, runs `transformation` on the packed tree, and unpacks its updates:
 
-    packed = {"groups": {dtype name: concatenation of the small leaves},
-              "large": (each larger leaf, as it is)}
+    packed = {"groups": {group name: concatenation of the small leaves of that dtype and sharding},
+              "large": (each larger leaf, and each leaf whose sharding a group cannot keep, as it is)}
 
     opt = jstep.grouped(jstep.adam(1e-3))   # the updates of jstep.adam(1e-3), leaf for leaf
 
@@ -16,6 +16,24 @@ The state is the inner transformation's state over the packed tree: Adam's m and
 small float32 leaves are one buffer each. Use it with transformations that treat each
 element on its own (every jstep optimizer, Optax's scale_by_* and their aliases); one that
 needs the params' tree structure (a mask, per-leaf norms) sees the packed tree instead.
+
+Shardings. A leaf's sharding is read from its type, `jax.typeof(leaf).sharding`, which is
+the same eagerly, under `jit` and for a `jax.ShapeDtypeStruct`, so `init` and `update` always
+agree on the packing:
+
+- On a mesh with explicit axes (`jax.make_mesh`'s default) the type names the mesh axes each
+  dimension is split over. Replicated leaves share the group named by their dtype
+  ("float32"), a flat concatenation, replicated too. Leaves split over mesh axes A along their
+  first dimension only share the group "float32@A" (e.g. "float32@x"), a buffer of shape
+  (shards, n) split over A along its rows: row k holds every leaf's k-th shard, so packing
+  and unpacking move no data between devices. A leaf split in any other way (over a later
+  dimension, or a first dimension the shards do not divide) stays an array of its own.
+- On a mesh with auto axes (or one device) the type does not carry the sharding (under `jit`
+  it is not known until XLA compiles the step), so the small leaves are grouped by dtype
+  only, eagerly and under `jit` alike. Each update is then pinned to its gradient's sharding
+  (`jax.experimental.shard_alike`), so no leaf's sharding changes, but a small sharded leaf
+  in a group makes XLA gather it: keep sharded leaves above `max_leaf_size` there, or use
+  explicit axes.
 """
 
 from __future__ import annotations
@@ -28,60 +46,188 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jstep import _core
 
+# Per dimension of a leaf, the explicit mesh axes it is split over (() where it is not).
+Spec = tuple[tuple[str, ...], ...]
+
+
+class Group(NamedTuple):
+    """One packed buffer: leaves of one dtype whose first dimension is split over `axes`."""
+
+    dtype: str
+    axes: tuple[str, ...]  # () for replicated leaves (or, on auto axes, leaves of unknown sharding)
+    shards: int  # product of the sizes of `axes`: the buffer is (shards, n), or flat (n,) for axes ()
+
+    @property
+    def name(self) -> str:
+        return self.dtype if not self.axes else f"{self.dtype}@{','.join(self.axes)}"
+
 
 class Layout(NamedTuple):
-    """Where each leaf of a tree goes in its packed form (static: shapes and dtypes only)."""
+    """Where each leaf of a tree goes in its packed form (static: shapes, dtypes and shardings only)."""
 
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
-    places: tuple[tuple[str, int], ...]  # ("large", index) or (dtype name, offset in its group)
+    specs: tuple[Spec, ...]
+    places: tuple[tuple[str, int], ...]  # ("large", index) or (group name, offset in its rows)
+    groups: dict[str, Group]
+
+
+def sharding_in_type(leaf: Any) -> tuple[bool, Spec]:
+    """(whether the type of `leaf` carries its sharding, the explicit mesh axes of each dimension)."""
+    sharding = jax.typeof(leaf).sharding
+    mesh = sharding.mesh
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind == AxisType.Explicit}
+    entries = tuple(sharding.spec) + (None,) * (np.ndim(leaf) - len(sharding.spec))
+
+    def axes(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return tuple(name for name in names if name in explicit)
+
+    return bool(explicit), tuple(axes(entry) for entry in entries)
+
+
+def partition_spec(spec: Spec) -> PartitionSpec:
+    """`spec` written as the PartitionSpec users know, e.g. P('x', None)."""
+    return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes in spec))
+
+
+def group_of(leaf: Any, spec: Spec, dtype: str) -> Group | None:
+    """The group `leaf` joins, or None where a flat or (shards, n) buffer cannot keep its sharding."""
+    if not any(spec):
+        return Group(dtype, (), 1)
+    first, rest = spec[0], spec[1:]
+    if not first or any(rest):
+        return None
+    mesh = jax.typeof(leaf).sharding.mesh
+    shards = math.prod(mesh.shape[name] for name in first)
+    return Group(dtype, first, shards) if np.shape(leaf)[0] % shards == 0 else None
 
 
 def layout_of(tree: Any, max_leaf_size: int | None) -> Layout:
-    """The packing of `tree`: leaves of at most `max_leaf_size` elements go to their dtype's group."""
+    """The packing of `tree`: leaves of at most `max_leaf_size` elements go to their dtype and sharding's group."""
     leaves, treedef = jax.tree.flatten(tree)
-    shapes, places, ends, large = [], [], {}, 0
-    for leaf in leaves:
-        shape = tuple(np.shape(leaf))
-        size = math.prod(shape)
-        if max_leaf_size is None or size <= max_leaf_size:
-            group = jnp.result_type(leaf).name
-            offset = ends.get(group, 0)
-            ends[group] = offset + size
-            places.append((group, offset))
+    shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
+    specs = tuple(sharding_in_type(leaf)[1] for leaf in leaves)
+    groups: dict[str, Group] = {}
+    ends: dict[str, int] = {}  # the next free place of each group, and of "large"
+    places: list[tuple[str, int]] = []
+    for leaf, shape, spec in zip(leaves, shapes, specs, strict=True):
+        small = max_leaf_size is None or math.prod(shape) <= max_leaf_size
+        group = group_of(leaf, spec, jnp.result_type(leaf).name) if small else None
+        if group is None:
+            name, length = "large", 1
         else:
-            places.append(("large", large))
-            large += 1
-        shapes.append(shape)
-    return Layout(treedef, tuple(shapes), tuple(places))
+            name, length = group.name, math.prod(shape) // group.shards
+            groups[name] = group
+        places.append((name, ends.get(name, 0)))
+        ends[name] = places[-1][1] + length
+    return Layout(treedef, shapes, specs, tuple(places), groups)
+
+
+def as_rows(leaf: Any, group: Group) -> jax.Array:
+    """`leaf` as its group stores it: flat, or (shards, n) with row k on the devices of shard k."""
+    if not group.axes:
+        return jnp.ravel(leaf)
+    rows = NamedSharding(jax.typeof(leaf).sharding.mesh, PartitionSpec(group.axes, None))
+    return jax.lax.reshape(leaf, (group.shards, np.size(leaf) // group.shards), out_sharding=rows)
+
+
+def abstract_group(members: list[Any], group: Group) -> jax.ShapeDtypeStruct:
+    """The packed buffer of `members` as a ShapeDtypeStruct, on the members' mesh where they share one."""
+    n = sum(math.prod(np.shape(m)) for m in members) // group.shards
+    shape = (group.shards, n) if group.axes else (n,)
+    meshes = {getattr(getattr(m, "sharding", None), "mesh", None) for m in members}
+    mesh = meshes.pop() if len(meshes) == 1 else None
+    sharding = (
+        None if mesh is None else NamedSharding(mesh, PartitionSpec(group.axes or None, *([None] * (len(shape) - 1))))
+    )
+    return jax.ShapeDtypeStruct(shape, jnp.result_type(*members), sharding=sharding)
+
+
+def join(members: list[Any], group: Group) -> Any:
+    """One group's buffer: the members' rows concatenated (abstractly, if any member is a ShapeDtypeStruct)."""
+    if any(isinstance(m, jax.ShapeDtypeStruct) for m in members):
+        return abstract_group(members, group)
+    rows = [as_rows(m, group) for m in members]
+    return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=-1)
 
 
 def pack(tree: Any, layout: Layout) -> dict[str, Any]:
-    """The packed form of `tree`: its small leaves concatenated per dtype, its large ones kept."""
-    groups: dict[str, list[jax.Array]] = {}
+    """The packed form of `tree`: its small leaves concatenated per group, its large ones kept."""
+    members: dict[str, list[Any]] = {name: [] for name in layout.groups}
     large = []
-    for leaf, (group, _) in zip(jax.tree.leaves(tree), layout.places):
-        if group == "large":
+    for leaf, (name, _) in zip(jax.tree.leaves(tree), layout.places, strict=True):
+        if name == "large":
             large.append(leaf)
         else:
-            groups.setdefault(group, []).append(jnp.ravel(leaf))
-    flat = {name: parts[0] if len(parts) == 1 else jnp.concatenate(parts) for name, parts in groups.items()}
-    return {"groups": flat, "large": tuple(large)}
+            members[name].append(leaf)
+    groups = {name: join(parts, layout.groups[name]) for name, parts in members.items()}
+    return {"groups": groups, "large": tuple(large)}
 
 
 def unpack(packed: dict[str, Any], layout: Layout) -> Any:
     """The tree that `pack` packed: slices of the groups reshaped, the large leaves as they are."""
     leaves = []
-    for shape, (group, where) in zip(layout.shapes, layout.places):
-        if group == "large":
+    for shape, (name, where) in zip(layout.shapes, layout.places, strict=True):
+        if name == "large":
             leaves.append(packed["large"][where])
-        else:
-            size = math.prod(shape)
-            leaves.append(jax.lax.slice(packed["groups"][group], (where,), (where + size,)).reshape(shape))
+            continue
+        group, buffer = layout.groups[name], packed["groups"][name]
+        n = math.prod(shape) // group.shards
+        if not group.axes:
+            leaves.append(jax.lax.slice(buffer, (where,), (where + n,)).reshape(shape))
+            continue
+        rows = jax.lax.slice(buffer, (0, where), (group.shards, where + n))
+        sharding = NamedSharding(
+            jax.typeof(buffer).sharding.mesh, PartitionSpec(group.axes, *([None] * (len(shape) - 1)))
+        )
+        leaves.append(jax.lax.reshape(rows, shape, out_sharding=sharding))
     return jax.tree.unflatten(layout.treedef, leaves)
+
+
+def pin_to(updates: Any, gradients: Any, layout: Layout) -> Any:
+    """Each grouped update given its gradient's sharding where the type does not carry it (auto axes)."""
+    pinned = [
+        u if name == "large" or sharding_in_type(g)[0] else shard_alike(u, g)[0]
+        for u, g, (name, _) in zip(jax.tree.leaves(updates), jax.tree.leaves(gradients), layout.places, strict=True)
+    ]
+    return jax.tree.unflatten(layout.treedef, pinned)
+
+
+def check_same_shardings(updates: Any, layout: Layout) -> None:
+    """Raise ValueError naming the first update whose type carries another sharding than its param's."""
+    for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(updates)[0], layout.specs, strict=True):
+        typed, got = sharding_in_type(leaf)
+        if typed and got != spec:
+            raise ValueError(
+                f"updates leaf {jax.tree_util.keystr(path) or '<root>'} is sharded as "
+                f"{partition_spec(got)}, but its param as {partition_spec(spec)}: grouped packs each update by its "
+                "param's sharding and never changes a leaf's sharding, so give the updates the params' "
+                "shardings (jax.sharding.reshard)"
+            )
+
+
+def is_packed(x: Any) -> bool:
+    return isinstance(x, dict) and set(x) == {"groups", "large"}
+
+
+def check_state_matches(state: Any, packed: dict[str, Any]) -> None:
+    """Raise ValueError when `state` was built by init for another packing than `packed`."""
+    expected = (sorted(packed["groups"]), len(packed["large"]))
+    for part in jax.tree.leaves(state, is_leaf=is_packed):
+        if is_packed(part) and (sorted(part["groups"]), len(part["large"])) != expected:
+            raise ValueError(
+                f"grouped: init packed the params into the groups {sorted(part['groups'])} and "
+                f"{len(part['large'])} large leaves, but update packs them into {expected[0]} and "
+                f"{expected[1]}. Leaves are grouped by dtype and sharding (on an explicit-axes mesh, "
+                "the sharding is in the type), so call init with params of the dtypes and shardings "
+                "given to update (a jax.ShapeDtypeStruct carries them in its sharding=)"
+            )
 
 
 def check_max_leaf_size(value: Any) -> None:
@@ -91,40 +237,57 @@ def check_max_leaf_size(value: Any) -> None:
         raise ValueError(f"max_leaf_size must be an int >= 0 or None (every leaf), got {value!r}")
 
 
-def grouped(transformation: optax.GradientTransformation, *, max_leaf_size: int | None = 1 << 16) -> optax.GradientTransformation:
-    """`transformation` run on the params' small leaves packed into one flat buffer per dtype.
+def grouped(
+    transformation: optax.GradientTransformation, *, max_leaf_size: int | None = 1 << 16
+) -> optax.GradientTransformationExtraArgs:
+    """`transformation` run on the params' small leaves packed into one buffer per dtype and sharding.
 
     The updates are those of `transformation` on the unpacked tree for an elementwise rule
     such as every jstep optimizer (u_j depends on g_j and the state of j only), up to the
     last bits: XLA may compile the same arithmetic differently for arrays of other lengths.
 
     Args:
-      transformation: an elementwise ``optax.GradientTransformation``.
-      max_leaf_size: leaves with at most this many elements are grouped; larger leaves stay
-        arrays of their own (concatenating them would copy many bytes to save one array).
-        ``None`` groups every leaf.
+      transformation: an elementwise ``optax.GradientTransformation`` (extra keyword
+        arguments of ``update``, such as ``value=loss``, are passed on to it; a plain
+        ``GradientTransformation`` ignores them).
+      max_leaf_size: leaves with at most this many elements (all shards together) are
+        grouped; larger leaves stay arrays of their own (concatenating them would copy many
+        bytes to save one array). ``None`` groups every leaf.
 
     The state holds the same bytes as the plain transformation's; the step needs one scratch
-    buffer the size of the grouped gradients (their packed copy).
+    buffer the size of the grouped gradients (their packed copy). ``init`` accepts
+    ``jax.ShapeDtypeStruct`` leaves and gives the state ``jax.eval_shape(init, params)``
+    describes, each buffer placed by its group's sharding where the leaves carry one.
 
-    The leaves are grouped by the dtypes of the params given to ``init`` and ``update``; call
-    ``update`` with ``params`` when the gradients' dtypes differ from the params'.
+    The leaves are grouped by the dtypes and shardings of the params given to ``init`` and
+    ``update``; call ``update`` with ``params`` when the gradients' dtypes differ from the
+    params'. No leaf's sharding changes:
 
-    Under a sharded ``jit`` the groups are concatenations of the leaves, so keep to the
-    default where large leaves are sharded, or leave grouping out.
+    - on an explicit-axes mesh, replicated leaves form one flat group per dtype, and leaves
+      split over the same mesh axes along their first dimension only form a group of shape
+      (shards, n) split the same way, so packing moves no data between devices; any other
+      sharded leaf stays an array of its own;
+    - on an auto-axes mesh the sharding of a traced array is unknown, so leaves are grouped
+      by dtype only and each update is pinned to its gradient's sharding; a small sharded
+      leaf is then gathered for its group, so keep sharded leaves above ``max_leaf_size``.
     """
     check_max_leaf_size(max_leaf_size)
+    inner = optax.with_extra_args_support(transformation)
 
     def init(params):
         _core.check_floating_leaves(params)
-        return transformation.init(pack(params, layout_of(params, max_leaf_size)))
+        return inner.init(pack(params, layout_of(params, max_leaf_size)))
 
-    def update(updates, state, params=None):
-        # Grouped as at init: by the params' dtypes where given (gradients may differ from
-        # them, e.g. float32 gradients of bfloat16 params); each update keeps its own dtype.
+    def update(updates, state, params=None, **extra_args):
+        # Grouped as at init: by the params' dtypes and shardings where given (gradients may
+        # differ in dtype, e.g. float32 gradients of bfloat16 params); each update keeps its own.
         layout = layout_of(updates if params is None else params, max_leaf_size)
+        if params is not None:
+            check_same_shardings(updates, layout)
+        packed_updates = pack(updates, layout)
+        check_state_matches(state, packed_updates)
         packed_params = None if params is None else pack(params, layout)
-        packed_updates, state = transformation.update(pack(updates, layout), state, packed_params)
-        return _core.cast_like(unpack(packed_updates, layout), updates), state
+        packed_updates, state = inner.update(packed_updates, state, packed_params, **extra_args)
+        return _core.cast_like(pin_to(unpack(packed_updates, layout), updates, layout), updates), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -9,6 +9,11 @@ What these tests prove:
   leaves, with scalar, zero-size and None leaves handled, and it costs no extra bytes;
 - it composes with Optax's wrappers (chain, MultiSteps, inject_hyperparams, masked), with a
   donated jitted step and with vmap;
+- it is an optax.GradientTransformationExtraArgs: extra keyword arguments of update reach
+  the inner transformation (one that requires them, inside a chain, or a plain
+  GradientTransformation that ignores them);
+- init of jax.ShapeDtypeStruct params builds the state jax.eval_shape(init, params) describes,
+  with the values init of concrete params gives (shardings: tests/test_sharding.py);
 - bad max_leaf_size values and integer leaves are refused with messages that name them.
 """
 
@@ -19,6 +24,7 @@ import optax
 import pytest
 
 import jstep
+
 from harness import (
     OPTIMIZER_NAMES,
     STEPS,
@@ -108,7 +114,7 @@ def mixed_tree(make):
 
 def test_mixed_dtypes_one_buffer_per_dtype_and_same_updates():
     rng = np.random.default_rng(2)
-    params = mixed_tree(lambda shape, dtype: jnp.ones(shape, dtype))
+    params = mixed_tree(jnp.ones)
     grads = [mixed_tree(lambda shape, dtype: jnp.asarray(rng.normal(size=shape), dtype)) for _ in range(5)]
     opt, plain = jstep.grouped(jstep.adam(1e-2)), jstep.adam(1e-2)
     state, plain_state = opt.init(params), plain.init(params)
@@ -133,7 +139,7 @@ def test_gradients_of_another_dtype_than_the_params():
     """float32 gradients of bfloat16 params (mixed-precision training): grouped by the params'
     dtypes as at init, each update in its gradient's dtype, as the plain optimizer gives."""
     rng = np.random.default_rng(3)
-    params = mixed_tree(lambda shape, dtype: jnp.ones(shape, dtype))
+    params = mixed_tree(jnp.ones)
     grads = mixed_tree(lambda shape, dtype: jnp.asarray(rng.normal(size=shape), jnp.float32))
     opt, plain = jstep.grouped(jstep.adam(1e-2)), jstep.adam(1e-2)
     updates, state = jax.jit(opt.update)(grads, opt.init(params), params)
@@ -179,7 +185,7 @@ def injected():
 
 
 @pytest.mark.parametrize(
-    "wrapped, plain",
+    ("wrapped", "plain"),
     [
         pytest.param(lambda: clipped(jstep.grouped(jstep.adam(1e-2))), lambda: clipped(jstep.adam(1e-2)), id="chain"),
         pytest.param(
@@ -254,6 +260,77 @@ def test_vmap_equals_per_example_runs():
         assert_close_runs(got, expected, RTOL["float32"])
 
 
+# -------------------------------------------------- extra arguments and abstract init
+
+
+def scale_by_value():
+    """Multiply each gradient by the `value` keyword of update, which it requires."""
+
+    def update(updates, state, params=None, *, value):
+        return jax.tree.map(lambda g: g * value, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def test_is_an_optax_gradient_transformation_extra_args():
+    assert isinstance(jstep.grouped(optax.sgd(0.1)), optax.GradientTransformationExtraArgs)
+
+
+def test_extra_arguments_reach_the_inner_transformation():
+    rng = np.random.default_rng(7)
+    params = mixed_tree(jnp.ones)
+    grads = mixed_tree(lambda shape, dtype: jnp.asarray(rng.normal(size=shape), dtype))
+    opt = jstep.grouped(scale_by_value(), max_leaf_size=4)  # w (12 values) stays large
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params, value=3.0)
+    assert_close_trees(updates, jax.tree.map(lambda g: g * 3.0, grads))
+
+
+def test_extra_arguments_reach_a_transformation_inside_a_chain():
+    grads = gradient_sequence(8, 5, np.float32)
+
+    def chained():
+        return optax.chain(scale_by_value(), jstep.adam(1e-2))
+
+    params = params_like(grads, np.float32)
+    opt, plain = jstep.grouped(chained()), chained()
+    state, plain_state = opt.init(params), plain.init(params)
+    for g in grads:
+        updates, state = opt.update(g, state, params, value=0.5)
+        expected, plain_state = plain.update(g, plain_state, params, value=0.5)
+        assert_close_trees(updates, expected)
+
+
+def test_extra_arguments_are_dropped_for_a_plain_gradient_transformation():
+    def update(updates, state, params=None):  # takes no extra arguments
+        return jax.tree.map(lambda g: -0.1 * g, updates), state
+
+    plain = optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    grads = jax.tree.map(jnp.asarray, gradient_sequence(9, 1, np.float32)[0])
+    opt = jstep.grouped(plain)
+    updates, _ = opt.update(grads, opt.init(grads), grads, value=0.5)
+    assert_close_trees(updates, jax.tree.map(lambda g: -0.1 * g, grads))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: jstep.adam(1e-2), id="adam"),
+        pytest.param(lambda: jstep.adagrad(0.1, initial_accumulator_value=0.25), id="adagrad"),
+        pytest.param(lambda: optax.adam(1e-2), id="optax_adam"),
+    ],
+)
+def test_abstract_init_is_the_state_eval_shape_describes(make):
+    params = mixed_tree(jnp.ones)
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    opt = jstep.grouped(make(), max_leaf_size=4)  # grouped leaves and a large one
+    built, described = opt.init(abstract), jax.eval_shape(opt.init, abstract)
+    assert jax.tree.structure(built) == jax.tree.structure(described)
+    for b, d in zip(jax.tree.leaves(built), jax.tree.leaves(described), strict=True):
+        assert isinstance(b, jax.Array) and (b.shape, b.dtype) == (d.shape, d.dtype)
+    for b, c in zip(jax.tree.leaves(built), jax.tree.leaves(opt.init(params)), strict=True):
+        np.testing.assert_array_equal(b, c)  # the initial values of concrete params
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -268,3 +345,14 @@ def test_integer_leaf_is_refused_at_init_by_path():
     opt = jstep.grouped(jstep.adam(1e-2))
     with pytest.raises(TypeError, match=r"\['step'\].*dtype int32"):
         opt.init(params)
+
+
+def test_update_of_params_grouped_otherwise_than_at_init_is_refused():
+    params = {"w": jnp.ones((3,), jnp.float32), "b": jnp.ones((2,), jnp.float32)}
+    opt = jstep.grouped(jstep.adam(1e-2))
+    state = opt.init(params)
+    other = {"w": params["w"], "b": params["b"].astype(jnp.bfloat16)}
+    with pytest.raises(
+        ValueError, match=r"init packed the params into the groups \['float32'\].*\['bfloat16', 'float32'\]"
+    ):
+        opt.update(other, state, other)

@@ -1,12 +1,25 @@
 """Sharded jit on 8 CPU devices: state and updates keep the params' NamedSharding, values match one device.
 
 `grouped` is run with its sharded leaf kept large: its updates keep the sharding, its values match.
+It is also run with small leaves of every sharding (GROUPED_SPECS) on a mesh with explicit axes
+(jax.make_mesh's default) and on one with auto axes, initialized under jit, eagerly and from
+ShapeDtypeStructs, which proves:
+
+- no update's sharding changes, and the updates equal the plain optimizer's on one device;
+- on explicit axes, leaves are grouped by dtype and sharding: the replicated ones in one flat
+  replicated buffer, the ones split along their first dimension in one (shards, n) buffer split
+  the same way, and a leaf split along another dimension stays an array of its own; packing
+  and unpacking compile to no collective at all;
+- abstract init gives the state jax.eval_shape(init, params) describes, shardings included;
+- an init that saw other shardings than update, or updates sharded unlike their params, raise
+  errors that say so.
 
 The 8 devices come from XLA_FLAGS, which must be set before jax is imported, so the check
 runs in a subprocess; the rest of the suite keeps its single device.
 """
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -15,6 +28,13 @@ import sys
 import pytest
 
 NAMES = ["adam", "momentum", "rmsprop", "adagrad", "grouped_adam"]
+
+# Small leaves of every kind, on a 1-d mesh of 8 devices named "x": split along the first
+# dimension (w, v), replicated (b, s), and split along a later dimension (c).
+GROUPED_SHAPES = {"w": [16, 4], "v": [24], "b": [5], "s": [], "c": [3, 8]}
+GROUPED_SPECS = {"w": ["x", None], "v": ["x"], "b": [], "s": [], "c": [None, "x"]}
+GROUPED_RUNS = ["explicit jit", "explicit eager", "explicit abstract", "auto jit", "auto abstract"]
+GROUPED_CONFIG = {"shapes": GROUPED_SHAPES, "specs": GROUPED_SPECS, "runs": GROUPED_RUNS}
 
 SCRIPT = r"""
 import json, sys
@@ -73,7 +93,7 @@ def trajectory(opt, sharded, problems, state_like_params):
     return out
 
 report = {}
-for name in sys.argv[1:]:
+for name in sys.argv[2:]:
     problems = []
     like = not name.startswith("grouped")
     sharded = trajectory(make[name](), True, problems, like)
@@ -83,6 +103,99 @@ for name in sys.argv[1:]:
         for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single))
     )
     report[name] = {"problems": problems, "max_relative_difference": diff}
+
+# ------------------------------------------------------ grouped with small sharded leaves
+from jax.sharding import AxisType
+config = json.loads(sys.argv[1])
+SHAPES, SPECS = config["shapes"], {k: P(*v) for k, v in config["specs"].items()}
+explicit = jax.make_mesh((8,), ("x",))
+auto = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+host_params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+host_grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), host_params) for _ in range(3)]
+
+def mesh_put(tree, mesh):
+    return {k: jax.device_put(x, NamedSharding(mesh, SPECS[k])) for k, x in tree.items()}
+
+def abstract(mesh, sharded=True):
+    return {k: jax.ShapeDtypeStruct(SHAPES[k], jnp.float32, sharding=NamedSharding(mesh, SPECS[k]) if sharded else None)
+            for k in SHAPES}
+
+def spec_of(sharding, ndim):
+    # The sharding's spec padded to ndim, or None for no sharding or one device.
+    if not isinstance(sharding, NamedSharding) or not sharding.mesh.axis_names:
+        return None
+    return list(tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec)))
+
+def packed_layout(state):
+    # Adam's packed moments: path -> [shape, spec].
+    return {f"{field}{jax.tree_util.keystr(path)}": [list(leaf.shape), spec_of(leaf.sharding, leaf.ndim)]
+            for field in ("mu", "nu") for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(state, field))[0]}
+
+def one_device_updates():
+    opt = jstep.adam(0.01)
+    state, update, out = opt.init(host_params), jax.jit(opt.update), []
+    for g in host_grads:
+        updates, state = update(g, state, host_params)
+        out.append(jax.device_get(updates))
+    return out
+
+def grouped_run(mesh, init, jitted):
+    opt = jstep.grouped(jstep.adam(0.01))
+    params = mesh_put(host_params, mesh)
+    state = {"jit": jax.jit(opt.init), "eager": opt.init, "abstract": lambda p: opt.init(abstract(mesh))}[init](params)
+    layout = packed_layout(state)
+    update = jax.jit(opt.update) if jitted else opt.update
+    problems, out = [], []
+    for t, g in enumerate(host_grads):
+        updates, state = update(mesh_put(g, mesh), state, params)
+        problems += [f"step {t} update {k}: {u.sharding.spec} (param: {params[k].sharding.spec})"
+                     for k, u in updates.items() if not u.sharding.is_equivalent_to(params[k].sharding, u.ndim)]
+        out.append(jax.device_get(updates))
+    diff = max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+               for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(one_device_updates()), strict=True))
+    return {"problems": problems, "max_relative_difference": diff, "layout": layout}
+
+def collectives(opt, mesh):
+    # How many collectives the compiled jitted update has (packing should need none).
+    params = mesh_put(host_params, mesh)
+    text = jax.jit(opt.update).lower(params, jax.jit(opt.init)(params), params).compile().as_text()
+    ops = ("all-gather", "all-to-all", "all-reduce", "collective-permute", "reduce-scatter")
+    return sum(text.count(op) for op in ops)
+
+def error_of(call):
+    try:
+        call()
+    except ValueError as e:
+        return str(e)
+    return None
+
+grouped_report = {"make_mesh_axis_types": [t.name for t in explicit.axis_types]}
+for name in config["runs"]:
+    kind, init = name.split()
+    grouped_report[name] = grouped_run(explicit if kind == "explicit" else auto, init, init != "eager")
+for kind, mesh in [("explicit", explicit), ("auto", auto)]:
+    opt = jstep.grouped(jstep.adam(0.01))
+    described, built = jax.eval_shape(opt.init, abstract(mesh)), opt.init(abstract(mesh))
+    grouped_report[f"{kind} eval_shape"] = {
+        "same_structure": jax.tree.structure(described) == jax.tree.structure(built),
+        "same_shapes_and_dtypes": [(d.shape, d.dtype) for d in jax.tree.leaves(described)]
+        == [(b.shape, b.dtype) for b in jax.tree.leaves(built)],
+        "described": packed_layout(described),
+    }
+grouped_report["collectives"] = {
+    "grouped": collectives(jstep.grouped(jstep.adam(0.01)), explicit),
+    "plain": collectives(jstep.adam(0.01), explicit),
+}
+opt = jstep.grouped(jstep.adam(0.01))
+params = mesh_put(host_params, explicit)
+grouped_report["errors"] = {
+    "init_without_shardings": error_of(
+        lambda: jax.jit(opt.update)(params, opt.init(abstract(explicit, sharded=False)), params)),
+    "updates_replicated": error_of(
+        lambda: jax.jit(opt.update)(jax.device_put(host_params, NamedSharding(explicit, P())), opt.init(params), params)
+    ),
+}
+report["grouped"] = grouped_report
 print("REPORT" + json.dumps(report))
 """
 
@@ -95,10 +208,16 @@ def report():
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *NAMES], env=env, cwd=root, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, json.dumps(GROUPED_CONFIG), *NAMES],
+        check=False,
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("REPORT"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
     return json.loads(line[len("REPORT") :])
 
 
@@ -110,3 +229,86 @@ def test_state_and_updates_keep_the_params_sharding(report, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_sharded_values_equal_the_single_device_run(report, name):
     assert report[name]["max_relative_difference"] <= 1e-6
+
+
+# ------------------------------------------------------ grouped with small sharded leaves
+
+
+def padded_spec(name):
+    """GROUPED_SPECS[name] with one entry per dimension (None: not split)."""
+    return GROUPED_SPECS[name] + [None] * (len(GROUPED_SHAPES[name]) - len(GROUPED_SPECS[name]))
+
+
+def size(name):
+    return math.prod(GROUPED_SHAPES[name])
+
+
+def expected_explicit_layout():
+    """Adam's packed moments on explicit axes, derived from GROUPED_SHAPES and GROUPED_SPECS."""
+    names = sorted(GROUPED_SPECS)  # the order of the leaves in the flattened dict
+    replicated = [k for k in names if all(e is None for e in padded_spec(k))]
+    first_only = [k for k in names if padded_spec(k)[:1] == ["x"] and all(e is None for e in padded_spec(k)[1:])]
+    others = [k for k in names if k not in replicated + first_only]
+    layout = {}
+    for field in ("mu", "nu"):
+        layout[f"{field}['groups']['float32']"] = [[sum(map(size, replicated))], [None]]
+        layout[f"{field}['groups']['float32@x']"] = [[8, sum(map(size, first_only)) // 8], ["x", None]]
+        for i, k in enumerate(others):
+            layout[f"{field}['large'][{i}]"] = [GROUPED_SHAPES[k], padded_spec(k)]
+    return layout
+
+
+def test_make_mesh_defaults_to_explicit_axes(report):
+    """So the explicit runs below are what a user of jax.make_mesh gets by default."""
+    assert report["grouped"]["make_mesh_axis_types"] == ["Explicit"]
+
+
+@pytest.mark.parametrize("run", GROUPED_RUNS)
+def test_grouped_updates_keep_every_leaf_sharding(report, run):
+    assert report["grouped"][run]["problems"] == []
+
+
+@pytest.mark.parametrize("run", GROUPED_RUNS)
+def test_grouped_sharded_updates_equal_the_plain_optimizer_on_one_device(report, run):
+    assert report["grouped"][run]["max_relative_difference"] <= 1e-6
+
+
+@pytest.mark.parametrize("run", ["explicit jit", "explicit eager", "explicit abstract"])
+def test_grouped_by_dtype_and_sharding_on_explicit_axes(report, run):
+    assert report["grouped"][run]["layout"] == expected_explicit_layout()
+
+
+@pytest.mark.parametrize("run", ["auto jit", "auto abstract"])
+def test_grouped_by_dtype_only_on_auto_axes(report, run):
+    """Under jit the type of an array on auto axes has no sharding: one group per dtype."""
+    layout = report["grouped"][run]["layout"]
+    assert sorted(layout) == ["mu['groups']['float32']", "nu['groups']['float32']"]
+    assert all(shape == [sum(map(size, GROUPED_SHAPES))] for shape, _ in layout.values())
+    if run == "auto abstract":  # the leaves share a mesh: the group is placed on it, replicated
+        assert all(spec == [None] for _, spec in layout.values())
+
+
+def test_grouped_abstract_init_is_what_eval_shape_describes(report):
+    for kind in ("explicit", "auto"):
+        checks = report["grouped"][f"{kind} eval_shape"]
+        assert checks["same_structure"] and checks["same_shapes_and_dtypes"], kind
+    # On explicit axes eval_shape describes the shardings too, and init builds them.
+    assert report["grouped"]["explicit eval_shape"]["described"] == expected_explicit_layout()
+
+
+def test_grouped_packing_moves_no_data_between_devices(report):
+    assert report["grouped"]["collectives"] == {"grouped": 0, "plain": 0}
+
+
+def test_grouped_init_of_other_shardings_is_refused(report):
+    message = report["grouped"]["errors"]["init_without_shardings"]
+    assert message is not None and "init packed the params into the groups ['float32']" in message
+    assert "['float32', 'float32@x']" in message and "dtypes and shardings" in message
+
+
+def test_grouped_updates_sharded_unlike_their_params_are_refused(report):
+    message = report["grouped"]["errors"]["updates_replicated"]
+    first = next(k for k in sorted(GROUPED_SPECS) if any(padded_spec(k)))  # the first leaf checked that differs
+    spec = ", ".join(repr(e) for e in padded_spec(first))
+    assert message is not None and f"updates leaf ['{first}'] is sharded as P(" in message
+    assert f"but its param as P({spec})" in message and "jax.sharding.reshard" in message
