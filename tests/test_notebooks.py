@@ -10,7 +10,7 @@ pytest.importorskip("nbclient")
 import notebook_runs  # noqa: E402  (executes each notebook once; tests/test_docs.py reuses the runs)
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_running_averages", "02_momentum", "03_adaptive_and_adam", "04_batch_norm"]
+NAMES = ["01_running_averages", "02_momentum", "03_adaptive_and_adam", "04_batch_norm", "05_flax_and_equinox"]
 
 
 def test_exactly_the_four_notebooks_without_outputs():
