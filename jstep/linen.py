@@ -56,8 +56,9 @@ class BatchNorm(nn.Module):
       axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nn.vmap``) over which the
         batch is split; the statistics and the gradient's sums are all-reduced over it. Under
         a sharded ``jit`` leave it None: XLA inserts the collectives.
-      axis_index_groups: accepted for Flax's signature; jstep does not take index groups
-        (NotImplementedError when the module is built).
+      axis_index_groups: in Flax's signature, but not supported: `jstep.batch_norm` all-reduces
+        over the whole of `axis_name`, so anything but None raises NotImplementedError when the
+        module is built.
       use_fast_variance: accepted and moot: jstep's variance is always the two-pass
         (1/K) sum (Z - mu)^2, never E[Z^2] - mu^2.
       force_float32_reductions: as in Flax, the dtype of the running statistics (float32, or

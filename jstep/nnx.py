@@ -64,8 +64,8 @@ class BatchNorm(nnx.Module):
       axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nnx.shard_map``) over
         which the batch is split; the statistics and the gradient's sums are all-reduced over it.
         Under a sharded ``jit`` leave it None: XLA inserts the collectives.
-      axis_index_groups: accepted for Flax's signature; jstep does not take index groups
-        (NotImplementedError at construction, see `jstep._layers.check_axis_index_groups`).
+      axis_index_groups: in Flax's signature, but not supported: `jstep.batch_norm` all-reduces
+        over the whole of `axis_name`, so anything but None raises NotImplementedError here.
       use_fast_variance: accepted and moot: jstep's variance is always the two-pass
         (1/K) sum (Z - mu)^2, never E[Z^2] - mu^2.
       promote_dtype: Flax's dtype promotion of ``(x, mean, var, scale, bias)``.
