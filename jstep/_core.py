@@ -47,6 +47,39 @@ def check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
         check_number("learning_rate", learning_rate, low=0.0)
 
 
+def check_rounding_seed(rounding_seed: Any) -> None:
+    """`rounding_seed` is None, an int in [0, 2^31), or an integer scalar array (as
+    `optax.inject_hyperparams` passes it); anything else is a TypeError or ValueError."""
+    if rounding_seed is None:
+        return
+    dtype = getattr(rounding_seed, "dtype", None)
+    if dtype is not None and not isinstance(rounding_seed, numbers.Integral):
+        if jnp.issubdtype(dtype, jnp.integer) and jnp.shape(rounding_seed) == ():
+            return  # an array: its value is not known here
+        raise TypeError(
+            f"rounding_seed must be an int or None, got an array of dtype {dtype} and shape {jnp.shape(rounding_seed)}"
+        )
+    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, numbers.Integral):
+        raise TypeError(
+            f"rounding_seed must be an int (the seed of the stochastic rounding of narrow state) or None, "
+            f"got {type(rounding_seed).__name__} {rounding_seed!r}"
+        )
+    if not 0 <= rounding_seed < 2**31:
+        raise ValueError(f"rounding_seed must be in [0, 2^31), got {rounding_seed}")
+
+
+def check_state_dtype(name: str, dtype: Any) -> None:
+    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype."""
+    if dtype is None:
+        return
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {dtype!r}") from None
+    if not jnp.issubdtype(resolved, jnp.inexact):
+        raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {resolved}")
+
+
 def check_floating_leaves(tree: Any) -> None:
     """Raise TypeError naming the first leaf that is not a floating or complex array."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -99,6 +132,10 @@ def squared_magnitude(g: jax.Array) -> jax.Array:
     return g * g
 
 
+def _is_complex(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.complexfloating)
+
+
 def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
     """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex.
 
@@ -111,6 +148,11 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
+        elif _is_complex(jnp.result_type(leaf)) and not _is_complex(leaf_dtype):
+            raise TypeError(
+                f"a state of dtype {jnp.dtype(leaf_dtype)} cannot hold the complex values of a "
+                f"{jnp.result_type(leaf)} parameter; give a complex state dtype (or None)"
+            )
         if isinstance(leaf, jax.ShapeDtypeStruct):
             return jnp.zeros(leaf.shape, leaf_dtype, device=leaf.sharding)
         # 0 * |leaf| (non-finite entries replaced), not a constant: under jit a constant has

@@ -31,6 +31,7 @@ import optax
 
 from jstep import _core
 from jstep.averages import running_average_update
+from jstep.precision import step_keys
 
 
 class ScaleByAdamState(NamedTuple):
@@ -50,6 +51,7 @@ def scale_by_adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     nesterov: bool = False,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam's direction m_hat_t / (sqrt(v_hat_t + eps_root) + eps), without the learning rate.
 
@@ -63,6 +65,12 @@ def scale_by_adam(
       nu_dtype: dtype of v (default: the parameter's real dtype).
       nesterov: use Nesterov's look-ahead (NAdam, Dozat 2016), as ``optax.adam(nesterov=True)``:
         m_hat_t = B1 m_t / (1 - B1^(t+1)) + (1 - B1) g_t / (1 - B1^t).
+      rounding_seed: None (store m and v by round-to-nearest), or an int: m and v, where
+        narrower than float32, are stored by stochastic rounding with keys from (seed, t, leaf),
+        so that E[m_t] and E[v_t] follow the equations above. In bfloat16 with B2 = 0.999,
+        round-to-nearest leaves v stuck at its peak (B2 v rounds back to v); stochastic
+        rounding lets it decay as in float32. No key is kept in the state, so a run resumed
+        from a checkpoint rounds exactly as an uninterrupted one.
 
     Complex parameters work: m is complex and v accumulates |g|^2.
     """
@@ -70,6 +78,9 @@ def scale_by_adam(
     _core.check_decay("b2", b2)
     _core.check_number("eps", eps)
     _core.check_number("eps_root", eps_root)
+    _core.check_state_dtype("mu_dtype", mu_dtype)
+    _core.check_state_dtype("nu_dtype", nu_dtype)
+    _core.check_rounding_seed(rounding_seed)
 
     def init(params):
         _core.check_floating_leaves(params)
@@ -83,8 +94,9 @@ def scale_by_adam(
         del params, extra_args
         _core.check_same_shapes(updates, state.mu)
         count = _core.increment(state.count)
-        mu = running_average_update(state.mu, updates, b1)
-        nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), b2)
+        mu_key, nu_key = step_keys(rounding_seed, count, 2)
+        mu = running_average_update(state.mu, updates, b1, key=mu_key)
+        nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), b2, key=nu_key)
         correction1 = _core.bias_correction(b1, count)
         correction2 = _core.bias_correction(b2, count)
         if nesterov:
@@ -117,6 +129,7 @@ def adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     nesterov: bool = False,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam: W_t = W_{t-1} - eta_t m_hat_t / (sqrt(v_hat_t + eps_root) + eps).
 
@@ -126,7 +139,9 @@ def adam(
     Optax schedule ``count -> eta_t`` (read at the count before the step, as in Optax).
     """
     return _core.descent(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov),
+        scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov, rounding_seed=rounding_seed
+        ),
         learning_rate,
     )
 
@@ -168,6 +183,7 @@ def adamw(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     nesterov: bool = False,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW: W_t = W_{t-1} - eta_t (m_hat_t / (sqrt(v_hat_t + eps_root) + eps) + lambda W_{t-1}).
 
@@ -182,7 +198,7 @@ def adamw(
     lambda W / eps. AdamW's decay does not depend on the gradients at all.
 
     Args:
-      learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: as in `adam`.
+      learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, rounding_seed: as in `adam`.
       weight_decay: lambda >= 0 (``torch.optim.AdamW``'s default is 1e-2, Optax's 1e-4).
       mask: which params decay: a tree of bools shaped like the params (or a prefix of
         them), or a callable ``params -> that tree``, as in ``optax.adamw``; e.g.
@@ -192,7 +208,9 @@ def adamw(
     ``update`` needs ``params`` (the W in lambda W).
     """
     _core.check_number("weight_decay", weight_decay)
-    direction = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov)
+    direction = scale_by_adam(
+        b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov, rounding_seed=rounding_seed
+    )
 
     def update(updates, state, params=None, **extra_args):
         if params is None:

@@ -24,6 +24,7 @@ import optax
 from jstep import _core
 from jstep.averages import running_average_update
 from jstep.momentum import momentum as jstep_momentum
+from jstep.precision import step_keys, store
 
 
 class ScaleByRmsState(NamedTuple):
@@ -69,6 +70,8 @@ def scale_by_rms(
     initial_scale: Any = 0.0,
     centered: bool = False,
     bias_correction: bool = False,
+    accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """g_t / (sqrt(G_t) + eps) with G_t = gamma G_{t-1} + (1 - gamma) g_t^2 (no learning rate).
 
@@ -86,25 +89,34 @@ def scale_by_rms(
       centered: subtract M_t^2 under the root. The state is then `ScaleByCenteredRmsState`.
       bias_correction: divide G_t (and M_t) by 1 - gamma^t, as Adam does, before the root
         (``optax.scale_by_rms(bias_correction=True)``).
+      accumulator_dtype: dtype of G (and M) (default: each parameter's real dtype for G, its
+        dtype for M). Arithmetic runs in at least float32 whatever the dtypes.
+      rounding_seed: None (store G and M by round-to-nearest), or an int: where narrower than
+        float32 they are stored by stochastic rounding, keys from (seed, t, leaf), so that
+        E[G_t] follows the rule (in bfloat16 G cannot decay by round-to-nearest when
+        1 - gamma < 2^-9). No key is kept in the state.
     """
     _core.check_decay("gamma", gamma)
     _core.check_number("eps", eps)
     _core.check_number("initial_scale", initial_scale)
+    _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
+    _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)
 
     def init(params):
         _core.check_floating_leaves(params)
-        nu = _core.full_like_tree(params, initial_scale, real=True)
+        nu = _core.full_like_tree(params, initial_scale, accumulator_dtype, real=True)
         if centered:
-            return ScaleByCenteredRmsState(_core.new_count(), _core.zeros_like_tree(params), nu)
+            return ScaleByCenteredRmsState(_core.new_count(), _core.zeros_like_tree(params, accumulator_dtype), nu)
         return ScaleByRmsState(_core.new_count(), nu)
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(updates, state.nu)
         count = _core.increment(state.count)
-        nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma)
-        mu = running_average_update(state.mu, updates, gamma) if centered else None
+        nu_key, mu_key = step_keys(rounding_seed, count, 2)
+        nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma, key=nu_key)
+        mu = running_average_update(state.mu, updates, gamma, key=mu_key) if centered else None
         correction = _core.bias_correction(gamma, count) if bias_correction else None
 
         def second_moment(G, M=None):
@@ -139,6 +151,8 @@ def rmsprop(
     momentum: Any = None,
     nesterov: bool = False,
     bias_correction: bool = False,
+    accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The notes' "adadelta" (RMSprop): W_t = W_{t-1} - eta_t g_t / (sqrt(G_t) + eps).
 
@@ -168,6 +182,10 @@ def rmsprop(
       momentum: beta in [0, 1), or None for no velocity.
       nesterov: Nesterov's look-ahead on the velocity; needs `momentum`.
       bias_correction: divide the averages by 1 - gamma^t (see `scale_by_rms`).
+      accumulator_dtype: dtype of G (and M, and the velocity V) (default: the parameters').
+      rounding_seed: stochastic rounding of narrow state (see `scale_by_rms`); the velocity
+        draws its bits from ``rounding_seed ^ 1`` (the last bit flipped), so that G and V
+        round independently.
     """
     scaled = scale_by_rms(
         gamma,
@@ -176,17 +194,28 @@ def rmsprop(
         initial_scale=initial_scale,
         centered=centered,
         bias_correction=bias_correction,
+        accumulator_dtype=accumulator_dtype,
+        rounding_seed=rounding_seed,
     )
     if momentum is None:
         if nesterov:
             raise ValueError("nesterov=True needs a momentum: give momentum=beta in [0, 1), e.g. 0.9")
         return _core.descent(scaled, learning_rate)
     _core.check_decay("momentum", momentum)
-    return optax.chain(scaled, jstep_momentum(learning_rate, momentum, nesterov=nesterov))
+    velocity_seed = None if rounding_seed is None else rounding_seed ^ 1
+    velocity = jstep_momentum(
+        learning_rate, momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype, rounding_seed=velocity_seed
+    )
+    return optax.chain(scaled, velocity)
 
 
 def scale_by_rss(
-    eps: Any = 1e-10, *, eps_in_sqrt: bool = False, initial_accumulator_value: Any = 0.0
+    eps: Any = 1e-10,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_accumulator_value: Any = 0.0,
+    accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """g_t / (sqrt(G_t) + eps) with G_t = G_{t-1} + g_t^2, the root of the sum of squares.
 
@@ -194,14 +223,21 @@ def scale_by_rss(
       eps: >= 0, added to the denominator.
       eps_in_sqrt: use g_t / sqrt(G_t + eps) instead.
       initial_accumulator_value: G_0, >= 0 (``optax.adagrad`` uses 0.1).
+      accumulator_dtype: dtype of G (default: each parameter's real dtype).
+      rounding_seed: None (store G by round-to-nearest), or an int: where narrower than
+        float32, G is stored by stochastic rounding, keys from (seed, t, leaf), so that
+        E[G_t] = G_{t-1} + g_t^2 (in bfloat16 a g_t^2 under half an ulp of G is otherwise
+        lost). No key is kept in the state.
     """
     _core.check_number("eps", eps)
     _core.check_number("initial_accumulator_value", initial_accumulator_value)
+    _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
+    _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)
 
     def init(params):
         _core.check_floating_leaves(params)
-        initial = _core.full_like_tree(params, initial_accumulator_value, real=True)
+        initial = _core.full_like_tree(params, initial_accumulator_value, accumulator_dtype, real=True)
         return ScaleByRssState(_core.new_count(), initial)
 
     def update(updates, state, params=None, **extra_args):
@@ -210,12 +246,12 @@ def scale_by_rss(
 
         def step(g, G):
             G_new = G.astype(_core.compute_dtype(G.dtype)) + _core.squared_magnitude(g)
-            return _core.adaptive_step(g, G_new, **placement).astype(g.dtype), G_new.astype(G.dtype)
+            return _core.adaptive_step(g, G_new, **placement).astype(g.dtype), G_new
 
-        directions, sum_of_squares = _core.unzip_pairs(
-            jax.tree.map(step, updates, state.sum_of_squares), updates
-        )
-        return directions, ScaleByRssState(_core.increment(state.count), sum_of_squares)
+        directions, sum_of_squares = _core.unzip_pairs(jax.tree.map(step, updates, state.sum_of_squares), updates)
+        count = _core.increment(state.count)
+        (key,) = step_keys(rounding_seed, count, 1)
+        return directions, ScaleByRssState(count, store(sum_of_squares, state.sum_of_squares, key))
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -226,6 +262,8 @@ def adagrad(
     *,
     eps_in_sqrt: bool = False,
     initial_accumulator_value: Any = 0.0,
+    accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adagrad: W_t = W_{t-1} - eta_t g_t / (sqrt(G_t) + eps), G_t = G_{t-1} + g_t^2.
 
@@ -237,14 +275,26 @@ def adagrad(
       eps: >= 0.
       eps_in_sqrt: put eps inside the square root.
       initial_accumulator_value: G_0, >= 0.
+      accumulator_dtype, rounding_seed: the dtype of G and its stochastic rounding (see `scale_by_rss`).
     """
-    return _core.descent(
-        scale_by_rss(eps, eps_in_sqrt=eps_in_sqrt, initial_accumulator_value=initial_accumulator_value),
-        learning_rate,
+    scaled = scale_by_rss(
+        eps,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_accumulator_value=initial_accumulator_value,
+        accumulator_dtype=accumulator_dtype,
+        rounding_seed=rounding_seed,
     )
+    return _core.descent(scaled, learning_rate)
 
 
-def adadelta(learning_rate: _core.ScalarOrSchedule = 1.0, rho: Any = 0.9, eps: Any = 1e-6) -> optax.GradientTransformationExtraArgs:
+def adadelta(
+    learning_rate: _core.ScalarOrSchedule = 1.0,
+    rho: Any = 0.9,
+    eps: Any = 1e-6,
+    *,
+    accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """Zeiler's ADADELTA (2012), the method the name usually means (for completeness).
 
         E[g^2]_t  = rho E[g^2]_{t-1} + (1 - rho) g_t^2
@@ -258,29 +308,36 @@ def adadelta(learning_rate: _core.ScalarOrSchedule = 1.0, rho: Any = 0.9, eps: A
       learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
       rho: the decay of both averages, in [0, 1).
       eps: > 0 in practice (with eps = 0 the first step is 0 and so is every later one).
+      accumulator_dtype: dtype of both averages (default: each parameter's real dtype).
+      rounding_seed: None (round-to-nearest), or an int: averages narrower than float32 are
+        stored by stochastic rounding, keys from (seed, t, leaf). No key is kept in the state.
     """
     _core.check_decay("rho", rho)
     _core.check_number("eps", eps)
+    _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
+    _core.check_rounding_seed(rounding_seed)
 
     def init(params):
         _core.check_floating_leaves(params)
         return AdadeltaState(
             _core.new_count(),
-            _core.zeros_like_tree(params, real=True),
-            _core.zeros_like_tree(params, real=True),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True),
         )
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(updates, state.e_g)
-        e_g = running_average_update(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
+        count = _core.increment(state.count)
+        e_g_key, e_x_key = step_keys(rounding_seed, count, 2)
+        e_g = running_average_update(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho, key=e_g_key)
 
         def step(g, Eg, Ex):
             Ex = Ex.astype(_core.compute_dtype(Ex.dtype))
             return _core.adaptive_step(g, Eg, eps=0.0, eps_root=eps) * jnp.sqrt(Ex + eps)
 
         steps = jax.tree.map(step, updates, e_g, state.e_x)
-        e_x = running_average_update(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
-        return _core.cast_like(steps, updates), AdadeltaState(_core.increment(state.count), e_g, e_x)
+        e_x = running_average_update(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho, key=e_x_key)
+        return _core.cast_like(steps, updates), AdadeltaState(count, e_g, e_x)
 
     return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jstep import _core
+from jstep.precision import step_keys, store
 
 Gamma = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -30,17 +31,24 @@ class RunningAverageState(NamedTuple):
     average: Any
 
 
-def running_average_update(average: Any, value: Any, gamma: Any) -> Any:
+def running_average_update(average: Any, value: Any, gamma: Any, *, key: jax.Array | None = None) -> Any:
     """One step of the rule, C_t = gamma C_{t-1} + (1 - gamma) c_t, leaf by leaf.
 
     The arithmetic runs in at least float32 and the result keeps `average`'s dtype, so a
     bfloat16 accumulator stays bfloat16. This is the building block of every moment in
     jstep: momentum's M, RMSprop's G, Adam's m and v, and BatchNorm's running statistics.
 
+    Stored in bfloat16 by round-to-nearest, C_t = gamma C_{t-1} stops moving once
+    (1 - gamma) C is under half an ulp of C (gamma = 0.999: always). With `key`, each narrow
+    leaf is stored by `jstep.stochastic_round` instead (``jax.random.fold_in(key, i)`` for
+    leaf i), so that E[C_t] follows the rule exactly.
+
     Args:
       average: the tree of C_{t-1}.
       value: the tree of c_t, same structure and shapes.
       gamma: the weight on the old average, a number or scalar array.
+      key: None (round to nearest), or a JAX random key for stochastic rounding of the
+        leaves narrower than float32.
     """
 
     # 1 - gamma before any rounding to float32: for gamma = 0.999 that keeps 1 - gamma exact
@@ -51,18 +59,23 @@ def running_average_update(average: Any, value: Any, gamma: Any) -> Any:
         dtype = _core.compute_dtype(old.dtype)
         real = _core.real_dtype(dtype)
         keep, take = jnp.asarray(gamma).astype(real), jnp.asarray(weight_of_new).astype(real)
-        return (keep * old.astype(dtype) + take * new.astype(dtype)).astype(old.dtype)
+        return keep * old.astype(dtype) + take * new.astype(dtype)
 
-    return jax.tree.map(one, average, value)
+    return store(jax.tree.map(one, average, value), average, key)
 
 
-def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+def running_average(
+    gamma: Gamma, *, accumulator_dtype: Any = None, rounding_seed: int | None = None
+) -> optax.GradientTransformationExtraArgs:
     """The notes' running average, C_t = gamma_t C_{t-1} + (1 - gamma_t) c_t, C_0 = 0.
 
     Args:
       gamma: gamma_t, either a number in [0, 1) or a callable ``t -> gamma_t`` that receives
         t = 1, 2, ... as a float scalar array (float64 when x64 is enabled).
       accumulator_dtype: dtype of the stored C (default: each leaf's own dtype).
+      rounding_seed: None (store C by round-to-nearest), or an int: C, where narrower than
+        float32, is stored by stochastic rounding with keys from (seed, t, leaf), so that
+        E[C_t] follows the rule (see `running_average_update`). No key is kept in the state.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(values, state)`` returns C_t in the
@@ -70,6 +83,8 @@ def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.Gra
     """
     if not callable(gamma):
         _core.check_decay("gamma", gamma)
+    _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
+    _core.check_rounding_seed(rounding_seed)
 
     def init(values):
         _core.check_floating_leaves(values)
@@ -80,13 +95,16 @@ def running_average(gamma: Gamma, *, accumulator_dtype: Any = None) -> optax.Gra
         _core.check_same_shapes(values, state.average)
         count = _core.increment(state.count)
         gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
-        average = running_average_update(state.average, values, gamma_t)
+        (key,) = step_keys(rounding_seed, count, 1)
+        average = running_average_update(state.average, values, gamma_t, key=key)
         return _core.cast_like(average, values), RunningAverageState(count, average)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def moving_average(decay: Any, *, debias: bool = False, accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+def moving_average(
+    decay: Any, *, debias: bool = False, accumulator_dtype: Any = None, rounding_seed: int | None = None
+) -> optax.GradientTransformationExtraArgs:
     """A moving average: the running average with constant gamma = `decay`.
 
     C_t = decay C_{t-1} + (1 - decay) c_t = sum_{s<=t} decay^(t-s) (1 - decay) c_s.
@@ -97,9 +115,10 @@ def moving_average(decay: Any, *, debias: bool = False, accumulator_dtype: Any =
         1 - decay^t (the rest sits on C_0 = 0), so this is the weighted mean of the values
         seen; Adam's m_hat and v_hat are exactly this.
       accumulator_dtype: dtype of the stored C (default: each leaf's own dtype).
+      rounding_seed: stochastic rounding of a narrow C, as in `running_average`.
     """
     _core.check_decay("decay", decay)
-    biased = running_average(decay, accumulator_dtype=accumulator_dtype)
+    biased = running_average(decay, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)
     if not debias:
         return biased
 
@@ -111,10 +130,15 @@ def moving_average(decay: Any, *, debias: bool = False, accumulator_dtype: Any =
     return optax.GradientTransformationExtraArgs(biased.init, update)
 
 
-def cumulative_average(*, accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+def cumulative_average(
+    *, accumulator_dtype: Any = None, rounding_seed: int | None = None
+) -> optax.GradientTransformationExtraArgs:
     """The exact mean of c_1..c_t, as the running average with gamma_t = (t - 1) / t.
 
     (The notes' first study question: C_t = ((t-1)/t) C_{t-1} + (1/t) c_t; if
     C_{t-1} = mean(c_1..c_{t-1}) then C_t = (sum_{s<t} c_s + c_t) / t.)
+
+    Args:
+      accumulator_dtype, rounding_seed: as in `running_average`.
     """
-    return running_average(lambda t: (t - 1) / t, accumulator_dtype=accumulator_dtype)
+    return running_average(lambda t: (t - 1) / t, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)

@@ -21,6 +21,7 @@ import optax
 
 from jstep import _core
 from jstep.averages import moving_average
+from jstep.precision import step_keys, store
 
 
 class MomentumState(NamedTuple):
@@ -54,6 +55,7 @@ def momentum(
     *,
     nesterov: bool = False,
     accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Momentum in the notes' V form: V_t = gamma V_{t-1} + eta_t g_t, update -V_t.
 
@@ -71,11 +73,16 @@ def momentum(
         Optax and PyTorch use).
       accumulator_dtype: dtype of V (default: each parameter's dtype). Arithmetic runs in at
         least float32 whatever the dtypes.
+      rounding_seed: None (store V by round-to-nearest), or an int: V, where narrower than
+        float32, is stored by stochastic rounding with keys from (seed, t, leaf), so that
+        E[V_t] = gamma V_{t-1} + eta_t g_t exactly. No key is kept in the state.
 
     Complex parameters work: V is complex and the rule is the same.
     """
     _core.check_learning_rate(learning_rate)
     _core.check_decay("gamma", gamma)
+    _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
+    _core.check_rounding_seed(rounding_seed)
 
     def init(params):
         _core.check_floating_leaves(params)
@@ -92,11 +99,13 @@ def momentum(
             direction = gamma * v_new + eta * g.astype(dtype) if nesterov else v_new
             # -1 * V, the same bits as -V: XLA:CPU compiles W + (-V) after the fusion to a
             # slower kernel than W + c * V (about 10% of the step, benchmarks/optimizers.py).
-            return (-1.0 * direction).astype(g.dtype), v_new.astype(v.dtype)
+            return (-1.0 * direction).astype(g.dtype), v_new
 
         out = jax.tree.map(step, state.velocity, updates)
         new_updates, velocity = _core.unzip_pairs(out, updates)
-        return new_updates, MomentumState(_core.increment(state.count), velocity)
+        count = _core.increment(state.count)
+        (key,) = step_keys(rounding_seed, count, 1)
+        return new_updates, MomentumState(count, store(velocity, state.velocity, key))
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -106,6 +115,7 @@ def ema_momentum(
     gamma: Any = 0.9,
     *,
     accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Momentum in the notes' M form: M_t = gamma M_{t-1} + (1-gamma) g_t, update -eta'_t M_t.
 
@@ -116,7 +126,9 @@ def ema_momentum(
       learning_rate: eta', a number >= 0 or an Optax schedule ``count -> eta'_t``.
       gamma: the averaging decay, in [0, 1).
       accumulator_dtype: dtype of M (default: each parameter's dtype).
+      rounding_seed: stochastic rounding of a narrow M, as in `momentum`.
     """
     _core.check_decay("gamma", gamma)
-    return _core.descent(moving_average(gamma, accumulator_dtype=accumulator_dtype), learning_rate)
+    average = moving_average(gamma, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)
+    return _core.descent(average, learning_rate)
 

@@ -275,3 +275,40 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
         return stochastic_round(total, p.dtype, jax.random.fold_in(key, index))
 
     return treedef.unflatten([add(i, p, u) for i, (p, u) in enumerate(zip(leaves, update_leaves, strict=True))])
+
+
+# -------------------------------------------------------------------- optimizer state
+
+
+def step_keys(rounding_seed: Any, count: jax.Array, streams: int) -> tuple[jax.Array | None, ...]:
+    """One key per state tree of a transformation at step `count`: key(seed) folded with count, then
+    with the tree's number (m: 0, v: 1, ...); all None when `rounding_seed` is None.
+
+    Nothing random is kept in the state: the keys are a function of the seed and the step count,
+    so a run resumed from a saved state draws exactly the bits an uninterrupted one would.
+    """
+    if rounding_seed is None:
+        return (None,) * streams
+    key = jax.random.fold_in(jax.random.key(rounding_seed), count)
+    return tuple(jax.random.fold_in(key, stream) for stream in range(streams))
+
+
+def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
+    """Each leaf of `values` stored in the dtype of the matching leaf of `like`.
+
+    A leaf whose dtype is narrower than the value's (a bfloat16 average formed in float32) is
+    stored by `stochastic_round` with the key ``jax.random.fold_in(key, i)`` (leaf i of the
+    flattened tree) when `key` is given, and by round-to-nearest otherwise; any other leaf is
+    cast as usual. Every jstep state that may be narrow is written through here.
+    """
+    leaves, treedef = jax.tree.flatten(values)
+
+    def one(index, value, old):
+        dtype = jnp.result_type(old)
+        narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
+        if key is None or not narrower:
+            return value.astype(dtype)
+        return stochastic_round(value, dtype, jax.random.fold_in(key, index))
+
+    olds = treedef.flatten_up_to(like)
+    return treedef.unflatten([one(i, v, o) for i, (v, o) in enumerate(zip(leaves, olds, strict=True))])

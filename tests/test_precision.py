@@ -6,6 +6,8 @@ deterministic) and bounds of 6 binomial standard deviations, which a correct rou
 miss with probability about 2e-9 for any other key.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -148,10 +150,7 @@ def test_same_key_same_result_and_keys_differ():
 def test_non_finite_and_out_of_range_values_are_cast_as_usual(target):
     info = jnp.finfo(target)
     big = float(info.max)
-    x = np.array(
-        [np.inf, -np.inf, np.nan, big, -big, big * 1.003, -big * 1.003, big * 1.01, 3.4e38, 0.0, -0.0],
-        np.float32,
-    )
+    x = np.array([np.inf, -np.inf, np.nan, big, -big, big * 1.003, -big * 1.003, 3.4e38, 0.0, -0.0], np.float32)
     got = np.asarray(jstep.stochastic_round(jnp.asarray(x), target, jax.random.key(0))).astype(np.float64)
     with np.errstate(over="ignore"):
         want = x.astype(ml_dtypes.bfloat16 if target == jnp.bfloat16 else np.float16).astype(np.float64)
@@ -309,3 +308,225 @@ def test_bad_input_raises_a_clear_type_error(args, message):
 def test_apply_updates_bad_key():
     with pytest.raises(TypeError, match="key must be a JAX random key"):
         jstep.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2)}, key=3)
+
+
+# ------------------------------------------------------------------- optimizer state dtypes
+
+BF16 = jnp.dtype(jnp.bfloat16)
+PARAMS = {"dense": {"w": jnp.ones((5, 3)), "b": jnp.ones(3)}, "conv": [jnp.ones((2, 3, 2))], "scale": jnp.ones(())}
+PARAM_COUNT = 15 + 3 + 12 + 1
+
+# name -> (factory taking the state-dtype keywords, parameter-sized state arrays, step counters)
+STATEFUL = {
+    "running_average": (lambda **k: jstep.running_average(0.9, **k), 1, 1),
+    "moving_average": (lambda **k: jstep.moving_average(0.9, debias=True, **k), 1, 1),
+    "cumulative_average": (jstep.cumulative_average, 1, 1),
+    "momentum": (lambda **k: jstep.momentum(0.05, 0.9, **k), 1, 1),
+    "ema_momentum": (lambda **k: jstep.ema_momentum(0.5, 0.9, **k), 1, 1),
+    "rmsprop": (lambda **k: jstep.rmsprop(0.01, 0.9, **k), 1, 1),
+    "rmsprop_centered_momentum": (lambda **k: jstep.rmsprop(0.01, 0.9, centered=True, momentum=0.9, **k), 3, 2),
+    "scale_by_rms": (lambda **k: jstep.scale_by_rms(0.9, **k), 1, 1),
+    "adagrad": (lambda **k: jstep.adagrad(0.1, **k), 1, 1),
+    "scale_by_rss": (jstep.scale_by_rss, 1, 1),
+    "adadelta": (lambda **k: jstep.adadelta(1.0, 0.9, **k), 2, 1),
+    "adam": (lambda **k: jstep.adam(0.01, **_adam_dtypes(k)), 2, 1),
+    "adamw": (lambda **k: jstep.adamw(0.01, weight_decay=0.1, **_adam_dtypes(k)), 2, 1),
+    "scale_by_adam": (lambda **k: jstep.scale_by_adam(**_adam_dtypes(k)), 2, 1),
+}
+
+
+def _adam_dtypes(keywords):
+    """Adam keeps mu_dtype/nu_dtype: accumulator_dtype=d means both."""
+    keywords = dict(keywords)
+    dtype = keywords.pop("accumulator_dtype", None)
+    return {"mu_dtype": dtype, "nu_dtype": dtype, **keywords}
+
+
+def gradients(seed, steps, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), dtype), PARAMS) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_state_is_stored_in_the_dtype_asked_for_with_exactly_its_bytes(name):
+    make, arrays, counters = STATEFUL[name]
+    opt = make(accumulator_dtype=jnp.bfloat16, rounding_seed=0)
+    state = opt.init(PARAMS)
+    _, state = jax.jit(opt.update)(gradients(0, 1)[0], state, PARAMS)
+    leaves = jax.tree.leaves(state)
+    floats = [leaf for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert {leaf.dtype for leaf in floats} == {BF16}
+    assert sum(leaf.nbytes for leaf in leaves) == arrays * PARAM_COUNT * 2 + counters * 4
+    wide = make()
+    assert sum(leaf.nbytes for leaf in jax.tree.leaves(wide.init(PARAMS))) == arrays * PARAM_COUNT * 4 + counters * 4
+
+
+def jitted_run(opt, state, grads, params=PARAMS):
+    """Updates and final state of `opt` over `grads`, one jitted step per gradient."""
+    update = jax.jit(opt.update)
+    outputs = []
+    for g in grads:
+        updates, state = update(g, state, params)
+        outputs.append(updates)
+    return outputs, state
+
+
+def assert_trees_identical(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize(
+    "name", ["adam", "rmsprop_centered_momentum", "adagrad", "adadelta", "momentum", "ema_momentum"]
+)
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(name, tmp_path):
+    """Keys come from (seed, count, leaf): a state saved to disk and loaded into a newly built
+    optimizer rounds exactly as the run that never stopped."""
+    import pickle
+
+    make, _, _ = STATEFUL[name]
+    grads = gradients(1, 8)
+    opt = make(accumulator_dtype=jnp.bfloat16, rounding_seed=7)
+    straight, final = jitted_run(opt, opt.init(PARAMS), grads)
+
+    first, middle = jitted_run(opt, opt.init(PARAMS), grads[:4])
+    (tmp_path / "state.pkl").write_bytes(pickle.dumps(jax.device_get(middle)))
+    resumed_opt = make(accumulator_dtype=jnp.bfloat16, rounding_seed=7)
+    loaded = jax.device_put(pickle.loads((tmp_path / "state.pkl").read_bytes()))
+    second, resumed_final = jitted_run(resumed_opt, loaded, grads[4:])
+    assert_trees_identical(first + second, straight)
+    assert_trees_identical(resumed_final, final)
+
+    # The seed matters, and without one the state is rounded to nearest: a different state.
+    other = jitted_run(make(accumulator_dtype=jnp.bfloat16, rounding_seed=8), opt.init(PARAMS), grads)[1]
+    nearest = jitted_run(make(accumulator_dtype=jnp.bfloat16), opt.init(PARAMS), grads)[1]
+    for different in (other, nearest):
+        assert any(
+            np.any(np.asarray(x, np.float32) != np.asarray(y, np.float32))
+            for x, y in zip(jax.tree.leaves(different), jax.tree.leaves(final), strict=True)
+        )
+
+
+def test_adam_bfloat16_v_decays_like_float32_where_round_to_nearest_is_stuck():
+    """One gradient of 1, then zeros: v_t = 0.001 * 0.999^(t-1). With nu_dtype=bfloat16, round-to-
+    nearest keeps v at its first value; rounding_seed lets its mean over the elements follow the
+    float64 values within 6 sigma (each rounding's variance <= (2^-7 v_1)^2 / 4, as above)."""
+    n, steps = 1 << 14, 1000
+    params = jnp.zeros(n, jnp.float32)
+    grads = jnp.concatenate([jnp.ones((1, n)), jnp.zeros((steps - 1, n))])
+
+    def final_nu(opt):
+        @jax.jit
+        def run(grads):
+            return jax.lax.scan(lambda s, g: (opt.update(g, s, params)[1], None), opt.init(params), grads)[0]
+
+        return np.asarray(run(grads).nu, np.float64)
+
+    nearest = final_nu(jstep.scale_by_adam(nu_dtype=jnp.bfloat16))
+    stochastic = final_nu(jstep.scale_by_adam(nu_dtype=jnp.bfloat16, rounding_seed=0))
+    single = final_nu(jstep.scale_by_adam())
+    first = np.float64(np.float32(1 - 0.999))
+    exact = first * 0.999 ** (steps - 1)
+    np.testing.assert_allclose(single, exact, rtol=1e-4)
+    assert np.all(nearest == np.float64(jnp.asarray(first, jnp.bfloat16).astype(jnp.float32)))  # stuck
+    bound = SIGMAS * np.sqrt(steps * (2.0**-7 * 2 * first) ** 2 / 4 / n)  # v_1 in bfloat16 <= 2 * first
+    assert abs(np.mean(stochastic) - exact) <= bound
+    assert bound < 0.1 * exact
+
+
+# -------------------------------------------------------------------------------- composition
+
+
+def test_rounding_seed_composes_with_chain_and_multi_steps_bit_for_bit():
+    """chain(clip, adam(seed)) is adam(seed) on clipped gradients; MultiSteps(k=2) on repeated
+    gradients is adam(seed) on each once: the same counts, so the same keys and the same bits."""
+    grads = gradients(2, 6)
+    make = STATEFUL["adam"][0]
+    alone = make(accumulator_dtype=jnp.bfloat16, rounding_seed=3)
+    clip = optax.clip_by_global_norm(1.0)
+    clipped = [clip.update(g, clip.init(PARAMS))[0] for g in grads]
+    chained = optax.chain(clip, make(accumulator_dtype=jnp.bfloat16, rounding_seed=3))
+    reference, reference_state = jitted_run(alone, alone.init(PARAMS), clipped)
+    got, state = jitted_run(chained, chained.init(PARAMS), grads)
+    assert_trees_identical(got, reference)
+    assert_trees_identical(state[1], reference_state)
+
+    multi = optax.MultiSteps(make(accumulator_dtype=jnp.bfloat16, rounding_seed=3), every_k_schedule=2)
+    doubled = [g for g in clipped for _ in range(2)]
+    got, state = jitted_run(multi, multi.init(PARAMS), doubled)
+    assert_trees_identical(got[1::2], reference)
+    assert_trees_identical(state.inner_opt_state, reference_state)
+
+
+def test_rounding_seed_composes_with_inject_hyperparams():
+    """inject_hyperparams turns the seed into an int32 array in the state: the same keys, the same bits."""
+    grads = gradients(3, 5)
+    dtypes = {"mu_dtype": BF16, "nu_dtype": BF16}  # dtype objects, not callables (those would be schedules)
+    injected = optax.inject_hyperparams(jstep.adam)(learning_rate=0.01, rounding_seed=4, **dtypes)
+    state = injected.init(PARAMS)
+    assert state.hyperparams["rounding_seed"].dtype == jnp.int32
+    got, state = jitted_run(injected, state, grads)
+    plain = jstep.adam(0.01, rounding_seed=4, **dtypes)
+    want, want_state = jitted_run(plain, plain.init(PARAMS), grads)
+    assert_trees_identical(got, want)
+    assert_trees_identical(state.inner_state, want_state)
+
+
+def test_rounding_seed_composes_with_grouped():
+    """grouped packs the small leaves, so its leaf numbers (and bits) differ from the plain run's; with
+    bfloat16 moments its steps stay close to float32 Adam's, and it is deterministic."""
+    grads = gradients(4, 6)
+    make = STATEFUL["adam"][0]
+
+    def grouped_run():
+        opt = jstep.grouped(make(accumulator_dtype=jnp.bfloat16, rounding_seed=5))
+        return jitted_run(opt, opt.init(PARAMS), grads)
+
+    (got, state), (again, state_again) = grouped_run(), grouped_run()
+    assert_trees_identical(got, again)
+    assert_trees_identical(state, state_again)
+    moments = [leaf for leaf in jax.tree.leaves(state) if leaf.dtype == BF16]
+    assert moments and sum(leaf.size for leaf in moments) == 2 * PARAM_COUNT
+    wide = make()
+    want, _ = jitted_run(wide, wide.init(PARAMS), grads)
+    for u, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        # Each update is about the learning rate (0.01) in size: agree to 2^-5 of it.
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2.0**-5, atol=0.01 * 2.0**-5)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (
+            0.5,
+            TypeError,
+            "rounding_seed must be an int (the seed of the stochastic rounding of narrow state) or None, got float 0.5",
+        ),
+        ("3", TypeError, "got str '3'"),
+        (True, TypeError, "got bool True"),
+        (jnp.float32(1.0), TypeError, "got an array of dtype float32"),
+        (-1, ValueError, "rounding_seed must be in [0, 2^31), got -1"),
+        (2**31, ValueError, "got 2147483648"),
+    ],
+)
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad", "adadelta", "momentum", "running_average"])
+def test_bad_rounding_seed_fails_at_construction(name, value, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        STATEFUL[name][0](rounding_seed=value)
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad", "scale_by_rss", "adadelta", "momentum"])
+def test_integer_state_dtype_fails_at_construction(name):
+    with pytest.raises(
+        TypeError, match=r"(accumulator|mu)_dtype must be None or a floating dtype such as jnp.bfloat16, got int8"
+    ):
+        STATEFUL[name][0](accumulator_dtype=jnp.int8)
+
+
+def test_real_state_dtype_for_complex_params_fails_at_init():
+    with pytest.raises(TypeError, match="cannot hold the complex values of a complex64 parameter"):
+        jstep.momentum(0.1, accumulator_dtype=jnp.bfloat16).init({"w": jnp.ones(3, jnp.complex64)})
