@@ -34,6 +34,9 @@ agree on the packing:
   (`jax.experimental.shard_alike`), so no leaf's sharding changes, but a small sharded leaf
   in a group makes XLA gather it: keep sharded leaves above `max_leaf_size` there, or use
   explicit axes.
+- Inside `shard_map` the type also says over which manual axes a value varies from device to
+  device; leaves that vary over different axes go to different groups ("float32~x" varies
+  over x), so an update that was the same on every device stays so.
 """
 
 from __future__ import annotations
@@ -55,40 +58,53 @@ from jstep import _core
 Spec = tuple[tuple[str, ...], ...]
 
 
+class Placement(NamedTuple):
+    """Where a leaf lives, as far as its type says (the same eagerly, under jit and for a ShapeDtypeStruct)."""
+
+    typed: bool  # the type carries the sharding: the leaf is on a mesh with explicit axes
+    spec: Spec
+    varying: tuple[str, ...]  # inside shard_map: the manual axes over which the value differs
+
+
 class Group(NamedTuple):
-    """One packed buffer: leaves of one dtype whose first dimension is split over `axes`."""
+    """One packed buffer: leaves of one dtype and placement, the first dimension split over `axes`."""
 
     dtype: str
     axes: tuple[str, ...]  # () for replicated leaves (or, on auto axes, leaves of unknown sharding)
     shards: int  # product of the sizes of `axes`: the buffer is (shards, n), or flat (n,) for axes ()
+    varying: tuple[str, ...]
 
     @property
     def name(self) -> str:
-        return self.dtype if not self.axes else f"{self.dtype}@{','.join(self.axes)}"
+        split = f"@{','.join(self.axes)}" if self.axes else ""
+        varying = f"~{','.join(self.varying)}" if self.varying else ""
+        return self.dtype + split + varying
 
 
 class Layout(NamedTuple):
-    """Where each leaf of a tree goes in its packed form (static: shapes, dtypes and shardings only)."""
+    """Where each leaf of a tree goes in its packed form (static: shapes, dtypes and placements only)."""
 
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
-    specs: tuple[Spec, ...]
+    placements: tuple[Placement, ...]
     places: tuple[tuple[str, int], ...]  # ("large", index) or (group name, offset in its rows)
     groups: dict[str, Group]
 
 
-def sharding_in_type(leaf: Any) -> tuple[bool, Spec]:
-    """(whether the type of `leaf` carries its sharding, the explicit mesh axes of each dimension)."""
-    sharding = jax.typeof(leaf).sharding
-    mesh = sharding.mesh
+def placement_of(leaf: Any) -> Placement:
+    """The placement of `leaf` that its type carries (on auto axes: none, under jit as eagerly)."""
+    aval = jax.typeof(leaf)
+    mesh = aval.sharding.mesh
     explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind == AxisType.Explicit}
-    entries = tuple(sharding.spec) + (None,) * (np.ndim(leaf) - len(sharding.spec))
+    entries = tuple(aval.sharding.spec) + (None,) * (np.ndim(leaf) - len(aval.sharding.spec))
 
     def axes(entry):
         names = entry if isinstance(entry, tuple) else (entry,)
         return tuple(name for name in names if name in explicit)
 
-    return bool(explicit), tuple(axes(entry) for entry in entries)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; `vma` before
+    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+    return Placement(bool(explicit), tuple(axes(entry) for entry in entries), tuple(sorted(varying)))
 
 
 def partition_spec(spec: Spec) -> PartitionSpec:
@@ -96,29 +112,30 @@ def partition_spec(spec: Spec) -> PartitionSpec:
     return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes in spec))
 
 
-def group_of(leaf: Any, spec: Spec, dtype: str) -> Group | None:
+def group_of(leaf: Any, placement: Placement, dtype: str) -> Group | None:
     """The group `leaf` joins, or None where a flat or (shards, n) buffer cannot keep its sharding."""
+    spec, varying = placement.spec, placement.varying
     if not any(spec):
-        return Group(dtype, (), 1)
+        return Group(dtype, (), 1, varying)
     first, rest = spec[0], spec[1:]
     if not first or any(rest):
         return None
     mesh = jax.typeof(leaf).sharding.mesh
     shards = math.prod(mesh.shape[name] for name in first)
-    return Group(dtype, first, shards) if np.shape(leaf)[0] % shards == 0 else None
+    return Group(dtype, first, shards, varying) if np.shape(leaf)[0] % shards == 0 else None
 
 
 def layout_of(tree: Any, max_leaf_size: int | None) -> Layout:
     """The packing of `tree`: leaves of at most `max_leaf_size` elements go to their dtype and sharding's group."""
     leaves, treedef = jax.tree.flatten(tree)
     shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
-    specs = tuple(sharding_in_type(leaf)[1] for leaf in leaves)
+    placements = tuple(placement_of(leaf) for leaf in leaves)
     groups: dict[str, Group] = {}
     ends: dict[str, int] = {}  # the next free place of each group, and of "large"
     places: list[tuple[str, int]] = []
-    for leaf, shape, spec in zip(leaves, shapes, specs, strict=True):
+    for leaf, shape, placement in zip(leaves, shapes, placements, strict=True):
         small = max_leaf_size is None or math.prod(shape) <= max_leaf_size
-        group = group_of(leaf, spec, jnp.result_type(leaf).name) if small else None
+        group = group_of(leaf, placement, jnp.result_type(leaf).name) if small else None
         if group is None:
             name, length = "large", 1
         else:
@@ -126,7 +143,7 @@ def layout_of(tree: Any, max_leaf_size: int | None) -> Layout:
             groups[name] = group
         places.append((name, ends.get(name, 0)))
         ends[name] = places[-1][1] + length
-    return Layout(treedef, shapes, specs, tuple(places), groups)
+    return Layout(treedef, shapes, placements, tuple(places), groups)
 
 
 def as_rows(leaf: Any, group: Group) -> jax.Array:
@@ -193,23 +210,28 @@ def unpack(packed: dict[str, Any], layout: Layout) -> Any:
 def pin_to(updates: Any, gradients: Any, layout: Layout) -> Any:
     """Each grouped update given its gradient's sharding where the type does not carry it (auto axes)."""
     pinned = [
-        u if name == "large" or sharding_in_type(g)[0] else shard_alike(u, g)[0]
+        u if name == "large" or placement_of(g).typed else shard_alike(u, g)[0]
         for u, g, (name, _) in zip(jax.tree.leaves(updates), jax.tree.leaves(gradients), layout.places, strict=True)
     ]
     return jax.tree.unflatten(layout.treedef, pinned)
 
 
-def check_same_shardings(updates: Any, layout: Layout) -> None:
-    """Raise ValueError naming the first update whose type carries another sharding than its param's."""
-    for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(updates)[0], layout.specs, strict=True):
-        typed, got = sharding_in_type(leaf)
-        if typed and got != spec:
-            raise ValueError(
-                f"updates leaf {jax.tree_util.keystr(path) or '<root>'} is sharded as "
-                f"{partition_spec(got)}, but its param as {partition_spec(spec)}: grouped packs each update by its "
-                "param's sharding and never changes a leaf's sharding, so give the updates the params' "
-                "shardings (jax.sharding.reshard)"
-            )
+def check_same_placements(updates: Any, layout: Layout) -> None:
+    """Raise ValueError naming the first update whose type places it otherwise than its param."""
+    for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(updates)[0], layout.placements, strict=True):
+        got = placement_of(leaf)
+        if got.typed and got.spec != want.spec:
+            problem = f"is sharded as {partition_spec(got.spec)}, but its param as {partition_spec(want.spec)}"
+            fix = "give the updates the params' shardings (jax.sharding.reshard)"
+        elif got.varying != want.varying:
+            problem = f"varies over the manual axes {got.varying}, but its param over {want.varying}"
+            fix = "reduce the updates over those axes first (e.g. jax.lax.pmean inside shard_map)"
+        else:
+            continue
+        raise ValueError(
+            f"updates leaf {jax.tree_util.keystr(path) or '<root>'} {problem}: grouped packs each update "
+            f"as its param and never changes a leaf's placement, so {fix}"
+        )
 
 
 def is_packed(x: Any) -> bool:
@@ -225,8 +247,9 @@ def check_state_matches(state: Any, packed: dict[str, Any]) -> None:
                 f"grouped: init packed the params into the groups {sorted(part['groups'])} and "
                 f"{len(part['large'])} large leaves, but update packs them into {expected[0]} and "
                 f"{expected[1]}. Leaves are grouped by dtype and sharding (on an explicit-axes mesh, "
-                "the sharding is in the type), so call init with params of the dtypes and shardings "
-                "given to update (a jax.ShapeDtypeStruct carries them in its sharding=)"
+                "the sharding is in the type; inside shard_map, so are the axes a value varies over), "
+                "so call init with params of the dtypes and shardings given to update (a "
+                "jax.ShapeDtypeStruct carries them in its sharding=)"
             )
 
 
@@ -269,7 +292,11 @@ def grouped(
       sharded leaf stays an array of its own;
     - on an auto-axes mesh the sharding of a traced array is unknown, so leaves are grouped
       by dtype only and each update is pinned to its gradient's sharding; a small sharded
-      leaf is then gathered for its group, so keep sharded leaves above ``max_leaf_size``.
+      leaf is then gathered for its group, so keep sharded leaves above ``max_leaf_size``;
+    - inside ``shard_map``, leaves that vary over different manual axes are grouped apart.
+
+    A state that ``init`` built for another packing, or updates placed otherwise than their
+    params, raise a ``ValueError`` that says so.
     """
     check_max_leaf_size(max_leaf_size)
     inner = optax.with_extra_args_support(transformation)
@@ -283,7 +310,7 @@ def grouped(
         # differ in dtype, e.g. float32 gradients of bfloat16 params); each update keeps its own.
         layout = layout_of(updates if params is None else params, max_leaf_size)
         if params is not None:
-            check_same_shardings(updates, layout)
+            check_same_placements(updates, layout)
         packed_updates = pack(updates, layout)
         check_state_matches(state, packed_updates)
         packed_params = None if params is None else pack(params, layout)

@@ -11,8 +11,10 @@ ShapeDtypeStructs, which proves:
   the same way, and a leaf split along another dimension stays an array of its own; packing
   and unpacking compile to no collective at all;
 - abstract init gives the state jax.eval_shape(init, params) describes, shardings included;
-- an init that saw other shardings than update, or updates sharded unlike their params, raise
-  errors that say so.
+- inside shard_map, a leaf that varies over the devices and one that does not are grouped
+  apart, so the invariant one's update stays invariant, as the plain optimizer's;
+- an init that saw other shardings than update, updates sharded unlike their params, or
+  un-reduced gradients of invariant params inside shard_map raise errors that say so.
 
 The 8 devices come from XLA_FLAGS, which must be set before jax is imported, so the check
 runs in a subprocess; the rest of the suite keeps its single device.
@@ -195,6 +197,32 @@ grouped_report["errors"] = {
         lambda: jax.jit(opt.update)(jax.device_put(host_params, NamedSharding(explicit, P())), opt.init(params), params)
     ),
 }
+
+# Inside shard_map: a (varying, per-device) and b (invariant) take one Adam step there.
+def shard_map_step(make, reduced=True):
+    groups = []
+    def step(a, b, ga, gb):
+        params, grads = {"a": a, "b": b}, {"a": ga, "b": gb if reduced else jax.lax.pcast(gb, "x", to="varying")}
+        opt = make()
+        state = opt.init(params)
+        groups.append(sorted(state.mu["groups"]) if "groups" in state.mu else None)
+        updates, _ = opt.update(grads, state, params)
+        return updates["a"], updates["b"]
+    mapped = jax.shard_map(step, mesh=explicit, in_specs=(P("x"), P(), P("x"), P()), out_specs=(P("x"), P()))
+    values = (host_params["w"], host_params["b"], host_grads[0]["w"], host_grads[0]["b"])
+    args = [jax.device_put(x, NamedSharding(explicit, spec)) for x, spec in zip(values, (P("x"), P(), P("x"), P()))]
+    return jax.device_get(jax.jit(mapped)(*args)), groups
+
+(grouped_a, grouped_b), groups = shard_map_step(lambda: jstep.grouped(jstep.adam(0.01)))
+(plain_a, plain_b), _ = shard_map_step(lambda: jstep.adam(0.01))
+grouped_report["shard_map"] = {
+    "groups": groups[0],
+    "max_relative_difference": max(
+        float(np.max(np.abs(g - p)) / np.max(np.abs(p))) for g, p in [(grouped_a, plain_a), (grouped_b, plain_b)]
+    ),
+}
+grouped_report["errors"]["varying_updates"] = error_of(
+    lambda: shard_map_step(lambda: jstep.grouped(jstep.adam(0.01)), reduced=False))
 report["grouped"] = grouped_report
 print("REPORT" + json.dumps(report))
 """
@@ -312,3 +340,16 @@ def test_grouped_updates_sharded_unlike_their_params_are_refused(report):
     spec = ", ".join(repr(e) for e in padded_spec(first))
     assert message is not None and f"updates leaf ['{first}'] is sharded as P(" in message
     assert f"but its param as P({spec})" in message and "jax.sharding.reshard" in message
+
+
+def test_grouped_inside_shard_map_keeps_invariant_leaves_invariant(report):
+    """A leaf that varies over the devices and one that does not go to separate groups, so the
+    invariant one's update can leave shard_map replicated (out_specs P()), as the plain step's."""
+    assert report["grouped"]["shard_map"]["groups"] == ["float32", "float32~x"]
+    assert report["grouped"]["shard_map"]["max_relative_difference"] <= 1e-6
+
+
+def test_grouped_unreduced_gradients_of_invariant_params_are_refused(report):
+    message = report["grouped"]["errors"]["varying_updates"]
+    assert message is not None and "updates leaf ['b'] varies over the manual axes ('x',)" in message
+    assert "jax.lax.pmean" in message
