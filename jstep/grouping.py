@@ -155,7 +155,8 @@ def as_rows(leaf: Any, group: Group) -> jax.Array:
 
 
 def abstract_group(members: list[Any], group: Group) -> jax.ShapeDtypeStruct:
-    """The packed buffer of `members` as a ShapeDtypeStruct, on the members' mesh where they share one."""
+    """The packed buffer of `members` as a ShapeDtypeStruct: on the members' mesh where they share
+    one, split as its group's leaves are (replicated for a group of axes ()), else with no sharding."""
     n = sum(math.prod(np.shape(m)) for m in members) // group.shards
     shape = (group.shards, n) if group.axes else (n,)
     meshes = {getattr(getattr(m, "sharding", None), "mesh", None) for m in members}
