@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 # --------------------------------------------------------------------------- validation
@@ -31,7 +32,8 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
     if not isinstance(value, numbers.Real):
         return
     allowed = f"[{low:g}, {high:g})" if high is not None else f"[{low:g}, inf)"
-    in_range = math.isfinite(value) and value >= low and (high is None or value < high)
+    number = float(value)
+    in_range = math.isfinite(number) and number >= low and (high is None or number < high)
     if not in_range:
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
 
@@ -64,7 +66,7 @@ def check_rounding_seed(rounding_seed: Any) -> None:
             f"rounding_seed must be an int (the seed of the stochastic rounding of narrow state) or None, "
             f"got {type(rounding_seed).__name__} {rounding_seed!r}"
         )
-    if not 0 <= rounding_seed < 2**31:
+    if not 0 <= int(rounding_seed) < 2**31:
         raise ValueError(f"rounding_seed must be in [0, 2^31), got {rounding_seed}")
 
 
@@ -96,13 +98,13 @@ def check_same_shapes(updates: Any, state_tree: Any) -> None:
     """Raise ValueError when `updates` is not shaped like the state `init` built."""
     expected = jax.tree.structure(state_tree)
     got = jax.tree.structure(updates)
-    if got != expected:
+    if got != expected:  # type: ignore[operator]  # PyTreeDef's comparison is untyped
         raise ValueError(
             "the updates tree does not match the optimizer state built by init:\n"
             f"  updates: {got}\n  state:   {expected}"
         )
     for (path, leaf), reference in zip(
-        jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree)
+        jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree), strict=True
     ):
         if jnp.shape(leaf) != jnp.shape(reference):
             raise ValueError(
@@ -171,7 +173,7 @@ def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = F
 
 def _positive_number(value: Any) -> bool:
     """True for a Python number that stays > 0 in float32 (fixed when the transformation is built)."""
-    return isinstance(value, numbers.Real) and value >= float(jnp.finfo(jnp.float32).tiny)
+    return isinstance(value, numbers.Real) and float(value) >= float(jnp.finfo(jnp.float32).tiny)
 
 
 def adaptive_step(numerator: jax.Array, second_moment: jax.Array, *, eps: Any, eps_root: Any) -> jax.Array:
@@ -221,7 +223,7 @@ def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
 class CountState(NamedTuple):
     """State of a transformation that only counts steps (e.g. `sgd` with a schedule)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
 
 
 def descent(

@@ -23,7 +23,8 @@ B1 (1 - B1^(t-1)) / (1 - B1^t), so gamma_1 = 0 and gamma_t -> B1 as t grows.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -37,7 +38,7 @@ from jstep.precision import step_keys
 class ScaleByAdamState(NamedTuple):
     """`count` = t (int32, saturating); `mu` = m_t; `nu` = v_t (real, even for complex params)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     mu: Any
     nu: Any
 
@@ -146,7 +147,7 @@ def adam(
     )
 
 
-Mask = Union[Any, Callable[[Any], Any]]
+Mask = Any | Callable[[Any], Any]
 
 
 def _decay_mask(mask: Mask, params: Any) -> Any:

@@ -30,14 +30,14 @@ from jstep.precision import step_keys, store
 class ScaleByRmsState(NamedTuple):
     """`count`: steps taken (int32, saturating); `nu`: G_t, the moving average of g^2."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     nu: Any
 
 
 class ScaleByCenteredRmsState(NamedTuple):
     """`count`; `mu`: M_t, the moving average of g; `nu`: G_t, the moving average of g^2."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     mu: Any
     nu: Any
 
@@ -45,14 +45,14 @@ class ScaleByCenteredRmsState(NamedTuple):
 class ScaleByRssState(NamedTuple):
     """`count`: steps taken (int32, saturating); `sum_of_squares`: G_t = sum_s g_s^2."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     sum_of_squares: Any
 
 
 class AdadeltaState(NamedTuple):
     """`count`; `e_g`: moving average of g^2; `e_x`: moving average of the squared steps."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     e_g: Any
     e_x: Any
 

@@ -12,7 +12,8 @@ the incoming values c_t (any pytree of floating arrays) to the average C_t.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,13 @@ import optax
 from jstep import _core
 from jstep.precision import step_keys, store
 
-Gamma = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+Gamma = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 class RunningAverageState(NamedTuple):
     """`count` = t, the number of values seen (int32, saturating); `average` = C_t."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     average: Any
 
 

@@ -27,7 +27,7 @@ from jstep.precision import step_keys, store
 class MomentumState(NamedTuple):
     """`count`: steps taken (int32, saturating); `velocity`: V_t, shaped like the params."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     velocity: Any
 
 
@@ -131,4 +131,3 @@ def ema_momentum(
     _core.check_decay("gamma", gamma)
     average = moving_average(gamma, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)
     return _core.descent(average, learning_rate)
-

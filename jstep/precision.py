@@ -235,6 +235,12 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------- updates
 
 
+def _leaf_numbers(tree: Any) -> Any:
+    """`tree` with leaf i replaced by i (in flattening order; a None counts as a leaf)."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda leaf: leaf is None)
+    return jax.tree.unflatten(treedef, range(len(leaves)))
+
+
 def _is_low_precision(dtype: Any) -> bool:
     """Floating and narrower than float32 (bfloat16, float16, float8): the dtypes rounded stochastically."""
     return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
@@ -261,9 +267,6 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
     """
     if key is not None:
         _check_key(key)
-    is_none = lambda leaf: leaf is None  # noqa: E731
-    leaves, treedef = jax.tree.flatten(params, is_leaf=is_none)
-    update_leaves = treedef.flatten_up_to(updates)
 
     def add(index, p, u):
         if p is None:
@@ -274,7 +277,7 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
             return total.astype(p.dtype)
         return stochastic_round(total, p.dtype, jax.random.fold_in(key, index))
 
-    return treedef.unflatten([add(i, p, u) for i, (p, u) in enumerate(zip(leaves, update_leaves, strict=True))])
+    return jax.tree.map(add, _leaf_numbers(params), params, updates, is_leaf=lambda leaf: leaf is None)
 
 
 # -------------------------------------------------------------------- optimizer state
@@ -301,7 +304,6 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     flattened tree) when `key` is given, and by round-to-nearest otherwise; any other leaf is
     cast as usual. Every jstep state that may be narrow is written through here.
     """
-    leaves, treedef = jax.tree.flatten(values)
 
     def one(index, value, old):
         dtype = jnp.result_type(old)
@@ -310,5 +312,4 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
             return value.astype(dtype)
         return stochastic_round(value, dtype, jax.random.fold_in(key, index))
 
-    olds = treedef.flatten_up_to(like)
-    return treedef.unflatten([one(i, v, o) for i, (v, o) in enumerate(zip(leaves, olds, strict=True))])
+    return jax.tree.map(one, _leaf_numbers(values), values, like)
