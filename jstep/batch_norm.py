@@ -45,6 +45,26 @@ feature's mean is orders of magnitude larger than its spread (float32, |mu|/sigm
 about 1e-3 relative in dL/dG; the input gradient, where the sum is divided by K, keeps
 about 1e-5). The statistics themselves are always two-pass.
 
+With a mask (``mask=``, booleans broadcastable to Z; m_ij = 1 where Z_ij is masked in, else 0)
+the statistics are those of the masked-in values, and every value is normalized with them:
+
+    K_i       = sum_j m_ij                                 (per feature; summed across axis_name)
+    mu_i      = (1/K_i) sum_j m_ij Z_ij
+    sigma_i^2 = (1/K_i) sum_j m_ij (Z_ij - mu_i)^2
+
+Then d mu_i/dZ_ij = m_ij/K_i and ds_i/dZ_ij = c_i m_ij Zbar_ij/K_i, and the same derivation
+gives the input gradient with its two correction terms masked,
+
+    dL/dZ_ij = (G_i / s_i) (dZhat_ij - m_ij (1/K_i) dL/dB_i - c_i m_ij Zbar_ij (1/K_i) dL/dG_i)
+
+while dL/dB_i and dL/dG_i still sum over every j (every Zhat_ij depends on G_i and B_i): a
+masked-out value, which moves no statistic, gets only the direct term (G_i/s_i) dZhat_ij.
+A feature needs K_i >= 2. A mask whose values are known when `batch_norm` is traced is
+checked (a clear error otherwise); a traced mask cannot be, and there K_i = 1 gives
+sigma_i = 0, so the one masked-in value becomes B_i and the others G_i (Z_ij - mu_i)/s_i + B_i
+with s_i = sqrt(eps) or eps (with eps = 0, see below), and K_i = 0 gives mu_i = sigma_i = 0/0,
+so that feature's outputs and gradients are NaN.
+
 Degenerate features (every value of the feature equal, sigma_i = 0):
   * eps > 0: Zbar = 0 and the output is B_i. Both forms are differentiable there; for
     ``s = sigma + eps`` the term c_i Zbar_ij is 0/0, and its limit is 0 (Zbar_ij = O(|Z-mu|)
@@ -67,6 +87,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jstep import _core
@@ -80,9 +101,12 @@ FeatureAxis = int | Sequence[int]
 
 def _feature_axes(ndim: int, feature_axis: FeatureAxis) -> tuple[int, ...]:
     """`feature_axis` as a sorted tuple of non-negative axes; ValueError when out of range."""
-    axes = (feature_axis,) if isinstance(feature_axis, numbers.Integral) else tuple(feature_axis)
+    if isinstance(feature_axis, numbers.Integral):
+        axes: tuple[Any, ...] = (feature_axis,)
+    else:
+        axes = tuple(feature_axis)  # type: ignore[arg-type]  # mypy does not narrow int by Integral
     for axis in axes:
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= int(axis) < ndim:
             raise ValueError(
                 f"feature_axis {feature_axis!r} is out of range for x with {ndim} dimensions; "
                 f"allowed: integers in [{-ndim}, {ndim})"
@@ -138,13 +162,47 @@ def _batch_size(x_shape, reduce_axes: tuple[int, ...], axis_name: Any) -> int:
     return size
 
 
+def _check_mask(mask: Any, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], axis_name: Any) -> Any:
+    """`mask` as an array, after checking it: booleans broadcastable to x, and, where its values
+    are known at trace time, K_i >= 2 masked-in values for every feature."""
+    if mask is None:
+        return None
+    dtype = jnp.result_type(mask)
+    if dtype != jnp.bool_:
+        raise TypeError(
+            f"mask has dtype {dtype}; it must be a boolean array, True where a value counts in the "
+            "statistics (e.g. mask = positions < lengths[:, None]), as in Flax"
+        )
+    shape = tuple(jnp.shape(mask))
+    try:
+        broadcast = jnp.broadcast_shapes(shape, tuple(x_shape))
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(x_shape):
+        raise ValueError(
+            f"mask has shape {shape}, which does not broadcast to x's shape {tuple(x_shape)}; "
+            "allowed: a shape broadcastable to x's, e.g. (N, 1, 1, 1) or x's own"
+        )
+    if not isinstance(mask, jax.core.Tracer):  # known now, and the same on every device/example
+        counts = np.sum(np.broadcast_to(np.asarray(mask), x_shape), axis=reduce_axes) * _axis_size(axis_name)
+        if counts.min() < 2:
+            feature = tuple(int(i) for i in np.unravel_index(np.argmin(counts), counts.shape))
+            raise ValueError(
+                f"mask leaves K = {counts.min()} masked-in value(s) for feature {feature} of x of shape "
+                f"{tuple(x_shape)}{'' if axis_name is None else f' across axis {axis_name!r}'}; batch "
+                "statistics need K >= 2 masked-in values per feature. Mask in more values, or use "
+                "the running statistics (BatchNorm.apply(..., training=False))."
+            )
+    return jnp.asarray(mask)
+
+
 class _Layout(NamedTuple):
     """Where the features are: the reduced axes, K, and the shapes of per-feature arrays."""
 
     reduce_axes: tuple[int, ...]
     feature_shape: tuple[int, ...]  # shape of scale, offset, mean, var
     keep_shape: tuple[int, ...]  # the same, with 1 on the reduced axes (broadcasts against x)
-    count: int
+    size: int  # K without a mask (the name `count` is tuple's method)
 
 
 def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any) -> _Layout:
@@ -228,20 +286,31 @@ def _total(values: jax.Array, reduce_axes: tuple[int, ...], axis_name: Any) -> j
     return local if axis_name is None else _all_reduce(local, axis_name)
 
 
-def _moments(x: jax.Array, layout: _Layout, axis_name: Any) -> tuple[jax.Array, jax.Array]:
-    """mu and sigma^2 (keepdims): two reads of x, in at least float32.
+def _masked(values: Any, mask: Any) -> Any:
+    """m values: `values` where `mask` is True, 0 elsewhere (just `values` without a mask)."""
+    return values if mask is None else jnp.where(mask, values, 0)
+
+
+def _moments(x: jax.Array, layout: _Layout, axis_name: Any, mask: Any = None) -> tuple[jax.Array, jax.Array, Any]:
+    """mu, sigma^2 (keepdims) and K: two reads of x, in at least float32.
 
     The first pass sums x, the second sums (x - mu)^2: no E[x^2] - E[x]^2 cancellation. The
     subtraction is fused into the second reduction, so x - mu is never written out. The
     optimization barrier gives that reduction its own copy of mu: were mu's broadcast shared
     with the caller's elementwise uses of it (Zhat, the input gradient), XLA:CPU would
     materialise it, or x - mu, as an activation-sized array and read it back.
+    With a `mask`, both sums take the masked-in values only and K is their count per feature
+    (an int32 sum, all-reduced too, then in the compute dtype); without one K is a number.
     """
     xc = x.astype(_core.compute_dtype(x.dtype))
-    mean = _total(xc, layout.reduce_axes, axis_name) / layout.count
+    count: Any = layout.size
+    if mask is not None:
+        in_batch = jnp.broadcast_to(mask, x.shape).astype(jnp.int32)
+        count = _total(in_batch, layout.reduce_axes, axis_name).astype(xc.dtype)
+    mean = _total(_masked(xc, mask), layout.reduce_axes, axis_name) / count
     shift = jax.lax.optimization_barrier(mean)  # the same values; see above
-    var = _total(jnp.square(xc - shift), layout.reduce_axes, axis_name) / layout.count
-    return mean, var
+    var = _total(_masked(jnp.square(xc - shift), mask), layout.reduce_axes, axis_name) / count
+    return mean, var, count
 
 
 def _safe_inverse(s: jax.Array) -> jax.Array:
@@ -250,7 +319,7 @@ def _safe_inverse(s: jax.Array) -> jax.Array:
     return jnp.where(positive, 1 / jnp.where(positive, s, 1), 0)
 
 
-def _denominator(var: jax.Array, eps: float, eps_in_sqrt: bool) -> tuple[jax.Array, jax.Array]:
+def _denominator(var: jax.Array, eps: float, eps_in_sqrt: bool) -> tuple[Any, jax.Array]:
     """(sigma, s): s = sqrt(sigma^2 + eps) or the notes' s = sigma + eps."""
     if eps_in_sqrt:
         return None, jnp.sqrt(var + eps)
@@ -261,33 +330,37 @@ def _denominator(var: jax.Array, eps: float, eps_in_sqrt: bool) -> tuple[jax.Arr
 # ------------------------------------------------------------- the custom-gradient core
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _normalize(x, scale, offset, layout: _Layout, eps: float, eps_in_sqrt: bool, axis_name: Any):
-    """(Zhat, mu, sigma^2): the forward pass, statistics shaped like `scale`."""
-    return _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _normalize(x, scale, offset, mask, layout: _Layout, eps: float, eps_in_sqrt: bool, axis_name: Any):
+    """(Zhat, mu, sigma^2): the forward pass, statistics shaped like `scale`; `mask` None or booleans."""
+    return _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name)[0]
 
 
-def _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
-    """((Zhat, mu, sigma^2), (mu, sigma^2)), the last two shaped to broadcast against x."""
-    mean, var = _moments(x, layout, axis_name)
+def _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name):
+    """((Zhat, mu, sigma^2), (mu, sigma^2, K)), the last three shaped to broadcast against x."""
+    mean, var, count = _moments(x, layout, axis_name, mask)
     _, s = _denominator(var, eps, eps_in_sqrt)
     gain = scale.reshape(layout.keep_shape).astype(mean.dtype) * _safe_inverse(s)  # G/s
     y = (x.astype(mean.dtype) - mean) * gain + offset.reshape(layout.keep_shape).astype(mean.dtype)
     outputs = (y.astype(x.dtype), mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape))
-    return outputs, (mean, var)
+    return outputs, (mean, var, count)
 
 
-def _normalize_fwd(x, scale, offset, layout, eps, eps_in_sqrt, axis_name):
+def _normalize_fwd(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name):
     x, scale, offset = x.value, scale.value, offset.value  # symbolic_zeros wraps the primals
-    outputs, (mean, var) = _forward(x, scale, offset, layout, eps, eps_in_sqrt, axis_name)
-    # The one activation-sized residual is x itself (nothing new is written for the backward).
-    return outputs, (x, scale, offset, mean, var)
+    mask = None if mask is None else mask.value
+    outputs, (mean, var, count) = _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name)
+    # The one activation-sized residual is x itself (nothing new is written for the backward);
+    # with a mask, the mask (the caller's) and the per-feature counts K too.
+    masking = None if mask is None else (mask, count)
+    return outputs, (x, scale, offset, mean, var, masking)
 
 
 def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
-    x, scale, offset, mean, var = residuals
+    x, scale, offset, mean, var, masking = residuals
     dy, dmean, dvar = cotangents
-    axes, count = layout.reduce_axes, layout.count
+    axes = layout.reduce_axes
+    mask, count = (None, layout.size) if masking is None else masking
     sigma, s = _denominator(var, eps, eps_in_sqrt)
     xc = x.astype(var.dtype)
     inverse_s = _safe_inverse(s)
@@ -305,30 +378,34 @@ def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
         sum_dy, sum_dy_xhat = (doffset, dscale) if axis_name is None else _all_reduce((doffset, dscale), axis_name)
         # c = 1, or (sigma + eps)/sigma for the notes' form (0 at sigma = 0: the term's limit)
         c = 1 if eps_in_sqrt else jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)
-        dx = (g / s) * (dy - sum_dy / count - (xc - mean) * (inverse_s * c * sum_dy_xhat / count))
+        # Through mu and s only the masked-in values move the statistics (m = 0 or 1).
+        dx = (g / s) * (
+            dy - _masked(sum_dy / count, mask) - _masked((xc - mean) * (inverse_s * c * sum_dy_xhat / count), mask)
+        )
 
-    # Gradients through the returned statistics: d mu/dZ_ij = 1/K, d sigma^2/dZ_ij = 2(Z_ij - mu)/K.
+    # Gradients through the returned statistics: d mu/dZ_ij = m_ij/K, d sigma^2/dZ_ij = 2 m_ij (Z_ij - mu)/K.
     if not isinstance(dmean, SymbolicZero):
-        dx = dx + dmean.reshape(layout.keep_shape).astype(var.dtype) / count
+        dx = dx + _masked(dmean.reshape(layout.keep_shape).astype(var.dtype) / count, mask)
     if not isinstance(dvar, SymbolicZero):
-        dx = dx + dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * (xc - mean)
+        dx = dx + _masked(dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * (xc - mean), mask)
 
     def like(grad, primal):
         return grad.reshape(primal.shape).astype(primal.dtype)
 
-    return like(dx, x), like(dscale, scale), like(doffset, offset)
+    return like(dx, x), like(dscale, scale), like(doffset, offset), None
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
 
 
-def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name):
+def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask=None):
     layout = _layout(x, feature_axis, axis_name)
     features = tuple(a for a in range(jnp.ndim(x)) if a not in layout.reduce_axes)
     _check_features("scale", scale, layout.feature_shape, jnp.shape(x), features)
     _check_features("offset", offset, layout.feature_shape, jnp.shape(x), features)
+    mask = _check_mask(mask, jnp.shape(x), layout.reduce_axes, axis_name)
     scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
-    return _normalize(x, scale, offset, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
+    return _normalize(x, scale, offset, mask, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
 
 
 # --------------------------------------------------------------------------- public API
@@ -343,6 +420,7 @@ def batch_norm(
     eps: float = 1e-5,
     eps_in_sqrt: bool = True,
     axis_name: Any = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Batch-normalize `x` with its own statistics: Zhat = G (Z - mu) / s + B.
 
@@ -372,22 +450,33 @@ def batch_norm(
         them over the axis, as for any parameter under data parallelism. Taken outside the
         map, they are already summed (shard_map's transpose does that for a replicated
         `scale`, vmap's for an unbatched one).
+      mask: None, or booleans broadcastable to `x` (as in Flax): the statistics are taken over
+        the True values only, K_i being their count per feature (summed across `axis_name`,
+        so devices may hold different numbers of them), and every value is normalized with
+        them. In the gradient a masked-out value gets only the direct term (G/s) dZhat (see
+        the module docstring). A feature needs K_i >= 2: a mask known when traced (not a
+        traced argument) is checked; for a traced one, K_i = 1 gives sigma = 0 (a constant
+        feature) and K_i = 0 gives NaN for that feature's values and gradients.
 
     Returns:
       Zhat, with the shape and dtype of `x`.
     """
-    return _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name)[0]
+    return _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask)[0]
 
 
-def batch_stats(x: jax.Array, *, feature_axis: FeatureAxis = -1, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+def batch_stats(
+    x: jax.Array, *, feature_axis: FeatureAxis = -1, axis_name: Any = None, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(mu, sigma^2) of each feature: mu = (1/K) sum_j Z_j, sigma^2 = (1/K) sum_j (Z_j - mu)^2.
 
     Two passes over `x` (mean first, then the centred squares), in at least float32, shaped like
     the feature axes; under `axis_name` the sums are all-reduced so every device gets the
-    statistics of the whole batch.
+    statistics of the whole batch. With `mask` (booleans broadcastable to `x`) the sums take the
+    True values only, and K is their count per feature (see `batch_norm`).
     """
     layout = _layout(x, feature_axis, axis_name)
-    mean, var = _moments(jnp.asarray(x), layout, axis_name)
+    mask = _check_mask(mask, jnp.shape(x), layout.reduce_axes, axis_name)
+    mean, var, _ = _moments(jnp.asarray(x), layout, axis_name, mask)
     return mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
 
 
@@ -442,12 +531,23 @@ class BatchNorm:
         return BatchNormParams(ones, zeros), BatchNormState(zeros, ones)
 
     def apply(
-        self, params: BatchNormParams, state: BatchNormState, x: jax.Array, *, training: bool = True
+        self,
+        params: BatchNormParams,
+        state: BatchNormState,
+        x: jax.Array,
+        *,
+        training: bool = True,
+        mask: jax.Array | None = None,
     ) -> tuple[jax.Array, BatchNormState]:
-        """(Zhat, new state). `training` is a Python bool (it selects the computation)."""
+        """(Zhat, new state). `training` is a Python bool (it selects the computation).
+
+        `mask` (booleans broadcastable to `x`) selects the values whose batch statistics are
+        used and averaged into the running ones, as in `batch_norm`; evaluation ignores it, as
+        Flax does (the running statistics are used for every value).
+        """
         if training:
             y, mean, var = _normalize_checked(
-                x, params.scale, params.offset, self.feature_axis, self.eps, self.eps_in_sqrt, self.axis_name
+                x, params.scale, params.offset, self.feature_axis, self.eps, self.eps_in_sqrt, self.axis_name, mask
             )
             batch = BatchNormState(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
             return y, running_average_update(state, batch, self.momentum)

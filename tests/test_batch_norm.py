@@ -47,13 +47,13 @@ def max_rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
-@pytest.mark.parametrize("name,shape,feature_axis", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize(("name", "shape", "feature_axis"), LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
 @pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["sqrt(var+eps)", "sigma+eps"])
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_values_and_gradients_match_autodiff_in_float64(name, shape, feature_axis, eps_in_sqrt, eps):
     with jax.enable_x64(True):
         x, scale, offset, dy = random_inputs(shape, feature_axis)
-        kw = dict(feature_axis=feature_axis, eps=eps, eps_in_sqrt=eps_in_sqrt)
+        kw = {"feature_axis": feature_axis, "eps": eps, "eps_in_sqrt": eps_in_sqrt}
 
         @jax.jit
         def outputs_and_gradients(x, scale, offset, dy):
@@ -64,7 +64,7 @@ def test_values_and_gradients_match_autodiff_in_float64(name, shape, feature_axi
         y, y_ref, grads, grads_ref = outputs_and_gradients(x, scale, offset, dy)
         assert y.dtype == jnp.float64
         assert max_rel(y, y_ref) <= 1e-12
-        for got, want in zip(grads, grads_ref):
+        for got, want in zip(grads, grads_ref, strict=True):
             assert got.shape == want.shape
             assert max_rel(got, want) <= 1e-10
 
@@ -90,7 +90,10 @@ def test_input_gradient_is_the_notes_formula_summed_literally(eps_in_sqrt):
     rng = np.random.default_rng(3)
     Z, G, B, dZhat = rng.normal(size=(4, 7)), rng.normal(size=4), rng.normal(size=4), rng.normal(size=(4, 7))
     with jax.enable_x64(True):
-        f = lambda Z, G, B: jstep.batch_norm(Z, G, B, feature_axis=0, eps=0.0, eps_in_sqrt=eps_in_sqrt)
+
+        def f(Z, G, B):
+            return jstep.batch_norm(Z, G, B, feature_axis=0, eps=0.0, eps_in_sqrt=eps_in_sqrt)
+
         dZ, dG, dB = jax.vjp(f, Z, G, B)[1](dZhat)
     Zbar = (Z - Z.mean(1, keepdims=True)) / Z.std(1, keepdims=True)
     np.testing.assert_allclose(dZ, notes_dZ(Z, G, dZhat), rtol=1e-10, atol=1e-12)
@@ -101,7 +104,7 @@ def test_input_gradient_is_the_notes_formula_summed_literally(eps_in_sqrt):
 @pytest.mark.parametrize("eps_in_sqrt", [True, False])
 def test_first_and_second_order_pass_check_vjp(eps_in_sqrt):
     x, scale, offset, _ = random_inputs((6, 2, 3), -1, seed=4)
-    kw = dict(eps=0.05, eps_in_sqrt=eps_in_sqrt)
+    kw = {"eps": 0.05, "eps_in_sqrt": eps_in_sqrt}
 
     def f(x, scale, offset):
         return jstep.batch_norm(x, scale, offset, **kw)
@@ -152,7 +155,9 @@ def test_bfloat16_input_normalizes_in_float32_and_returns_bfloat16():
     # Reference: the same bf16 values, normalized in float64.
     with jax.enable_x64(True):
         x64 = np.asarray(x16.astype(jnp.float32), np.float64)
-        y_ref, vjp_ref = jax.vjp(lambda x: plain_batch_norm(x, scale.astype(np.float64), offset.astype(np.float64), -1, 1e-5, True), x64)
+        y_ref, vjp_ref = jax.vjp(
+            lambda x: plain_batch_norm(x, scale.astype(np.float64), offset.astype(np.float64), -1, 1e-5, True), x64
+        )
         (dx_ref,) = vjp_ref(np.asarray(jnp.asarray(dy, jnp.bfloat16).astype(jnp.float32), np.float64))
     # Only the final rounding to bf16 (8 bits of mantissa) is lost.
     np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=2**-7, atol=2**-7)
@@ -195,7 +200,9 @@ def test_large_mean_float32_gradients_match_float64():
     assert max_rel(dscale, dscale_ref) <= 1e-2
     np.testing.assert_allclose(doffset, dy64.sum(0), rtol=1e-5)
     # The same data shifted to mean 0: both reductions are then exact to float32 round-off.
-    _, vjp = jax.vjp(lambda x, s, b: jstep.batch_norm(x, s, b, eps=0.0), jnp.asarray(x64 - 1e4, jnp.float32), scale, offset)
+    _, vjp = jax.vjp(
+        lambda x, s, b: jstep.batch_norm(x, s, b, eps=0.0), jnp.asarray(x64 - 1e4, jnp.float32), scale, offset
+    )
     assert max_rel(vjp(jnp.asarray(dy))[1], dscale_ref) <= 1e-5
 
 
@@ -213,7 +220,10 @@ def test_constant_feature_with_eps_gives_offset_and_the_exact_gradient(eps_in_sq
         x = np.stack([np.full(6, 2.0), np.arange(6.0)], axis=1)  # feature 0 is constant
         scale, offset = np.array([1.5, 1.0]), np.array([0.25, 0.0])
         dy = np.random.default_rng(11).normal(size=x.shape)
-        f = lambda x, s, b: jstep.batch_norm(x, s, b, eps=eps, eps_in_sqrt=eps_in_sqrt)
+
+        def f(x, s, b):
+            return jstep.batch_norm(x, s, b, eps=eps, eps_in_sqrt=eps_in_sqrt)
+
         y, vjp = jax.vjp(f, x, scale, offset)
         dx, dscale, doffset = map(np.asarray, vjp(dy))
     s = np.sqrt(eps) if eps_in_sqrt else eps
@@ -248,23 +258,29 @@ def test_backward_keeps_one_activation_sized_residual_and_per_feature_vectors():
     x, scale, offset = map(jnp.asarray, (x, scale, offset))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(lambda x, s, b: jstep.batch_norm(x, s, b), x, scale, offset)
+        jax.ad_checkpoint.print_saved_residuals(jstep.batch_norm, x, scale, offset)
     lines = out.getvalue().strip().splitlines()
     activation = [line for line in lines if "[8,6,6,16]" in line]
     assert len(activation) == 1, lines  # x - mu, the one activation-sized residual
     others = [line for line in lines if line not in activation]
-    assert all("[8,6,6,16]" not in line and ("[16]" in line or "[1,1,1,16]" in line or "[]" in line) for line in others), lines
+    assert all(
+        "[8,6,6,16]" not in line and ("[16]" in line or "[1,1,1,16]" in line or "[]" in line) for line in others
+    ), lines
     # The plain jnp version keeps more than one activation-sized array.
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(lambda x, s, b: plain_batch_norm(x, s, b, -1, 1e-5, True), x, scale, offset)
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda x, s, b: plain_batch_norm(x, s, b, -1, 1e-5, True), x, scale, offset
+        )
     assert out.getvalue().count("[8,6,6,16]") >= 2
 
 
 def test_jit_and_vmap():
     x, scale, offset, dy = random_inputs((3, 6, 4), -1, seed=13, dtype=np.float32)
     eager = jstep.batch_norm(x[0], scale, offset)
-    jitted = jax.jit(jstep.batch_norm, static_argnames=("feature_axis", "eps", "eps_in_sqrt", "axis_name"))(x[0], scale, offset)
+    jitted = jax.jit(jstep.batch_norm, static_argnames=("feature_axis", "eps", "eps_in_sqrt", "axis_name"))(
+        x[0], scale, offset
+    )
     mapped = jax.vmap(lambda x: jstep.batch_norm(x, scale, offset))(x)
     np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(mapped[0], eager, rtol=1e-6, atol=1e-6)
@@ -307,3 +323,156 @@ def test_a_single_value_per_feature_is_refused():
         jstep.batch_norm(jnp.ones((1, 3)), jnp.ones(3), jnp.zeros(3))
     with pytest.raises(ValueError, match="K = 1"):
         jstep.batch_stats(jnp.ones((1, 1, 3)))
+
+
+# --------------------------------------------------------------------------------- mask
+
+
+def plain_masked_batch_norm(x, scale, offset, mask, eps, eps_in_sqrt):
+    """A direct jnp transcription with a mask (NHWC-like, features last), left to autodiff:
+    the statistics of the masked-in values, every value normalized."""
+    m = jnp.broadcast_to(mask, x.shape)
+    axes = tuple(range(x.ndim - 1))
+    count = jnp.sum(m, axis=axes)
+    mean = jnp.sum(jnp.where(m, x, 0), axis=axes) / count
+    var = jnp.sum(jnp.where(m, (x - mean) ** 2, 0), axis=axes) / count
+    s = jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps
+    return (x - mean) / s * scale + offset
+
+
+def masked_in(x, mask, feature):
+    """The masked-in values of one feature (features last), as a flat NumPy array."""
+    return np.asarray(x)[..., feature][np.broadcast_to(mask, np.shape(x))[..., feature]]
+
+
+MASK_SHAPES = [(6, 4, 1), (6, 4, 5), (6, 1, 1)]  # for x of shape (6, 4, 5): broadcast and full
+
+
+def random_mask(shape, seed):
+    mask = np.random.default_rng(seed).random(shape) < 0.6
+    mask.reshape(-1, shape[-1])[:2] = True  # at least 2 values in for every feature
+    return mask
+
+
+@pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=str)
+def test_masked_statistics_are_those_of_the_masked_in_values(mask_shape):
+    x, *_ = random_inputs((6, 4, 5), -1, seed=20)
+    mask = random_mask(mask_shape, seed=21)
+    with jax.enable_x64(True):
+        mean, var = jstep.batch_stats(x, mask=mask)
+    for i in range(5):
+        values = masked_in(x, mask, i)
+        assert np.isclose(mean[i], values.mean(), rtol=1e-13) and np.isclose(var[i], values.var(), rtol=1e-12)
+    # float32 statistics, and a feature axis other than the last (NCHW-like).
+    mean, var = jstep.batch_stats(
+        np.moveaxis(x, -1, 1).astype(np.float32), feature_axis=1, mask=np.moveaxis(mask, -1, 1)
+    )
+    assert mean.dtype == var.dtype == jnp.float32
+    np.testing.assert_allclose(var, [masked_in(x, mask, i).var() for i in range(5)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["sqrt(var+eps)", "sigma+eps"])
+def test_masked_batch_norm_passes_check_vjp_at_orders_1_and_2(eps_in_sqrt):
+    x, scale, offset, _ = random_inputs((6, 4, 5), -1, seed=22)
+    mask = random_mask((6, 4, 1), seed=23)
+    kw = {"eps": 0.05, "eps_in_sqrt": eps_in_sqrt}
+
+    def f(x, scale, offset):
+        return jstep.batch_norm(x, scale, offset, mask=mask, **kw)
+
+    report = jstep.check_vjp(
+        f, x, scale, offset, reference=lambda *a: plain_masked_batch_norm(*a, mask, **kw), order=2, rtol=1e-7
+    )
+    assert len(report.comparisons) == 12
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["sqrt(var+eps)", "sigma+eps"])
+def test_masked_values_and_the_direct_term_of_masked_out_values_in_float64(eps_in_sqrt):
+    """Zhat from NumPy statistics of the masked-in values; a masked-out value's input gradient
+    is only (G/s) dZhat; an all-True mask is no mask."""
+    x, scale, offset, dy = random_inputs((6, 4, 5), -1, seed=24)
+    mask = random_mask((6, 4, 1), seed=25)
+    eps = 0.05
+    with jax.enable_x64(True):
+        f = lambda x, s, b, m: jstep.batch_norm(x, s, b, eps=eps, eps_in_sqrt=eps_in_sqrt, mask=m)  # noqa: E731
+        y, vjp = jax.vjp(lambda x: f(x, scale, offset, mask), x)
+        (dx,) = vjp(dy)
+        y_all, vjp_all = jax.vjp(lambda x: f(x, scale, offset, np.ones((1, 1, 1), bool)), x)
+        y_none, vjp_none = jax.vjp(lambda x: f(x, scale, offset, None), x)
+        (dx_all,), (dx_none,) = vjp_all(dy), vjp_none(dy)
+    mean = np.array([masked_in(x, mask, i).mean() for i in range(5)])
+    sigma = np.array([masked_in(x, mask, i).std() for i in range(5)])
+    s = np.sqrt(sigma**2 + eps) if eps_in_sqrt else sigma + eps
+    np.testing.assert_allclose(y, (x - mean) / s * scale + offset, rtol=1e-12, atol=1e-12)
+    out = ~np.broadcast_to(mask, x.shape)
+    np.testing.assert_allclose(np.asarray(dx)[out], np.broadcast_to(scale / s * dy, x.shape)[out], rtol=1e-12)
+    assert np.max(np.abs(np.asarray(dx)[~out] - np.broadcast_to(scale / s * dy, x.shape)[~out])) > 1e-3
+    np.testing.assert_allclose(y_all, y_none, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(dx_all, dx_none, rtol=1e-12, atol=1e-13)
+
+
+def test_masked_gradients_through_the_returned_statistics():
+    x, scale, offset, _ = random_inputs((7, 3), -1, seed=26)
+    mask = random_mask((7, 1), seed=27)
+
+    def with_stats(x, scale, offset):
+        return _normalize_checked(x, scale, offset, -1, 1e-2, True, None, mask)
+
+    def reference(x, scale, offset):
+        m = jnp.broadcast_to(mask, x.shape)
+        mean = jnp.sum(jnp.where(m, x, 0), 0) / m.sum(0)
+        var = jnp.sum(jnp.where(m, (x - mean) ** 2, 0), 0) / m.sum(0)
+        return plain_masked_batch_norm(x, scale, offset, mask, 1e-2, True), mean, var
+
+    jstep.check_vjp(with_stats, x, scale, offset, reference=reference)
+
+
+def test_per_example_masks_under_vmap_give_the_whole_batchs_masked_result():
+    """Sequences of different lengths, padded (two are all padding), one per vmapped call."""
+    x, scale, offset, dy = random_inputs((6, 4, 5), -1, seed=28, dtype=np.float32)
+    lengths = np.array([4, 2, 0, 4, 1, 0])
+    mask = (np.arange(4)[None, :] < lengths[:, None])[..., None]  # (examples, time, 1)
+
+    def per_example(x, mask):
+        return jstep.batch_norm(x, scale, offset, mask=mask, axis_name="examples")
+
+    def loss_by_example(x, mask):
+        return jax.vmap(lambda x, m, dy: jnp.sum(per_example(x, m) * dy), axis_name="examples")(x, mask, dy).sum()
+
+    y = jax.jit(jax.vmap(per_example, axis_name="examples"))(x, mask)
+    dx = jax.jit(jax.grad(loss_by_example))(x, mask)
+    y_ref, vjp = jax.vjp(lambda x: jstep.batch_norm(x, scale, offset, mask=mask), x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, vjp(dy)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_traced_mask_with_too_few_values_gives_what_the_docstring_says():
+    x, scale, offset, _ = random_inputs((6, 3), -1, seed=29)
+    mask = np.ones(x.shape, bool)
+    mask[:, 0] = False  # feature 0: K = 0
+    mask[1:, 1] = False  # feature 1: K = 1
+    with jax.enable_x64(True):
+        y = jax.jit(lambda x, m: jstep.batch_norm(x, scale, offset, eps=0.25, mask=m))(x, mask)
+        mean, var = jax.jit(lambda x, m: jstep.batch_stats(x, mask=m))(x, mask)
+        y, mean, var, y_ref = map(np.asarray, (y, mean, var, plain_batch_norm(x, scale, offset, -1, 0.25, True)))
+    assert np.all(np.isnan(y[:, 0])) and np.isnan(mean[0]) and np.isnan(var[0])
+    assert mean[1] == x[0, 1] and var[1] == 0  # one value: sigma = 0, s = sqrt(eps)
+    np.testing.assert_allclose(y[:, 1], (x[:, 1] - x[0, 1]) / 0.5 * scale[1] + offset[1], rtol=1e-12)
+    assert y[0, 1] == offset[1]
+    np.testing.assert_allclose(y[:, 2], y_ref[:, 2], rtol=1e-12)  # feature 2: every value in
+
+
+def test_bad_masks_are_refused_naming_what_is_allowed():
+    x = jnp.ones((4, 2, 3))
+    scale, offset = jnp.ones(3), jnp.zeros(3)
+    with pytest.raises(TypeError, match="mask has dtype float32; it must be a boolean array"):
+        jstep.batch_norm(x, scale, offset, mask=jnp.ones((4, 1, 1)))
+    with pytest.raises(ValueError, match=r"mask has shape \(4, 2\), which does not broadcast to x's shape \(4, 2, 3\)"):
+        jstep.batch_norm(x, scale, offset, mask=np.ones((4, 2), bool))
+    one_in = np.zeros((4, 2, 3), bool)
+    one_in[0, 0, :] = True
+    one_in[1:, :, 1:] = True  # features 1 and 2 have plenty; feature 0 has one value
+    with pytest.raises(ValueError, match=r"mask leaves K = 1 masked-in value\(s\) for feature \(0,\)"):
+        jstep.batch_norm(x, scale, offset, mask=one_in)
+    with pytest.raises(ValueError, match="K = 0"):
+        jax.jit(lambda x: jstep.batch_stats(x, mask=np.zeros((4, 1, 1), bool)))(x)  # known when traced

@@ -191,7 +191,7 @@ SCRIPT = textwrap.dedent(
     close("vmap batch_stats mean", mean, x.mean((0, 1, 2)))
     close("vmap batch_stats var", var, x.var((0, 1, 2)))
 
-    # A batch of one value per feature in total is refused even when split across devices.
+    # One value per feature on each device is a valid batch of K = 8 across the devices.
     one = jax.shard_map(lambda x: jstep.batch_norm(x, scale[:1], offset[:1], axis_name="batch"), mesh=mesh,
                         in_specs=P("batch"), out_specs=P("batch"))
     try:
@@ -199,6 +199,59 @@ SCRIPT = textwrap.dedent(
         print("K = 8 across devices: accepted")
     except ValueError as error:
         raise AssertionError(f"8 values across 8 devices are a valid batch: {error}")
+
+    # A mask with different numbers of masked-in values per device (device 0: none, device 1:
+    # one): K is the sum of the devices' counts, and everything equals one device's masked run
+    # on the whole batch, itself checked against NumPy statistics of the masked-in values.
+    mask = rng.random((16, 3, 1, 1)) < 0.5
+    mask[0:2] = False
+    mask[2:4] = False
+    mask[2, 0] = True
+    mask[4] = True
+
+    def masked_loss(x, scale, offset, mask):
+        return jnp.sum(jnp.sin(jstep.batch_norm(x, scale, offset, eps=1e-3, mask=mask)) * w)
+
+    y_ref = jstep.batch_norm(x, scale, offset, eps=1e-3, mask=mask)
+    grads_ref = jax.grad(masked_loss, argnums=(0, 1, 2))(x, scale, offset, mask)
+    values = [x[..., i][np.broadcast_to(mask, x.shape)[..., i]] for i in range(5)]
+    mu, sd = np.array([v.mean() for v in values]), np.array([np.sqrt(v.var() + 1e-3) for v in values])
+    close("masked one-device output against NumPy", y_ref, (x - mu) / sd * scale + offset)
+
+    def masked_global_loss(x, scale, offset, mask, w):
+        y = jstep.batch_norm(x, scale, offset, eps=1e-3, mask=mask, axis_name="batch")
+        return jax.lax.psum(jnp.sum(jnp.sin(y) * w), "batch"), y
+
+    sharded = jax.shard_map(masked_global_loss, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch"), P("batch")),
+                            out_specs=(P(), P("batch")))
+    (_, y), grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2), has_aux=True))(x, scale, offset, mask, w)
+    close("masked shard_map output", y, y_ref)
+    for name, got, want in zip(["x", "scale", "offset"], grads, grads_ref):
+        close(f"masked shard_map gradient of {name}", got, want)
+    bn = jstep.BatchNorm(axis_name="batch", eps=1e-3)
+    params, state = bn.init(x)
+    step = jax.jit(jax.shard_map(lambda p, s, x, m: bn.apply(p, s, x, mask=m), mesh=mesh,
+                                 in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P("batch"), P())))
+    _, masked_state = step(params, state, x, mask)
+    _, masked_state_ref = jstep.BatchNorm(eps=1e-3).apply(params, state, x, mask=mask)
+    close("masked BatchNorm running mean", masked_state.mean, masked_state_ref.mean)
+    close("masked BatchNorm running var", masked_state.var, masked_state_ref.var)
+
+    # A mask known when traced is the same on every device, so its count is known: 1 value on
+    # each of 8 devices is accepted, none is refused.
+    def with_fixed_mask(fixed):
+        return jax.jit(jax.shard_map(lambda x: jstep.batch_norm(x, scale[:1], offset[:1], axis_name="batch",
+                                                                mask=fixed), mesh=mesh,
+                                     in_specs=P("batch"), out_specs=P("batch")))
+
+    y = with_fixed_mask(np.array([[True], [False]]))(x[:, 0, 0, :1])
+    assert np.all(np.isfinite(y)), y
+    try:
+        with_fixed_mask(np.zeros((2, 1), bool))(x[:, 0, 0, :1])
+        raise AssertionError("a mask with no value in was accepted")
+    except ValueError as error:
+        assert "K = 0" in str(error), error
+    print("fixed masks: K = 8 accepted, K = 0 refused: ok")
     print("ALL OK")
     """
 )
@@ -223,6 +276,12 @@ def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_
         "BatchNorm running var",
         "vmap per-example grad: scale shares, summed",
         "vmap inside shard_map: Hessian-vector product",
+        "masked one-device output against NumPy",
+        "masked shard_map output",
+        "masked shard_map gradient of x",
+        "masked shard_map gradient of scale",
+        "masked BatchNorm running var",
+        "fixed masks: K = 8 accepted, K = 0 refused",
     ]
     quantities = ["output", "input gradient", "scale gradient", "running var"]
     for mapping in ["vmap", "vmap, jitted", "shard_map", "pmap", "vmap inside shard_map"]:

@@ -70,7 +70,7 @@ def test_training_gradients_are_batch_norms_and_the_state_gets_none():
     expected = jax.grad(lambda s, b, x: jnp.sum(jstep.batch_norm(x, s, b) * w), argnums=(0, 1, 2))(
         params.scale, params.offset, x
     )
-    for got, want in zip(jax.tree.leaves(grads), expected):
+    for got, want in zip(jax.tree.leaves(grads), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -109,3 +109,22 @@ def test_bad_settings_and_inputs_are_refused():
         bn.apply(params._replace(scale=jnp.ones(3), offset=jnp.ones(3)), state, jnp.ones((4, 3)), training=False)
     with pytest.raises(ValueError, match="K = 1"):
         bn.apply(params, state, jnp.ones((1, 2)))
+
+
+def test_masked_training_uses_and_averages_the_masked_in_statistics_and_evaluation_ignores_the_mask():
+    bn = jstep.BatchNorm(momentum=0.5)
+    x = batches(1, shape=(8, 3, 4))[0].astype(np.float64)
+    mask = np.random.default_rng(3).random((8, 3, 1)) < 0.5
+    mask[0] = True
+    with jax.enable_x64(True):
+        params, state = bn.init(x)
+        y, new_state = jax.jit(lambda p, s, x, m: bn.apply(p, s, x, mask=m))(params, state, x, mask)
+        y_fn = jstep.batch_norm(x, params.scale, params.offset, mask=mask)
+        y_eval, same = bn.apply(params, new_state, x, training=False, mask=mask)
+        y_eval_unmasked, _ = bn.apply(params, new_state, x, training=False)
+    values = [x[..., i][np.broadcast_to(mask, x.shape)[..., i]] for i in range(4)]
+    np.testing.assert_allclose(new_state.mean, 0.5 * 0 + 0.5 * np.array([v.mean() for v in values]), rtol=1e-12)
+    np.testing.assert_allclose(new_state.var, 0.5 * 1 + 0.5 * np.array([v.var() for v in values]), rtol=1e-12)
+    np.testing.assert_allclose(y, y_fn, rtol=1e-13, atol=1e-13)
+    assert same is new_state
+    np.testing.assert_array_equal(y_eval, y_eval_unmasked)
