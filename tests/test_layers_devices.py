@@ -4,7 +4,8 @@ For jstep.nnx, jstep.linen and jstep.equinox: under ``shard_map`` with the layer
 (for Equinox, its per-example vmap inside shard_map, a tuple axis_name), under
 ``nnx.shard_map``, and under a plain sharded ``jit`` (no axis_name: XLA adds the collectives),
 the outputs, the gradients of the parameters and of the input, and the new running statistics
-equal those of one device, in float64. One subprocess, started with
+equal those of one device, in float64; for the Flax layers also with a mask that gives the
+devices different numbers of values (device 0 none). One subprocess, started with
 XLA_FLAGS=--xla_force_host_platform_device_count=8, runs every check.
 """
 
@@ -40,6 +41,9 @@ SCRIPT = textwrap.dedent(
     C = 5
     x = rng.normal(2.0, 3.0, (16, 3, C))
     w = rng.normal(size=x.shape)  # the loss is sum(sin(y) * w)
+    # A mask that leaves device 0 (examples 0 and 1) no value and the other devices different numbers.
+    mask = rng.random((16, 3, 1)) < 0.7
+    mask[:2] = False
 
 
     def close(name, got, want, tol=1e-12):
@@ -51,30 +55,31 @@ SCRIPT = textwrap.dedent(
 
 
     def on_devices(forward, mesh):
-        """forward(params, stats, x, w) -> (y, loss, stats) on each device's shard; the loss psum'd."""
-        def local(params, stats, x, w):
-            y, loss, stats = forward(params, stats, x, w)
+        """forward(params, stats, x, w, mask) -> (y, loss, stats) on each device's shard; the loss psum'd."""
+        def local(params, stats, x, w, mask):
+            y, loss, stats = forward(params, stats, x, w, mask)
             return y, jax.lax.psum(loss, "batch"), stats
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch"), P("batch")),
                              out_specs=(P("batch"), P(), P()))
 
 
-    def train(forward, params, stats, x, w):
+    def train(forward, params, stats, x, w, mask):
         """(y, (d loss/d params, d loss/dx), new stats), jitted; the gradient taken outside any map."""
-        def total(params, stats, x, w):
-            y, loss, stats = forward(params, stats, x, w)
+        def total(params, stats, x, w, mask):
+            y, loss, stats = forward(params, stats, x, w, mask)
             return loss, (y, stats)
-        (_, (y, stats)), grads = jax.jit(jax.value_and_grad(total, argnums=(0, 2), has_aux=True))(params, stats, x, w)
+        run = jax.jit(jax.value_and_grad(total, argnums=(0, 2), has_aux=True))
+        (_, (y, stats)), grads = run(params, stats, x, w, mask)
         return y, grads, stats
 
 
-    def compare(label, make_forward, params, stats, mesh=mesh, stats_tol=1e-12):
+    def compare(label, make_forward, params, stats, mesh=mesh, stats_tol=1e-12, mask=None):
         """One device against shard_map (the layer's axis_name "batch") and a sharded jit (axis_name None).
 
-        The batch is split over the mesh; params and statistics are replicated on it.
+        The batch (and the mask) is split over the mesh; params and statistics are replicated on it.
         """
-        one = train(make_forward(None), params, stats, x, w)
-        batch = jax.device_put((x, w), NamedSharding(mesh, P("batch")))
+        one = train(make_forward(None), params, stats, x, w, mask)
+        batch = jax.device_put((x, w, mask), NamedSharding(mesh, P("batch")))
         replicated = jax.device_put((params, stats), NamedSharding(mesh, P()))
         runs = {
             "shard_map": train(on_devices(make_forward("batch"), mesh), *replicated, *batch),
@@ -95,15 +100,16 @@ SCRIPT = textwrap.dedent(
 
     def nnx_forward(axis_name):
         graphdef, _, _ = nnx.split(nnx_model(axis_name), nnx.Param, nnx.BatchStat)
-        def forward(params, stats, x, w):
+        def forward(params, stats, x, w, mask):
             model = nnx.merge(graphdef, params, stats, copy=True)  # fresh variables in this trace
-            y = model(x)
+            y = model(x, mask=mask)
             return y, jnp.sum(jnp.sin(y) * w), nnx.state(model, nnx.BatchStat)
         return forward
 
     _, nnx_params, nnx_stats = nnx.split(nnx_model(None), nnx.Param, nnx.BatchStat)
     # NNX keeps its running statistics in float32 whatever the input, so they agree to float32.
     compare("nnx", nnx_forward, nnx_params, nnx_stats, stats_tol=1e-6)
+    compare("nnx with a mask, uneven across devices", nnx_forward, nnx_params, nnx_stats, stats_tol=1e-6, mask=mask)
 
     # ---- jstep.nnx under nnx.shard_map, the model updated in place (jitted: jstep.batch_norm's
     # custom_vjp with symbolic zeros cannot run under an eager shard_map in jax 0.10)
@@ -117,8 +123,8 @@ SCRIPT = textwrap.dedent(
     def linen_forward(axis_name):
         module = jstep.linen.BatchNorm(use_running_average=False, momentum=0.8, epsilon=1e-3, axis_name=axis_name,
                                        param_dtype=jnp.float64, force_float32_reductions=False)
-        def forward(params, stats, x, w):
-            y, updates = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        def forward(params, stats, x, w, mask):
+            y, updates = module.apply({"params": params, "batch_stats": stats}, x, mask=mask, mutable=["batch_stats"])
             return y, jnp.sum(jnp.sin(y) * w), updates["batch_stats"]
         return forward
 
@@ -126,6 +132,8 @@ SCRIPT = textwrap.dedent(
                                       force_float32_reductions=False).init(jax.random.key(0), x)
     linen_params = jax.tree.map(lambda a: a + rng.normal(size=a.shape), variables["params"])
     compare("linen", linen_forward, linen_params, variables["batch_stats"])
+    linen_stats = variables["batch_stats"]
+    compare("linen with a mask, uneven across devices", linen_forward, linen_params, linen_stats, mask=mask)
 
     # ---- jstep.equinox: per example under vmap; on devices, vmap inside shard_map (axis_name a tuple).
     # Each example x[i] is (3 channels, C positions), channel-first as Equinox wants.
@@ -136,7 +144,7 @@ SCRIPT = textwrap.dedent(
     def eqx_forward(mapped_axis_name):
         names = "examples" if mapped_axis_name is None else (mapped_axis_name, "examples")
         _, static = eqx.partition(eqx.tree_at(lambda m: m.axis_name, layer, names), eqx.is_inexact_array)
-        def forward(params, state, x, w):
+        def forward(params, state, x, w, mask):  # Equinox's layer takes no mask
             model = eqx.combine(params, static)
             y, state = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="examples")(x, state)
             return y, jnp.sum(jnp.sin(y) * w), state

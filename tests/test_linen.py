@@ -66,14 +66,15 @@ def test_init_gives_flaxs_collections_and_leaves_the_statistics_alone(fields):
 def train_step(module):
     """(y, new batch_stats, dL/dparams, dL/dx) of one training apply, jitted."""
 
-    def loss(params, batch_stats, x, w):
-        y, updates = module.apply({"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"])
+    def loss(params, batch_stats, x, w, mask):
+        variables = {"params": params, "batch_stats": batch_stats}
+        y, updates = module.apply(variables, x, mask=mask, mutable=["batch_stats"])
         return jnp.sum(jnp.sin(y) * w), (y, updates["batch_stats"])
 
     @jax.jit
-    def step(variables, x, w):
+    def step(variables, x, w, mask=None):
         (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)(
-            variables["params"], variables["batch_stats"], x, w
+            variables["params"], variables["batch_stats"], x, w, mask
         )
         return y, stats, grads
 
@@ -97,6 +98,28 @@ def test_training_values_gradients_and_running_statistics_over_steps(fields):
         ours_vars, theirs_vars = {**ours_vars, "batch_stats": stats1}, {**theirs_vars, "batch_stats": stats2}
     ours, theirs = pair(use_running_average=True, **fields)
     close(ours.apply(ours_vars, BATCHES[1]), theirs.apply(theirs_vars, BATCHES[1]))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [RNG.random((4, 3, 1)) < 0.6, RNG.random((4, 3, 6)) < 0.5],
+    ids=["positions masked", "values masked, a different count per feature"],
+)
+def test_mask_takes_the_statistics_over_the_true_values(mask):
+    """Values, gradients and running statistics as Flax's layer with the same mask."""
+    ours, theirs = pair(use_running_average=False, momentum=0.8)
+    ours_vars = theirs_vars = ours.init(KEY, BATCHES[0])
+    ours_step, theirs_step = train_step(ours), train_step(theirs)
+    for x in BATCHES[1:]:
+        y1, stats1, grads1 = ours_step(ours_vars, x, WEIGHTS, mask)
+        y2, stats2, grads2 = theirs_step(theirs_vars, x, WEIGHTS, mask)
+        close(y1, y2)
+        trees_close(grads1, grads2, tol=1e-5)
+        trees_close(stats1, stats2, tol=1e-5)
+        ours_vars, theirs_vars = {**ours_vars, "batch_stats": stats1}, {**theirs_vars, "batch_stats": stats2}
+    # The comparison means something only if the mask changes the statistics:
+    masked_mean = np.nanmean(np.where(np.broadcast_to(mask, x.shape), x, np.nan), axis=(0, 1))
+    assert not np.allclose(masked_mean, x.mean((0, 1)), atol=1e-3)
 
 
 def test_evaluation_and_the_mode_argument():

@@ -56,15 +56,13 @@ def test_variables_are_flaxs(options):
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)))
 
 
-def loss(model, x, w):
-    return jnp.sum(jnp.sin(model(x)) * w)
-
-
 @nnx.jit
-def train_step(model, x, w):
+def train_step(model, x, w, mask=None):
     """(y, dL/dParams, dL/dx) of one training call; the running statistics update in place."""
-    y = model(x)
-    param_grads, x_grad = nnx.grad(loss, argnums=(0, 1))(nnx.clone(model), x, w)
+    y = model(x, mask=mask)
+    param_grads, x_grad = nnx.grad(lambda model, x: jnp.sum(jnp.sin(model(x, mask=mask)) * w), argnums=(0, 1))(
+        nnx.clone(model), x
+    )
     return y, param_grads, x_grad
 
 
@@ -87,6 +85,26 @@ def test_training_values_gradients_and_running_statistics_over_steps(options, sh
     ours.eval(), theirs.eval()
     x = BATCHES[0].reshape(shape)
     close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [RNG.random((12, 1)) < 0.6, RNG.random((12, FEATURES)) < 0.5],
+    ids=["examples masked", "values masked, a different count per feature"],
+)
+def test_mask_takes_the_statistics_over_the_true_values(mask):
+    """Values, gradients and running statistics as Flax's layer with the same mask."""
+    ours, theirs = pair(momentum=0.8)
+    for x in BATCHES[1:]:
+        (y1, g1, dx1), (y2, g2, dx2) = train_step(ours, x, WEIGHTS, mask), train_step(theirs, x, WEIGHTS, mask)
+        close(y1, y2)
+        close(dx1, dx2, tol=1e-5)
+        jax.tree.map(lambda a, b: close(a, b, tol=1e-5), nnx.to_pure_dict(g1), nnx.to_pure_dict(g2))
+        close(ours.mean[...], theirs.mean[...])
+        close(ours.var[...], theirs.var[...], tol=1e-5)
+    # The comparison means something only if the mask changes the statistics:
+    masked_mean = np.nanmean(np.where(np.broadcast_to(mask, x.shape), x, np.nan), axis=0)
+    assert not np.allclose(masked_mean, x.mean(0), atol=1e-3)
 
 
 def test_modes_follow_eval_train_view_and_the_call():
