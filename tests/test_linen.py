@@ -68,7 +68,8 @@ def train_step(module):
 
     def loss(params, batch_stats, x, w, mask):
         variables = {"params": params, "batch_stats": batch_stats}
-        y, updates = module.apply(variables, x, mask=mask, mutable=["batch_stats"])
+        options = {} if mask is None else {"mask": mask}  # nn.vmap warns about any keyword argument
+        y, updates = module.apply(variables, x, mutable=["batch_stats"], **options)
         return jnp.sum(jnp.sin(y) * w), (y, updates["batch_stats"])
 
     @jax.jit
@@ -120,6 +121,25 @@ def test_mask_takes_the_statistics_over_the_true_values(mask):
     # The comparison means something only if the mask changes the statistics:
     masked_mean = np.nanmean(np.where(np.broadcast_to(mask, x.shape), x, np.nan), axis=(0, 1))
     assert not np.allclose(masked_mean, x.mean((0, 1)), atol=1e-3)
+
+
+def test_per_example_under_nn_vmap_equals_the_whole_batch():
+    """axis_name under Linen's nn.vmap (one example per call): the whole batch's values, gradients, statistics."""
+    per_example = nn.vmap(
+        jstep.linen.BatchNorm,
+        variable_axes={"params": None, "batch_stats": None},
+        split_rngs={"params": False},
+        axis_name="batch",
+    )(use_running_average=False, momentum=0.8, axis_name="batch")
+    whole = jstep.linen.BatchNorm(use_running_average=False, momentum=0.8)
+    variables = whole.init(KEY, BATCHES[0])
+    assert jax.tree.map(jnp.shape, per_example.init(KEY, BATCHES[0])) == jax.tree.map(jnp.shape, variables)
+    (y1, stats1, grads1), (y2, stats2, grads2) = (
+        train_step(module)(variables, BATCHES[1], WEIGHTS) for module in (per_example, whole)
+    )
+    close(y1, y2)
+    trees_close(grads1, grads2, tol=1e-5)
+    trees_close(stats1, stats2, tol=1e-5)
 
 
 def test_evaluation_and_the_mode_argument():

@@ -107,6 +107,29 @@ def test_mask_takes_the_statistics_over_the_true_values(mask):
     assert not np.allclose(masked_mean, x.mean(0), atol=1e-3)
 
 
+def test_per_example_under_nnx_vmap_equals_the_whole_batch():
+    """axis_name under nnx.vmap (one example per call): the whole batch's values, gradients and statistics."""
+    whole, per_example = (
+        pair(momentum=0.8)[0],
+        jstep.nnx.BatchNorm(FEATURES, momentum=0.8, axis_name="batch", rngs=nnx.Rngs(0)),
+    )
+    mapped = nnx.vmap(lambda model, x: model(x), in_axes=(None, 0), axis_name="batch")
+    x = BATCHES[1]
+
+    def loss(model, x, call):
+        return jnp.sum(jnp.sin(call(model, x)) * WEIGHTS)
+
+    grads = [
+        nnx.grad(loss, argnums=(0, 1))(model, x, call)
+        for model, call in [(whole, lambda model, x: model(x)), (per_example, mapped)]
+    ]
+    close(grads[1][1], grads[0][1], tol=1e-5)
+    jax.tree.map(lambda a, b: close(a, b, tol=1e-5), nnx.to_pure_dict(grads[1][0]), nnx.to_pure_dict(grads[0][0]))
+    close(mapped(per_example, x), whole(x))  # a second step, from the statistics the first one left
+    close(per_example.mean[...], whole.mean[...])
+    close(per_example.var[...], whole.var[...], tol=1e-5)
+
+
 def test_modes_follow_eval_train_view_and_the_call():
     ours, theirs = pair()
     x = BATCHES[1]
