@@ -51,8 +51,10 @@ class BatchNorm(nn.Module):
       dtype: the dtype of the result; None promotes the input with `scale` and `bias`, as Flax
         does. Statistics are at least float32 either way.
       param_dtype: the dtype of `scale` and `bias`.
-      use_bias, use_scale: whether B and G are learned (else B = 0, G = 1).
-      bias_init, scale_init: their initializers.
+      use_bias: whether B is learned (else B = 0).
+      use_scale: whether G is learned (else G = 1).
+      bias_init: the initializer of B.
+      scale_init: the initializer of G.
       axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nn.vmap``) over which the
         batch is split; the statistics and the gradient's sums are all-reduced over it. Under
         a sharded ``jit`` leave it None: XLA inserts the collectives.

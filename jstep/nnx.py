@@ -59,8 +59,10 @@ class BatchNorm(nnx.Module):
         variables, as Flax does (bfloat16 inputs with float32 variables give float32).
         Statistics are at least float32 either way.
       param_dtype: the dtype of `scale` and `bias` (the running statistics are float32).
-      use_bias, use_scale: whether B and G are learned (else B = 0, G = 1).
-      bias_init, scale_init: their initializers.
+      use_bias: whether B is learned (else B = 0).
+      use_scale: whether G is learned (else G = 1).
+      bias_init: the initializer of B.
+      scale_init: the initializer of G.
       axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nnx.shard_map``) over
         which the batch is split; the statistics and the gradient's sums are all-reduced over it.
         Under a sharded ``jit`` leave it None: XLA inserts the collectives.
@@ -70,7 +72,8 @@ class BatchNorm(nnx.Module):
         (1/K) sum (Z - mu)^2, never E[Z^2] - mu^2.
       promote_dtype: Flax's dtype promotion of ``(x, mean, var, scale, bias)``.
       rngs: the `nnx.Rngs` the initializers draw from.
-      bias_metadata, scale_metadata: metadata of the `nnx.Param`s (e.g. sharding).
+      bias_metadata: metadata of the `bias` parameter (e.g. its sharding).
+      scale_metadata: metadata of the `scale` parameter.
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
     """
 
