@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_checks import close, trees_close
 
 import jstep.equinox
 
@@ -33,18 +34,6 @@ def over_batch(model, x, state, **call):
     return jax.vmap(lambda x, state: model(x, state, **call), axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
         x, state
     )
-
-
-def close(got, want, tol=2e-6):
-    """|got - want| <= tol * max|want| elementwise (float32 agreement), and the same dtype."""
-    assert jnp.result_type(got) == jnp.result_type(want)
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.max(np.abs(want)), 1.0))
-
-
-def trees_close(got, want, tol=2e-6):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    jax.tree.map(lambda a, b: close(a, b, tol), got, want)
 
 
 def leaves_by_path(tree):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_checks import close, trees_close
 
 import jstep.linen
 
@@ -28,18 +29,6 @@ def pair(**fields):
 def describe(variables):
     """{path: (shape, dtype)} of a variables dict."""
     return {jax.tree_util.keystr(p): (v.shape, v.dtype) for p, v in jax.tree_util.tree_leaves_with_path(variables)}
-
-
-def close(got, want, tol=2e-6):
-    """|got - want| <= tol * max|want| elementwise (float32 agreement), and the same dtype."""
-    assert jnp.result_type(got) == jnp.result_type(want)
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.max(np.abs(want)), 1.0))
-
-
-def trees_close(got, want, tol=2e-6):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    jax.tree.map(lambda a, b: close(a, b, tol), got, want)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from layer_checks import close, trees_close
 
 import jstep.nnx
 
@@ -30,13 +31,6 @@ def pair(**options):
 def describe(model):
     """{path: (variable type, shape, dtype)} of a layer's state."""
     return {path: (type(v).__name__, v.shape, v.dtype) for path, v in nnx.to_flat_state(nnx.state(model))}
-
-
-def close(got, want, tol=2e-6):
-    """|got - want| <= tol * max|want| elementwise (float32 agreement), and the same dtype."""
-    assert jnp.result_type(got) == jnp.result_type(want)
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.max(np.abs(want)), 1.0))
 
 
 @pytest.mark.parametrize(
@@ -79,7 +73,7 @@ def test_training_values_gradients_and_running_statistics_over_steps(options, sh
         (y1, g1, dx1), (y2, g2, dx2) = train_step(ours, x, w), train_step(theirs, x, w)
         close(y1, y2)
         close(dx1, dx2, tol=1e-5)
-        jax.tree.map(lambda a, b: close(a, b, tol=1e-5), nnx.to_pure_dict(g1), nnx.to_pure_dict(g2))
+        trees_close(nnx.to_pure_dict(g1), nnx.to_pure_dict(g2), tol=1e-5)
         close(ours.mean[...], theirs.mean[...])
         close(ours.var[...], theirs.var[...], tol=1e-5)
     ours.eval(), theirs.eval()
@@ -99,7 +93,7 @@ def test_mask_takes_the_statistics_over_the_true_values(mask):
         (y1, g1, dx1), (y2, g2, dx2) = train_step(ours, x, WEIGHTS, mask), train_step(theirs, x, WEIGHTS, mask)
         close(y1, y2)
         close(dx1, dx2, tol=1e-5)
-        jax.tree.map(lambda a, b: close(a, b, tol=1e-5), nnx.to_pure_dict(g1), nnx.to_pure_dict(g2))
+        trees_close(nnx.to_pure_dict(g1), nnx.to_pure_dict(g2), tol=1e-5)
         close(ours.mean[...], theirs.mean[...])
         close(ours.var[...], theirs.var[...], tol=1e-5)
     # The comparison means something only if the mask changes the statistics:
@@ -124,7 +118,7 @@ def test_per_example_under_nnx_vmap_equals_the_whole_batch():
         for model, call in [(whole, lambda model, x: model(x)), (per_example, mapped)]
     ]
     close(grads[1][1], grads[0][1], tol=1e-5)
-    jax.tree.map(lambda a, b: close(a, b, tol=1e-5), nnx.to_pure_dict(grads[1][0]), nnx.to_pure_dict(grads[0][0]))
+    trees_close(nnx.to_pure_dict(grads[1][0]), nnx.to_pure_dict(grads[0][0]), tol=1e-5)
     close(mapped(per_example, x), whole(x))  # a second step, from the statistics the first one left
     close(per_example.mean[...], whole.mean[...])
     close(per_example.var[...], whole.var[...], tol=1e-5)
