@@ -95,14 +95,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise ValueError(
                 "axis_name is None: give the name of the mapped batch axis, as in jax.vmap(..., axis_name=...)"
             )
-        _layers.core_layer(
-            momentum=momentum,
-            epsilon=eps,
-            eps_in_sqrt=eps_in_sqrt,
-            feature_axis=0,
-            axis_name=axis_name,
-            axis_index_groups=None,
-        )  # checks the settings now
         dtype = jnp.result_type(float) if dtype is None else dtype
         self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
         self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
@@ -118,6 +110,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.momentum = momentum
         self.mode = mode
         self.eps_in_sqrt = eps_in_sqrt
+        self._core()  # checks the settings now
+
+    def _core(self):
+        """The `jstep.BatchNorm` that does the arithmetic: channels on axis 0 of each example."""
+        return _layers.core_layer(
+            momentum=self.momentum,
+            epsilon=self.eps,
+            eps_in_sqrt=self.eps_in_sqrt,
+            feature_axis=0,
+            axis_name=self.axis_name,
+            axis_index_groups=None,
+        )
 
     def __call__(
         self, x: jax.Array, state: eqx.nn.State, *, key: Any = None, inference: bool | None = None
@@ -132,14 +136,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         inference = self.inference if inference is None else inference
         _layers.check_feature_count(x, 0, self.input_size, "input_size")
-        layer = _layers.core_layer(
-            momentum=self.momentum,
-            epsilon=self.eps,
-            eps_in_sqrt=self.eps_in_sqrt,
-            feature_axis=0,
-            axis_name=self.axis_name,
-            axis_index_groups=None,
-        )
+        layer = self._core()
         count = state.get(self.batch_counter)
         mean, var = state.get(self.batch_state_index)
         # Equinox's result dtype: the input promoted with the statistics and weights.

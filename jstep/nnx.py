@@ -102,14 +102,6 @@ class BatchNorm(nnx.Module):
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        _layers.core_layer(
-            momentum=momentum,
-            epsilon=epsilon,
-            eps_in_sqrt=eps_in_sqrt,
-            feature_axis=axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-        )  # checks the settings now
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -133,6 +125,18 @@ class BatchNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.eps_in_sqrt = eps_in_sqrt
+        self._core()  # checks the settings now
+
+    def _core(self):
+        """The `jstep.BatchNorm` that does the arithmetic, from the current settings."""
+        return _layers.core_layer(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            eps_in_sqrt=self.eps_in_sqrt,
+            feature_axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
 
     def __call__(
         self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
@@ -149,14 +153,7 @@ class BatchNorm(nnx.Module):
         if use_running_average is None:
             raise ValueError(_NO_MODE)
         _layers.check_feature_count(x, self.axis, self.num_features, "num_features")
-        layer = _layers.core_layer(
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            eps_in_sqrt=self.eps_in_sqrt,
-            feature_axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-        )
+        layer = self._core()
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
         x, mean, var, scale, bias = self.promote_dtype(
