@@ -15,8 +15,10 @@ the notebooks reuse the same pieces.
 from __future__ import annotations
 
 import functools
+import inspect
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,9 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, float]] = {
 }
 OPTIMIZERS = tuple(OPTIMIZER_SETTINGS)
 
+# The dtypes params, gradients and optimizer state can be kept in. Arithmetic is float32 in all.
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 class Dataset(NamedTuple):
     """Features float32 (n, 64) in [0, 1]; labels int32 (n,)."""
@@ -54,7 +59,11 @@ class Dataset(NamedTuple):
 
 
 class RunResult(NamedTuple):
-    """One optimizer's run: the per-step batch losses and the trained network."""
+    """One optimizer's run: the per-step batch losses and the trained network.
+
+    `precision` names the dtype of params and optimizer state (and how narrow values were
+    stored); `bytes_per_parameter` is what params plus optimizer state hold, per parameter.
+    """
 
     optimizer: str
     settings: dict
@@ -64,6 +73,8 @@ class RunResult(NamedTuple):
     steps_per_second: float
     params: Any
     state: Any
+    precision: str = "float32"
+    bytes_per_parameter: float = float("nan")
 
 
 def features(images: np.ndarray) -> np.ndarray:
@@ -82,9 +93,29 @@ def digits_dataset() -> Dataset:
     )
 
 
-def make_optimizer(name: str, settings: dict | None = None) -> optax.GradientTransformation:
-    """``jstep.<name>(**settings)``, by default with ``OPTIMIZER_SETTINGS[name]``."""
-    return getattr(jstep, name)(**(OPTIMIZER_SETTINGS[name] if settings is None else settings))
+def make_optimizer(
+    name: str, settings: dict | None = None, rounding_seed: int | None = None
+) -> optax.GradientTransformation:
+    """``jstep.<name>(**settings)``, by default with ``OPTIMIZER_SETTINGS[name]``; with
+    `rounding_seed`, narrow state is stored by stochastic rounding (optimizers with state)."""
+    factory = getattr(jstep, name)
+    settings = OPTIMIZER_SETTINGS[name] if settings is None else settings
+    if rounding_seed is not None and "rounding_seed" in inspect.signature(factory).parameters:
+        settings = {**settings, "rounding_seed": rounding_seed}
+    return factory(**settings)
+
+
+def describe_precision(precision: str, stochastic: bool) -> str:
+    """'float32', 'bfloat16 stochastic' or 'bfloat16 nearest' (how narrow values are stored)."""
+    if PRECISIONS[precision] == jnp.float32:
+        return precision
+    return f"{precision} {'stochastic' if stochastic else 'nearest'}"
+
+
+def bytes_per_parameter(params: Any, opt_state: Any) -> float:
+    """Bytes held by params and optimizer state together, divided by the number of parameters."""
+    held = sum(np.dtype(leaf.dtype).itemsize * np.size(leaf) for leaf in jax.tree.leaves((params, opt_state)))
+    return held / sum(np.size(leaf) for leaf in jax.tree.leaves(params))
 
 
 def describe_settings(settings: dict) -> str:
@@ -114,8 +145,9 @@ def init_mlp(key: jax.Array, bn: jstep.BatchNorm | None, sizes: Sequence[int] = 
     def weights(key, fan_in, fan_out):
         return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * np.sqrt(2.0 / fan_in)
 
-    hidden, state = [], []
-    for key, fan_in, fan_out in zip(keys[:-1], sizes[:-2], sizes[1:-1]):
+    hidden: list[dict] = []
+    state: list[jstep.BatchNormState | None] = []
+    for key, fan_in, fan_out in zip(keys[:-1], sizes[:-2], sizes[1:-1], strict=True):
         if bn is None:
             hidden.append({"w": weights(key, fan_in, fan_out), "b": jnp.zeros(fan_out, jnp.float32)})
             state.append(None)
@@ -127,18 +159,21 @@ def init_mlp(key: jax.Array, bn: jstep.BatchNorm | None, sizes: Sequence[int] = 
     return {"hidden": hidden, "output": output}, state
 
 
-def forward(params: Any, state: Any, x: jax.Array, bn: jstep.BatchNorm | None, *, training: bool) -> tuple[jax.Array, Any]:
+def forward(
+    params: Any, state: Any, x: jax.Array, bn: jstep.BatchNorm | None, *, training: bool
+) -> tuple[jax.Array, Any]:
     """Logits and the new batch-norm state: relu(BN(x W)) (or relu(x W + b)) per hidden layer,
-    then x W + b."""
+    then x W + b. The layers compute in the params' dtype (x is cast to it)."""
+    x = x.astype(params["output"]["w"].dtype)
     new_state = []
-    for layer, layer_state in zip(params["hidden"], state):
+    for layer, layer_state in zip(params["hidden"], state, strict=True):
         z = x @ layer["w"]
         if bn is None:
-            z = z + layer["b"]
+            z, updated = z + layer["b"], layer_state
         else:
-            z, layer_state = bn.apply(layer["bn"], layer_state, z, training=training)
+            z, updated = bn.apply(layer["bn"], layer_state, z, training=training)
         x = jax.nn.relu(z)
-        new_state.append(layer_state)
+        new_state.append(updated)
     return x @ params["output"]["w"] + params["output"]["b"], new_state
 
 
@@ -146,7 +181,7 @@ def forward(params: Any, state: Any, x: jax.Array, bn: jstep.BatchNorm | None, *
 def batch_norm_inputs(params: Any, state: Any, x: jax.Array, bn: jstep.BatchNorm) -> list[jax.Array]:
     """Z = x W, the input of each batch-norm layer for the batch `x` (training mode)."""
     inputs = []
-    for layer, layer_state in zip(params["hidden"], state):
+    for layer, layer_state in zip(params["hidden"], state, strict=True):
         z = x @ layer["w"]
         inputs.append(z)
         x = jax.nn.relu(bn.apply(layer["bn"], layer_state, z, training=True)[0])
@@ -155,7 +190,7 @@ def batch_norm_inputs(params: Any, state: Any, x: jax.Array, bn: jstep.BatchNorm
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross entropy: -(1/K) sum_j log softmax(logits_j)[label_j]."""
-    log_p = jax.nn.log_softmax(logits)
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
 
 
@@ -165,22 +200,33 @@ def training_loss(params, state, x, y, bn):
     return cross_entropy(logits, y), state
 
 
-def make_train_step(optimizer: optax.GradientTransformation, bn: jstep.BatchNorm | None, mesh: Mesh | None = None) -> Callable:
-    """``step(params, state, opt_state, x, y) -> (params, state, opt_state, loss)``, jitted, the
-    first three arguments donated. With `mesh`, x and y are split over its ``"batch"`` axis,
-    `bn` must have ``axis_name="batch"``, and the gradients and the loss are ``pmean``-ed."""
+def make_train_step(
+    optimizer: optax.GradientTransformation,
+    bn: jstep.BatchNorm | None,
+    mesh: Mesh | None = None,
+    *,
+    rounding_seed: int | None = None,
+) -> Callable:
+    """``step(params, state, opt_state, x, y, t) -> (params, state, opt_state, loss)``, jitted,
+    the first three arguments donated, t the step number (an int32 scalar). With `mesh`, x and
+    y are split over its ``"batch"`` axis, `bn` must have ``axis_name="batch"``, and the
+    gradients and the loss are ``pmean``-ed. With `rounding_seed`, low-precision params are
+    updated by `jstep.apply_updates` with the key ``fold_in(key(rounding_seed), t)``
+    (stochastic rounding); otherwise the sum is rounded to nearest."""
 
-    def step(params, state, opt_state, x, y):
+    def step(params, state, opt_state, x, y, t):
         (loss, state), grads = jax.value_and_grad(training_loss, has_aux=True)(params, state, x, y, bn)
         if mesh is not None:
             grads, loss = jax.lax.pmean((grads, loss), AXIS)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), state, opt_state, loss
+        key = None if rounding_seed is None else jax.random.fold_in(jax.random.key(rounding_seed), t)
+        return jstep.apply_updates(params, updates, key=key), state, opt_state, loss
 
     if mesh is not None:
         # check_vma=False: each device's gradient is its own contribution, averaged by the pmean
         # above (the batch-norm backward already all-reduces its reductions over AXIS).
-        step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=False)
+        specs = (P(), P(), P(), P(AXIS), P(AXIS), P())
+        step = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
@@ -220,13 +266,15 @@ def make_mesh(devices: int) -> Mesh | None:
     return Mesh(np.array(pool[:devices]), (AXIS,))
 
 
-def fresh_start(optimizer: optax.GradientTransformation, init: tuple[Any, Any]) -> tuple[Any, Any, Any]:
-    """(params, state, opt_state): new buffers holding `init` (the step donates them) and the
-    optimizer's initial state."""
+def fresh_start(
+    optimizer: optax.GradientTransformation, init: tuple[Any, Any], dtype: Any = jnp.float32
+) -> tuple[Any, Any, Any]:
+    """(params, state, opt_state): new buffers holding `init` (the step donates them), the params
+    cast to `dtype` (round-to-nearest), and the optimizer's initial state for them."""
 
     @jax.jit
     def start(params, state):
-        params, state = jax.tree.map(jnp.copy, (params, state))
+        params, state = jax.tree.map(lambda leaf: leaf.astype(dtype), params), jax.tree.map(jnp.copy, state)
         return params, state, optimizer.init(params)
 
     return start(*init)
@@ -241,43 +289,56 @@ def train(
     mesh: Mesh | None = None,
     use_batch_norm: bool = True,
     settings: dict | None = None,
+    precision: str = "float32",
+    stochastic_rounding: bool = True,
+    seed: int = 0,
     on_progress: Callable[[int, jax.Array], None] = lambda step, loss: None,
     progress_every: int = 25,
 ) -> RunResult:
     """Train a copy of `init` with optimizer `name` (`settings`, default ``OPTIMIZER_SETTINGS``)
     on `batches` of `data`; `use_batch_norm` must match how `init` was built.
 
+    `precision` (a key of `PRECISIONS`) is the dtype of the params, their gradients and the
+    optimizer state; the batch-norm running statistics stay float32 and all arithmetic runs in
+    at least float32. Below float32, `stochastic_rounding` stores params (`jstep.apply_updates`
+    with a key) and optimizer state (``rounding_seed``) by stochastic rounding, keys from
+    `seed`; without it both are rounded to nearest.
+
     `on_progress(step, loss)` is called every `progress_every` steps and after the last one
     (`loss` is that step's batch loss, a device scalar). Steps per second exclude the first
     step, which compiles.
     """
     settings = OPTIMIZER_SETTINGS[name] if settings is None else settings
-    optimizer = make_optimizer(name, settings)
+    dtype = PRECISIONS[precision]
+    rounding_seed = seed if stochastic_rounding and dtype != jnp.float32 else None
+    optimizer = make_optimizer(name, settings, rounding_seed)
     bn = batch_norm_layer(AXIS if mesh is not None else None) if use_batch_norm else None
-    step = make_train_step(optimizer, bn, mesh)
+    step = make_train_step(optimizer, bn, mesh, rounding_seed=rounding_seed)
     replicated = NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0]
     split = NamedSharding(mesh, P(AXIS)) if mesh is not None else jax.devices()[0]
 
-    params, state, opt_state = jax.device_put(fresh_start(optimizer, init), replicated)
-    losses = []
+    params, state, opt_state = jax.device_put(fresh_start(optimizer, init, dtype), replicated)
+    held = bytes_per_parameter(params, opt_state)
+    step_losses = []
     start = time.perf_counter()
     for t, indices in enumerate(batches, start=1):
         x, y = jax.device_put((data.x_train[indices], data.y_train[indices]), split)
-        params, state, opt_state, loss = step(params, state, opt_state, x, y)
-        losses.append(loss)
+        params, state, opt_state, loss = step(params, state, opt_state, x, y, np.int32(t))
+        step_losses.append(loss)
         if t == 1:
             loss.block_until_ready()
             start = time.perf_counter()
         if t % progress_every == 0 or t == len(batches):
             on_progress(t, loss)
-    losses = np.asarray(jax.device_get(losses), np.float64)
+    losses = np.asarray(jax.device_get(step_losses), np.float64)
     elapsed = time.perf_counter() - start
     steps_per_second = (len(batches) - 1) / elapsed if len(batches) > 1 and elapsed > 0 else float("nan")
 
     params, state = jax.device_get((params, state))
     final_loss, _ = evaluate(params, state, data.x_train, data.y_train)
     _, accuracy = evaluate(params, state, data.x_test, data.y_test)
-    return RunResult(name, settings, losses, final_loss, accuracy, steps_per_second, params, state)
+    label = describe_precision(precision, stochastic_rounding)
+    return RunResult(name, settings, losses, final_loss, accuracy, steps_per_second, params, state, label, held)
 
 
 def smooth(values: np.ndarray, decay: float = 0.95) -> np.ndarray:
@@ -355,6 +416,10 @@ def describe_check(check: LayerCheck) -> str:
         f"(input: a training batch, {check.input_shape[0]} examples x {check.input_shape[1]} features; float64):"
     ]
     width = max(len(name) for name in rows)
-    lines += [f"  vs {name:<{width}}  worst abs error {e['abs']:.2e}  worst rel error {e['rel']:.2e}" for name, e in rows.items()]
-    lines.append(f"  {'passed' if report.passed else 'FAILED'} (tolerance: abs error <= {report.atol:g} + {report.rtol:g} * scale)")
+    lines += [
+        f"  vs {name:<{width}}  worst abs error {e['abs']:.2e}  worst rel error {e['rel']:.2e}"
+        for name, e in rows.items()
+    ]
+    verdict = "passed" if report.passed else "FAILED"
+    lines.append(f"  {verdict} (tolerance: abs error <= {report.atol:g} + {report.rtol:g} * scale)")
     return "\n".join(lines)

@@ -19,9 +19,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def run_jstep(*args, env=None):
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     environment.pop("XLA_FLAGS", None) if env is None else None
-    return subprocess.run(
-        [sys.executable, "-m", "jstep", *args], capture_output=True, text=True, cwd=REPO, env=environment, timeout=300
-    )
+    command = [sys.executable, "-m", "jstep", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_devices_4_equals_devices_1(short_run, tmp_path):
     # it can move a pre-activation across relu's kink, a discrete ~1e-4 change, so the later
     # steps get a looser bound; a real difference (per-device batch statistics, unaveraged
     # gradients) changes the very first losses by far more than either bound.
-    for one, four in zip(single["runs"], parallel["runs"]):
+    for one, four in zip(single["runs"], parallel["runs"], strict=True):
         np.testing.assert_allclose(four["loss"][:8], one["loss"][:8], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(four["loss"], one["loss"], rtol=2e-3)
         np.testing.assert_allclose(four["final_train_loss"], one["final_train_loss"], rtol=2e-3)
@@ -94,13 +93,22 @@ def test_devices_4_equals_devices_1(short_run, tmp_path):
 def test_help_documents_every_flag():
     result = run_jstep("--help")
     assert result.returncode == 0
-    for flag in ("--steps", "--batch-size", "--optimizers", "--seed", "--out", "--devices"):
+    for flag in (
+        "--steps",
+        "--batch-size",
+        "--optimizers",
+        "--seed",
+        "--out",
+        "--devices",
+        "--precision",
+        "--rounding",
+    ):
         assert flag in result.stdout
     assert all(name in result.stdout for name in cli.OPTIMIZERS)
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    ("flags", "message"),
     [
         (["--optimizers", "sgd,lion"], "unknown optimizer 'lion'"),
         (["--optimizers", ""], "unknown optimizer"),
@@ -111,6 +119,9 @@ def test_help_documents_every_flag():
         (["--batch-size", "2000"], "--batch-size must be at most 1500"),
         (["--batch-size", "30", "--devices", "4"], "must be a multiple of --devices 4"),
         (["--devices", "0"], "--devices: must be > 0"),
+        (["--precision", "float16"], "--precision: invalid choice: 'float16'"),
+        (["--rounding", "up"], "--rounding: invalid choice: 'up'"),
+        (["--seed", "-1"], "--seed: must be in [0, 2^31), got -1"),
         (["--colour", "red"], "unrecognized arguments: --colour red"),
     ],
 )
@@ -150,6 +161,7 @@ def test_parse_args_defaults_and_dedup(tmp_path):
     args = cli.parse_args(["--out", str(tmp_path), "--optimizers", "adam, sgd,adam"])
     assert args.optimizers == ["adam", "sgd"]
     assert (args.steps, args.batch_size, args.seed, args.devices) == (cli.DEFAULT_STEPS, cli.DEFAULT_BATCH_SIZE, 0, 1)
+    assert (args.precision, args.rounding) == ("float32", "stochastic")
     assert cli.parse_args(["--out", str(tmp_path)]).optimizers == list(cli.OPTIMIZERS)
 
 
@@ -176,10 +188,18 @@ def test_progress_bar_to_a_file_writes_one_final_line(tmp_path):
 
 
 def test_table_alignment():
-    row = {"optimizer": "sgd", "settings": "lr=0.1", "final_train_loss": 0.01234, "test_accuracy": 0.97, "steps_per_second": 812.4}
+    row = {
+        "optimizer": "sgd",
+        "precision": "float32",
+        "settings": "lr=0.1",
+        "final_train_loss": 0.01234,
+        "test_accuracy": 0.97,
+        "bytes_per_parameter": 4.0002,
+        "steps_per_second": 812.4,
+    }
     table = cli.format_table([row, {**row, "optimizer": "ema_momentum"}]).splitlines()
     assert len(table) == 4 and len({len(line) for line in table}) == 1
-    assert table[2].split() == ["sgd", "lr=0.1", "0.0123", "97.0%", "812"]
+    assert table[2].split() == ["sgd", "float32", "lr=0.1", "0.0123", "97.0%", "4.00", "812"]
 
 
 def test_same_seed_same_batches_and_init():
@@ -195,7 +215,7 @@ def test_same_seed_same_batches_and_init():
     assert len(set(epoch)) == len(epoch)  # an epoch visits each example at most once
     bn = _demo.batch_norm_layer()
     first, second = _demo.init_mlp(jax.random.key(0), bn), _demo.init_mlp(jax.random.key(0), bn)
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True))
 
 
 def test_devices_rerun_when_the_backend_already_started(tmp_path, monkeypatch):
@@ -206,7 +226,8 @@ def test_devices_rerun_when_the_backend_already_started(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run(command, env):
+    def fake_run(command, env, check):
+        assert check is False
         calls.append((command, env))
         return subprocess.CompletedProcess(command, 7)
 
@@ -231,3 +252,43 @@ def test_devices_child_that_still_lacks_devices_exits_2(tmp_path, monkeypatch, c
     assert cli.main(["--devices", "64", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jstep: error: --devices 64") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------- bfloat16
+
+
+@pytest.fixture(scope="module")
+def bfloat16_run(tmp_path_factory):
+    """The default training (1000 steps of 128) with Adam, in float32 and in bfloat16 with stochastic rounding."""
+    out = tmp_path_factory.mktemp("bfloat16")
+    result = run_jstep("--optimizers", "adam", "--precision", "bfloat16", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return result, json.loads((out / cli.JSON_NAME).read_text())
+
+
+def test_bfloat16_reaches_float32_test_accuracy_within_one_and_a_half_points(bfloat16_run):
+    _, record = bfloat16_run
+    assert (record["precision"], record["rounding"]) == ("bfloat16", "stochastic")
+    wide, narrow = record["runs"]
+    assert (wide["precision"], narrow["precision"]) == ("float32", "bfloat16 stochastic")
+    assert wide["test_accuracy"] > 0.9  # both actually learned the digits ...
+    assert abs(narrow["test_accuracy"] - wide["test_accuracy"]) <= 0.015  # ... to the same accuracy
+    assert np.mean(narrow["loss"][-50:]) < 0.05 * np.mean(narrow["loss"][:10])
+
+
+def test_bfloat16_bytes_per_parameter_are_half(bfloat16_run):
+    """Adam holds params, m and v (3 arrays) and an int32 count: 3 * 4 bytes per parameter in float32,
+    3 * 2 in bfloat16, plus 4 bytes over the 64*128 + 128*64 + 64*10 + 10 + 2*(128 + 64) parameters."""
+    result, record = bfloat16_run
+    count = 64 * 128 + 128 * 64 + 64 * 10 + 10 + 2 * (128 + 64)
+    wide, narrow = record["runs"]
+    assert wide["bytes_per_parameter"] == pytest.approx((3 * 4 * count + 4) / count, rel=1e-12)
+    assert narrow["bytes_per_parameter"] == pytest.approx((3 * 2 * count + 4) / count, rel=1e-12)
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("adam ")]
+    assert [row[1:3] for row in rows] == [["float32", "lr=0.002"], ["bfloat16", "stochastic"]]
+    assert [row[-2] for row in rows] == ["12.00", "6.00"]
+    assert "adam: bfloat16 stochastic test accuracy" in result.stdout and "6.00 against 12.00 bytes" in result.stdout
+    assert [line.split()[0:2] for line in result.stderr.splitlines() if "1000/1000" in line] == [
+        ["adam", "[" + "#" * 30 + "]"],
+        ["adam", "bfloat16"],
+    ]
