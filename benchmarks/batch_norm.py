@@ -50,16 +50,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jstep  # noqa: E402
-from _harness import (  # noqa: E402
+import jstep
+
+from _harness import (
     compiled_figures,
     copy_bandwidth,
     format_table,
     interleaved_medians,
     load_torch,
     machine_report,
-    torch_device,
     torch_copy_probe,
+    torch_device,
     torch_report,
     torch_step,
 )

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,13 +57,21 @@ class VjpReport:
         verdict = "passed" if self.passed else "FAILED"
         header = ("order", "argument", "against", "worst abs err", "worst rel err", "")
         rows = [header] + [
-            (str(c.order), c.argument, c.against, f"{c.worst_abs:.3e}", f"{c.worst_rel:.3e}", "ok" if c.passed else "FAIL")
+            (
+                str(c.order),
+                c.argument,
+                c.against,
+                f"{c.worst_abs:.3e}",
+                f"{c.worst_rel:.3e}",
+                "ok" if c.passed else "FAIL",
+            )
             for c in self.comparisons
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        title = f"check_vjp({self.function}): {verdict} (pass when abs err <= {self.atol:g} + {self.rtol:g} * scale)"
-        return "\n".join([title] + lines)
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        rule = f"pass when abs err <= {self.atol:g} + {self.rtol:g} * scale"
+        title = f"check_vjp({self.function}): {verdict} ({rule})"
+        return "\n".join([title, *lines])
 
 
 def check_vjp(
@@ -125,10 +134,10 @@ def _compare(f, reference, args, names, order, rng, rtol, atol, directions, step
     results = []
     if reference is not None:
         ref_grads = jax.vjp(jax.jit(reference), *args)[1](u)
-        for name, g, r in zip(names, grads, ref_grads):
+        for name, g, r in zip(names, grads, ref_grads, strict=True):
             error = _max_abs(jax.tree.map(jnp.subtract, g, r))
             results.append(_judge(order, name, "autodiff of reference", error, _max_abs(r), rtol, atol))
-    for i, (name, g) in enumerate(zip(names, grads)):
+    for i, (name, g) in enumerate(zip(names, grads, strict=True)):
         predicted, measured = [], []
         for _ in range(directions):
             v = _random_like(args[i], rng)
@@ -183,7 +192,7 @@ def _random_like(tree, rng):
 
 
 def _inner(a, b) -> float:
-    return float(sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    return float(sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)))
 
 
 def _max_abs(tree) -> float:

@@ -54,7 +54,7 @@ def test_a_vjp_off_by_a_tenth_of_a_percent_is_caught_by_both_references():
 def test_a_wrong_second_derivative_is_caught_only_at_order_two():
     broken = cube_with_vjp(differentiable_backward=False)  # grad of grad loses the 6 x u term
     jstep.check_vjp(broken, X, reference=lambda x: x**3, order=1)
-    with pytest.raises(AssertionError, match="(?s)2 +0 \\(x\\) +finite differences.*FAIL"):
+    with pytest.raises(AssertionError, match=r"(?s)2 +0 \(x\) +finite differences.*FAIL"):
         jstep.check_vjp(broken, X, order=2)
 
 
