@@ -14,6 +14,7 @@ import posixpath
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
@@ -32,31 +33,40 @@ FRAMEWORK_MODULES = ["jstep.nnx", "jstep.linen", "jstep.equinox"]
 NOTEBOOKS = notebook_runs.names()
 
 
+class Build(NamedTuple):
+    finished: subprocess.CompletedProcess
+    html: pathlib.Path
+    failed_notebooks: dict[str, Exception]  # not shown: tests/test_notebooks.py reports them in full
+
+
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """sphinx-build -W --keep-going into a temporary folder: (the finished process, the HTML folder)."""
+    """sphinx-build -W --keep-going into a temporary folder, with the notebooks that ran."""
     root = tmp_path_factory.mktemp("docs")
     executed = root / "notebooks"
     executed.mkdir()
+    failed = {}
     for name in NOTEBOOKS:
-        nbformat.write(notebook_runs.page(name), executed / f"{name}.ipynb")
+        try:
+            nbformat.write(notebook_runs.page(name), executed / f"{name}.ipynb")
+        except Exception as error:
+            failed[name] = error
     env = {**os.environ, "JSTEP_DOCS_NOTEBOOKS": str(executed), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
     command += ["-d", str(root / "doctrees"), str(DOCS), str(root / "html")]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False), root / "html"
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    return Build(finished, root / "html", failed)
 
 
 @pytest.fixture(scope="module")
 def site(build):
     """The HTML folder. With --keep-going it is complete even when the build reported warnings."""
-    html_folder = build[1]
-    assert (html_folder / "objects.inv").is_file(), f"sphinx-build did not finish:\n{build[0].stderr}"
-    return html_folder
+    assert (build.html / "objects.inv").is_file(), f"sphinx-build did not finish:\n{build.finished.stderr}"
+    return build.html
 
 
 def test_build_has_no_warnings(build):
-    finished, _ = build
-    assert finished.returncode == 0, f"sphinx-build -W failed:\n{finished.stdout}\n{finished.stderr}"
+    assert build.finished.returncode == 0, f"sphinx-build -W failed:\n{build.finished.stdout}\n{build.finished.stderr}"
 
 
 def documented_names(site) -> set[str]:
@@ -75,7 +85,8 @@ def test_every_public_name_has_an_api_entry(site):
     assert not missing, f"public names without an entry in docs/api/: {missing}"
 
 
-def test_every_notebook_is_a_page_with_its_plots(site):
+def test_every_notebook_is_a_page_with_its_plots(build, site):
+    assert not build.failed_notebooks, f"notebooks that did not run: {sorted(build.failed_notebooks)}"
     for name in NOTEBOOKS:
         page = (site / "notebooks" / f"{name}.html").read_text()
         shown = len(re.findall(r'<img[^>]+src="\.\./_images/[^"]+\.png"', page))
