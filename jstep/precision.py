@@ -306,10 +306,12 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     """
 
     def one(index, value, old):
+        if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
+            return None
         dtype = jnp.result_type(old)
         narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
         if key is None or not narrower:
             return value.astype(dtype)
         return stochastic_round(value, dtype, jax.random.fold_in(key, index))
 
-    return jax.tree.map(one, _leaf_numbers(values), values, like)
+    return jax.tree.map(one, _leaf_numbers(values), values, like, is_leaf=lambda leaf: leaf is None)

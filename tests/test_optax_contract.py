@@ -107,6 +107,24 @@ def test_optax_chain_passes_extra_arguments_through_jstep():
     np.testing.assert_allclose(scaled["w"], 2.0 * unscaled["w"])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_none_leaves_are_left_out_as_optax_does(name):
+    """Equinox's eqx.partition gives params and gradients with None where a leaf is not trained:
+    such a leaf has no state and a None update, and the others are those of the tree without it."""
+    opt = every_transformation()[name]
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "frozen": None}
+    grads = {"w": jnp.arange(6.0).reshape(2, 3) - 2.5, "frozen": None}
+    state = opt.init(params)
+    for _ in range(2):
+        updates, state = opt.update(grads, state, params)
+    assert updates["frozen"] is None
+    alone = every_transformation()[name]
+    alone_state = alone.init({"w": params["w"]})
+    for _ in range(2):
+        alone_updates, alone_state = alone.update({"w": grads["w"]}, alone_state, {"w": params["w"]})
+    np.testing.assert_array_equal(updates["w"], alone_updates["w"])
+
+
 # --------------------------------------------------------------------------- abstract init
 
 
