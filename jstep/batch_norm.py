@@ -65,6 +65,12 @@ sigma_i = 0, so the one masked-in value becomes B_i and the others G_i (Z_ij - m
 with s_i = sqrt(eps) or eps (with eps = 0, see below), and K_i = 0 gives mu_i = sigma_i = 0/0,
 so that feature's outputs and gradients are NaN.
 
+With ``axis_index_groups`` (under ``pmap``, or ``shard_map(..., check_vma=False)``) the
+devices along ``axis_name`` are split into groups of equal size, and each group is a batch of
+its own: the sums behind mu_i, sigma_i^2 and K_i, and the backward's two reductions, are
+all-reduced within the group only (``jax.lax.psum(..., axis_index_groups=...)``), so without a
+mask K = (the values per device) x (the group size).
+
 Degenerate features (every value of the feature equal, sigma_i = 0):
   * eps > 0: Zbar = 0 and the output is B_i. Both forms are differentiable there; for
     ``s = sigma + eps`` the term c_i Zbar_ij is 0/0, and its limit is 0 (Zbar_ij = O(|Z-mu|)
@@ -145,24 +151,102 @@ def _check_features(name: str, value: Any, feature_shape: tuple[int, ...], x_sha
         raise TypeError(f"{name} has dtype {dtype}; it must be a real floating array")
 
 
-def _axis_size(axis_name: Any) -> int:
-    return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+Groups = tuple[tuple[int, ...], ...]
 
 
-def _batch_size(x_shape, reduce_axes: tuple[int, ...], axis_name: Any) -> int:
-    """K, the number of values per feature: the reduced axes' sizes times the device count."""
-    size = math.prod(x_shape[a] for a in reduce_axes) * _axis_size(axis_name)
-    if size < 2:
+def _check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Groups | None:
+    """`axis_index_groups` as a tuple of tuples, after the checks that need no mapped axis.
+
+    As ``jax.lax.psum`` wants them: given with an `axis_name`, a list of lists of ints (indices
+    along `axis_name`) holding each of 0..n-1 exactly once, in groups of equal size.
+    """
+    if axis_index_groups is None:
+        return None
+    given = f"axis_index_groups={axis_index_groups!r}"
+    if axis_name is None:
         raise ValueError(
-            f"x of shape {tuple(x_shape)} gives K = {size} value(s) per feature (axes {reduce_axes}"
-            f"{'' if axis_name is None else f' across axis {axis_name!r}'}); batch statistics need "
-            "K >= 2, the variance of a single value is undefined. Use a larger batch, or the "
-            "running statistics (BatchNorm.apply(..., training=False))."
+            f"{given} was given without axis_name: the groups are subsets of the indices along "
+            "axis_name (jax.lax.axis_index); give axis_name too, or drop axis_index_groups"
         )
-    return size
+    if not _is_list_of_int_lists(axis_index_groups):
+        raise TypeError(
+            f"{given}: allowed is a list of non-empty lists of ints, the indices along axis_name of "
+            "each group's devices, e.g. [[0, 1, 2, 3], [4, 5, 6, 7]]"
+        )
+    groups = tuple(tuple(int(i) for i in group) for group in axis_index_groups)
+    sizes = sorted({len(group) for group in groups})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{given} has groups of sizes {sizes}; jax.lax.psum needs groups of equal size (JAX "
+            "takes the first group's size as every group's, and TPUs refuse unequal groups): "
+            "split the axis into groups of one size"
+        )
+    indices = sorted(i for group in groups for i in group)
+    if indices != list(range(len(indices))):
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
+        missing = sorted(set(range(len(indices))) - set(indices))
+        raise ValueError(
+            f"{given} must hold each index 0..{len(indices) - 1} exactly once, as jax.lax.psum "
+            f"requires; repeated: {repeated}, missing: {missing}"
+        )
+    return groups
 
 
-def _check_mask(mask: Any, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], axis_name: Any) -> Any:
+def _is_list_of_int_lists(value: Any) -> bool:
+    def is_sequence(v):
+        return isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, (str, bytes))
+
+    def is_index(i):
+        return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+    return (
+        is_sequence(value)
+        and len(value) > 0
+        and all(is_sequence(group) and len(group) > 0 and all(map(is_index, group)) for group in value)
+    )
+
+
+def _pooled_shards(axis_name: Any, groups: Groups | None) -> int:
+    """How many shards' values make one batch: 1, the size of `axis_name`, or that of one group.
+
+    Checked at trace time, inside the map: the groups must index the whole of `axis_name`, and
+    it must be a ``pmap``/``shard_map`` axis (``jax.lax.psum`` takes no groups over a vmap axis).
+    """
+    if axis_name is None:
+        return 1
+    size = jax.lax.axis_size(axis_name)
+    if groups is None:
+        return size
+    _, vmap_axes = _split_axis_name(axis_name)
+    if vmap_axes:
+        raise NotImplementedError(
+            f"axis_index_groups={_as_lists(groups)} with axis_name={axis_name!r}: jax.lax.psum takes index "
+            f"groups over pmap and shard_map axes only, and {vmap_axes} is a jax.vmap axis (JAX raises "
+            "NotImplementedError for groups in vmap collectives). Drop axis_index_groups, or map "
+            "the batch over devices with pmap or shard_map"
+        )
+    indices = sum(len(group) for group in groups)
+    if indices != size:
+        raise ValueError(
+            f"axis_index_groups={_as_lists(groups)} holds the indices 0..{indices - 1}, but axis_name "
+            f"{axis_name!r} has size {size}: the groups must hold each index 0..{size - 1} exactly once"
+        )
+    return len(groups[0])
+
+
+def _as_lists(groups: Groups) -> list[list[int]]:
+    return [list(group) for group in groups]
+
+
+def _across(axis_name: Any, groups: Groups | None) -> str:
+    """Where a batch's values come from, for error messages."""
+    if axis_name is None:
+        return ""
+    within = "" if groups is None else f" within index groups of {len(groups[0])}"
+    return f" across axis {axis_name!r}{within}"
+
+
+def _check_mask(mask: Any, x_shape: tuple[int, ...], layout: _Layout, axis_name: Any) -> Any:
     """`mask` as an array, after checking it: booleans broadcastable to x, and, where its values
     are known at trace time, K_i >= 2 masked-in values for every feature."""
     if mask is None:
@@ -184,12 +268,12 @@ def _check_mask(mask: Any, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...
             "allowed: a shape broadcastable to x's, e.g. (N, 1, 1, 1) or x's own"
         )
     if not isinstance(mask, jax.core.Tracer):  # known now, and the same on every device/example
-        counts = np.sum(np.broadcast_to(np.asarray(mask), x_shape), axis=reduce_axes) * _axis_size(axis_name)
+        counts = np.sum(np.broadcast_to(np.asarray(mask), x_shape), axis=layout.reduce_axes) * layout.shards
         if counts.min() < 2:
             feature = tuple(int(i) for i in np.unravel_index(np.argmin(counts), counts.shape))
             raise ValueError(
                 f"mask leaves K = {counts.min()} masked-in value(s) for feature {feature} of x of shape "
-                f"{tuple(x_shape)}{'' if axis_name is None else f' across axis {axis_name!r}'}; batch "
+                f"{tuple(x_shape)}{_across(axis_name, layout.groups)}; batch "
                 "statistics need K >= 2 masked-in values per feature. Mask in more values, or use "
                 "the running statistics (BatchNorm.apply(..., training=False))."
             )
@@ -197,22 +281,35 @@ def _check_mask(mask: Any, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...
 
 
 class _Layout(NamedTuple):
-    """Where the features are: the reduced axes, K, and the shapes of per-feature arrays."""
+    """Where a batch's values are: the reduced axes, the shards pooled, K, per-feature shapes."""
 
     reduce_axes: tuple[int, ...]
     feature_shape: tuple[int, ...]  # shape of scale, offset, mean, var
     keep_shape: tuple[int, ...]  # the same, with 1 on the reduced axes (broadcasts against x)
     size: int  # K without a mask (the name `count` is tuple's method)
+    shards: int  # the shards whose values make one batch: 1, axis_name's size or a group's
+    groups: Groups | None  # axis_index_groups, as tuples; None: the whole of axis_name
 
 
-def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any) -> _Layout:
+def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any, axis_index_groups: Any = None) -> _Layout:
+    """The layout of `x`'s batch; K = (the values per feature in `x`) x (the shards pooled) >= 2."""
     _check_x(x)
     shape = jnp.shape(x)
     features = _feature_axes(len(shape), feature_axis)
     reduce_axes = tuple(a for a in range(len(shape)) if a not in features)
     keep_shape = tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
     feature_shape = tuple(shape[a] for a in features)
-    return _Layout(reduce_axes, feature_shape, keep_shape, _batch_size(shape, reduce_axes, axis_name))
+    groups = _check_axis_index_groups(axis_index_groups, axis_name)
+    shards = _pooled_shards(axis_name, groups)
+    size = math.prod(shape[a] for a in reduce_axes) * shards
+    if size < 2:
+        raise ValueError(
+            f"x of shape {tuple(shape)} gives K = {size} value(s) per feature (axes {reduce_axes}"
+            f"{_across(axis_name, groups)}); batch statistics need K >= 2, the variance of a single "
+            "value is undefined. Use a larger batch, or the running statistics "
+            "(BatchNorm.apply(..., training=False))."
+        )
+    return _Layout(reduce_axes, feature_shape, keep_shape, size, shards, groups)
 
 
 # ------------------------------------------------------------------ across mapped axes
@@ -251,14 +348,35 @@ def _per_device(value: Any, axis_name: Any) -> Any:
     return jax.tree.map(varying, value)
 
 
-def _all_reduce(value: Any, axis_name: Any) -> Any:
-    """psum of `value` (a pytree) over every axis in `axis_name`: the vmap axes, then the mesh axes."""
+def _all_reduce(value: Any, axis_name: Any, groups: Groups | None = None) -> Any:
+    """psum of `value` (a pytree) over every axis in `axis_name`: the vmap axes, then the mesh
+    axes, within each of `groups` (then `axis_name` holds mesh axes only: see `_pooled_shards`)."""
     mesh_axes, vmap_axes = _split_axis_name(axis_name)
     if vmap_axes:
         value = _sum_over_vmap_axes(value, vmap_axes)
     if mesh_axes:
-        value = jax.lax.psum(_per_device(value, mesh_axes), mesh_axes)
+        value = _psum_within(_per_device(value, mesh_axes), mesh_axes, groups)
     return value
+
+
+def _psum_within(value: Any, mesh_axes: tuple[Any, ...], groups: Groups | None) -> Any:
+    """``jax.lax.psum`` over `mesh_axes`, within each of `groups` (None: over all of them).
+
+    In jax 0.10 a ``shard_map`` that checks its values' types (``check_vma=True``, the default)
+    refuses index groups with a bare NotImplementedError; it is re-raised saying what to do.
+    """
+    try:
+        return jax.lax.psum(value, mesh_axes, axis_index_groups=groups)
+    except NotImplementedError as error:
+        if groups is None:
+            raise
+        names = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+        raise NotImplementedError(
+            f"axis_index_groups={_as_lists(groups)} over axis {names!r}: jax.lax.psum takes no index "
+            "groups inside a jax.shard_map with check_vma=True (the default). Use "
+            "jax.shard_map(..., check_vma=False) or jax.pmap, or instead of groups give the mesh a "
+            "second axis and name only the axis whose devices form one group in axis_name"
+        ) from error
 
 
 def _sum_over_vmap_axes(value: Any, vmap_axes: tuple[Any, ...]) -> Any:
@@ -280,10 +398,10 @@ def _sum_over_vmap_axes(value: Any, vmap_axes: tuple[Any, ...]) -> Any:
 # ----------------------------------------------------------------------------- numerics
 
 
-def _total(values: jax.Array, reduce_axes: tuple[int, ...], axis_name: Any) -> jax.Array:
+def _total(values: jax.Array, layout: _Layout, axis_name: Any) -> jax.Array:
     """sum over the batch axes (keeping them as size 1), all-reduced across `axis_name`."""
-    local = jnp.sum(values, axis=reduce_axes, keepdims=True)
-    return local if axis_name is None else _all_reduce(local, axis_name)
+    local = jnp.sum(values, axis=layout.reduce_axes, keepdims=True)
+    return local if axis_name is None else _all_reduce(local, axis_name, layout.groups)
 
 
 def _masked(values: Any, mask: Any) -> Any:
@@ -306,10 +424,10 @@ def _moments(x: jax.Array, layout: _Layout, axis_name: Any, mask: Any = None) ->
     count: Any = layout.size
     if mask is not None:
         in_batch = jnp.broadcast_to(mask, x.shape).astype(jnp.int32)
-        count = _total(in_batch, layout.reduce_axes, axis_name).astype(xc.dtype)
-    mean = _total(_masked(xc, mask), layout.reduce_axes, axis_name) / count
+        count = _total(in_batch, layout, axis_name).astype(xc.dtype)
+    mean = _total(_masked(xc, mask), layout, axis_name) / count
     shift = jax.lax.optimization_barrier(mean)  # the same values; see above
-    var = _total(_masked(jnp.square(xc - shift), mask), layout.reduce_axes, axis_name) / count
+    var = _total(_masked(jnp.square(xc - shift), mask), layout, axis_name) / count
     return mean, var, count
 
 
@@ -375,7 +493,9 @@ def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
         # so that both reductions read only dy and x (no broadcast mean inside them).
         doffset = jnp.sum(dy, axis=axes, keepdims=True)
         dscale = (jnp.sum(dy * xc, axis=axes, keepdims=True) - mean * doffset) * inverse_s
-        sum_dy, sum_dy_xhat = (doffset, dscale) if axis_name is None else _all_reduce((doffset, dscale), axis_name)
+        sum_dy, sum_dy_xhat = (
+            (doffset, dscale) if axis_name is None else _all_reduce((doffset, dscale), axis_name, layout.groups)
+        )
         # c = 1, or (sigma + eps)/sigma for the notes' form (0 at sigma = 0: the term's limit)
         c = 1 if eps_in_sqrt else jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)
         # Through mu and s only the masked-in values move the statistics (m = 0 or 1).
@@ -398,12 +518,12 @@ def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
 
 
-def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask=None):
-    layout = _layout(x, feature_axis, axis_name)
+def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask=None, axis_index_groups=None):
+    layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     features = tuple(a for a in range(jnp.ndim(x)) if a not in layout.reduce_axes)
     _check_features("scale", scale, layout.feature_shape, jnp.shape(x), features)
     _check_features("offset", offset, layout.feature_shape, jnp.shape(x), features)
-    mask = _check_mask(mask, jnp.shape(x), layout.reduce_axes, axis_name)
+    mask = _check_mask(mask, jnp.shape(x), layout, axis_name)
     scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
     return _normalize(x, scale, offset, mask, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
 
@@ -420,6 +540,7 @@ def batch_norm(
     eps: float = 1e-5,
     eps_in_sqrt: bool = True,
     axis_name: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
     """Batch-normalize `x` with its own statistics: Zhat = G (Z - mu) / s + B.
@@ -450,6 +571,13 @@ def batch_norm(
         them over the axis, as for any parameter under data parallelism. Taken outside the
         map, they are already summed (shard_map's transpose does that for a replicated
         `scale`, vmap's for an unbatched one).
+      axis_index_groups: None, or a list of equal-sized lists of indices along `axis_name`
+        holding each index once, e.g. ``[[0, 1, 2, 3], [4, 5, 6, 7]]``: each group of devices
+        is a batch of its own (statistics, K and the backward's reductions all-reduced within
+        the group), as ``jax.lax.psum(..., axis_index_groups=...)``. Where ``psum`` takes no
+        groups (a ``jax.vmap`` axis in `axis_name`, a ``shard_map`` with ``check_vma=True``,
+        its default in jax 0.10) a NotImplementedError says so; ``pmap`` and
+        ``shard_map(..., check_vma=False)`` take them.
       mask: None, or booleans broadcastable to `x` (as in Flax): the statistics are taken over
         the True values only, K_i being their count per feature (summed across `axis_name`,
         so devices may hold different numbers of them), and every value is normalized with
@@ -461,21 +589,27 @@ def batch_norm(
     Returns:
       Zhat, with the shape and dtype of `x`.
     """
-    return _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask)[0]
+    return _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, axis_index_groups)[0]
 
 
 def batch_stats(
-    x: jax.Array, *, feature_axis: FeatureAxis = -1, axis_name: Any = None, mask: jax.Array | None = None
+    x: jax.Array,
+    *,
+    feature_axis: FeatureAxis = -1,
+    axis_name: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(mu, sigma^2) of each feature: mu = (1/K) sum_j Z_j, sigma^2 = (1/K) sum_j (Z_j - mu)^2.
 
     Two passes over `x` (mean first, then the centred squares), in at least float32, shaped like
     the feature axes; under `axis_name` the sums are all-reduced so every device gets the
-    statistics of the whole batch. With `mask` (booleans broadcastable to `x`) the sums take the
-    True values only, and K is their count per feature (see `batch_norm`).
+    statistics of the whole batch (with `axis_index_groups`, those of its group's batch). With
+    `mask` (booleans broadcastable to `x`) the sums take the True values only, and K is their
+    count per feature (see `batch_norm`).
     """
-    layout = _layout(x, feature_axis, axis_name)
-    mask = _check_mask(mask, jnp.shape(x), layout.reduce_axes, axis_name)
+    layout = _layout(x, feature_axis, axis_name, axis_index_groups)
+    mask = _check_mask(mask, jnp.shape(x), layout, axis_name)
     mean, var, _ = _moments(jnp.asarray(x), layout, axis_name, mask)
     return mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
 
@@ -508,7 +642,8 @@ class BatchNorm:
 
     Args:
       momentum: the running average's gamma, in [0, 1).
-      eps, eps_in_sqrt, feature_axis, axis_name: as in `batch_norm`.
+      eps, eps_in_sqrt, feature_axis, axis_name, axis_index_groups: as in `batch_norm` (with
+        groups, each group's devices keep the running statistics of their group's batches).
     """
 
     momentum: Any = 0.9
@@ -516,10 +651,12 @@ class BatchNorm:
     eps_in_sqrt: bool = True
     feature_axis: FeatureAxis = -1
     axis_name: Any = None
+    axis_index_groups: Any = None
 
     def __post_init__(self):
         _core.check_decay("momentum", self.momentum)
         _check_eps(self.eps)
+        _check_axis_index_groups(self.axis_index_groups, self.axis_name)
 
     def init(self, x: jax.Array) -> tuple[BatchNormParams, BatchNormState]:
         """Weights and running statistics for inputs shaped like `x` (float32 for low precision)."""
@@ -547,7 +684,15 @@ class BatchNorm:
         """
         if training:
             y, mean, var = _normalize_checked(
-                x, params.scale, params.offset, self.feature_axis, self.eps, self.eps_in_sqrt, self.axis_name, mask
+                x,
+                params.scale,
+                params.offset,
+                self.feature_axis,
+                self.eps,
+                self.eps_in_sqrt,
+                self.axis_name,
+                mask,
+                self.axis_index_groups,
             )
             batch = BatchNormState(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
             return y, running_average_update(state, batch, self.momentum)

@@ -1,7 +1,9 @@
 """batch_norm split across 8 (CPU) devices, across vmapped examples, or both, equals batch_norm
 of the whole batch on one device: shard_map, pmap, sharded jit, jax.vmap(axis_name=...) and
 vmap inside shard_map with a tuple axis_name, for the values, the gradients and the running
-statistics.
+statistics; with axis_index_groups (pmap, shard_map with check_vma=False), each group equals one
+device holding the group's examples, and where jax.lax.psum takes no groups the error says so.
+Malformed groups are refused without devices, in this process.
 
 The checks run in a subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=8,
 so the rest of the suite keeps its single device.
@@ -13,7 +15,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+
+import jstep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -252,6 +257,101 @@ SCRIPT = textwrap.dedent(
     except ValueError as error:
         assert "K = 0" in str(error), error
     print("fixed masks: K = 8 accepted, K = 0 refused: ok")
+
+    # axis_index_groups: each group of 4 devices is a batch of its own. Under pmap, and under a
+    # shard_map with check_vma=False over a tuple axis ("a", "b") of a 2 x 4 mesh (the groups
+    # index the flattened axis, as pmap's index), every device's values, input gradient,
+    # batch_stats and running statistics, and its group's summed scale and offset gradients,
+    # equal one device holding its group's examples; with the uneven mask above, K is the
+    # count within the group.
+    mesh_2x4 = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    params = jstep.BatchNormParams(jnp.asarray(scale), jnp.asarray(offset))
+    state = jstep.BatchNormState(jnp.asarray(rng.normal(size=5)), jnp.asarray(rng.uniform(1, 2, 5)))
+    shards = lambda a: None if a is None else a.reshape(8, 2, *a.shape[1:])  # device d holds examples 2d, 2d + 1
+
+    def grouped_step(names, groups):
+        layer = jstep.BatchNorm(momentum=0.8, eps=1e-3, eps_in_sqrt=False, axis_name=names, axis_index_groups=groups)
+
+        def step(params, state, x, w, mask):  # one device: the gradients of its share of the loss
+            def share(params, x):
+                y, new_state = layer.apply(params, state, x, mask=mask)
+                return jnp.sum(jnp.sin(y) * w), (y, new_state)
+            (_, (y, new_state)), (dparams, dx) = jax.value_and_grad(share, argnums=(0, 1), has_aux=True)(params, x)
+            stats = jstep.batch_stats(x, axis_name=names, axis_index_groups=groups, mask=mask)
+            return y, dx, dparams, new_state, stats
+        return step
+
+    def by_pmap(groups, mask):
+        step = jax.pmap(grouped_step("i", groups), axis_name="i", in_axes=(None, None, 0, 0, 0))
+        return step(params, state, shards(x), shards(w), shards(mask))
+
+    def by_unchecked_shard_map(groups, mask):
+        step = grouped_step(("a", "b"), groups)
+        per_device = lambda *args: jax.tree.map(lambda a: a[None], step(*args))  # stacked like pmap's
+        spec = P(("a", "b"))
+        run = jax.shard_map(per_device, mesh=mesh_2x4, in_specs=(P(), P(), spec, spec, spec), out_specs=spec,
+                            check_vma=False)
+        return jax.jit(run)(params, state, x, w, mask)
+
+    def group_reference(devices, mask):  # one device holding the group's examples; NumPy statistics
+        xg, wg = shards(x)[devices].reshape(-1, *x.shape[1:]), shards(w)[devices].reshape(-1, *w.shape[1:])
+        mg = None if mask is None else shards(mask)[devices].reshape(-1, *mask.shape[1:])
+
+        def whole(params, x):
+            y, new_state = jstep.BatchNorm(momentum=0.8, eps=1e-3, eps_in_sqrt=False).apply(params, state, x, mask=mg)
+            return jnp.sum(jnp.sin(y) * wg), (y, new_state)
+        (_, (y, new_state)), (dparams, dx) = jax.value_and_grad(whole, argnums=(0, 1), has_aux=True)(params, xg)
+        counted = np.broadcast_to(True if mg is None else mg, xg.shape)
+        values = [xg[..., i][counted[..., i]] for i in range(xg.shape[-1])]
+        stats = (np.array([v.mean() for v in values]), np.array([v.var() for v in values]))
+        return y, dx, dparams, new_state, stats
+
+    contiguous, strided = [[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]
+    runs = [("pmap, groups [[0..3], [4..7]]", by_pmap, contiguous, None),
+            ("pmap, groups [[0, 2, 4, 6], [1, 3, 5, 7]]", by_pmap, strided, None),
+            ("pmap, strided groups, uneven mask", by_pmap, strided, mask),
+            ("shard_map check_vma=False, axis ('a', 'b'), strided groups, uneven mask", by_unchecked_shard_map,
+             strided, mask)]
+    for label, run, groups, group_mask in runs:
+        y, dx, dparams, new_state, stats = jax.tree.map(np.asarray, run(groups, group_mask))
+        for devices in groups:
+            y_ref, dx_ref, dparams_ref, state_ref, stats_ref = group_reference(devices, group_mask)
+            close(f"{label}: group {devices} output", y[devices].reshape(y_ref.shape), y_ref)
+            close(f"{label}: group {devices} input gradient", dx[devices].reshape(dx_ref.shape), dx_ref)
+            close(f"{label}: group {devices} scale gradient, summed", dparams.scale[devices].sum(0), dparams_ref.scale)
+            close(f"{label}: group {devices} offset gradient, summed", dparams.offset[devices].sum(0),
+                  dparams_ref.offset)
+            for d in devices:
+                for name, got, want in [("mean", stats[0], stats_ref[0]), ("var", stats[1], stats_ref[1]),
+                                        ("running mean", new_state.mean, state_ref.mean),
+                                        ("running var", new_state.var, state_ref.var)]:
+                    close(f"{label}: device {d} {name}", got[d], want)
+        print(f"{label}: every group: ok")
+
+    # Where jax.lax.psum takes no groups, and groups that do not cover the axis: clear errors.
+    def refused(label, error, words, traced):
+        try:
+            jax.eval_shape(traced, x)
+        except error as e:
+            assert "axis_index_groups" in str(e) and words in str(e), e
+            print(f"{label}: refused: ok")
+        else:
+            raise AssertionError(f"{label}: accepted")
+
+    def normalize(names, groups):
+        return lambda x: jstep.batch_norm(x, scale, offset, axis_name=names, axis_index_groups=groups)
+
+    refused("groups in a type-checked shard_map", NotImplementedError, "check_vma=False",
+            jax.shard_map(normalize("batch", contiguous), mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
+    refused("groups over a vmap axis", NotImplementedError, "jax.vmap axis",
+            jax.vmap(normalize("examples", [list(range(8)), list(range(8, 16))]), axis_name="examples"))
+    refused("groups over a tuple with a vmap axis", NotImplementedError, "jax.vmap axis",
+            jax.shard_map(jax.vmap(normalize(("batch", "examples"), [list(range(8)), list(range(8, 16))]),
+                                   axis_name="examples"),
+                          mesh=mesh, in_specs=P("batch"), out_specs=P("batch"), check_vma=False))
+    refused("groups covering 4 of 8 devices", ValueError, "has size 8",
+            jax.shard_map(normalize("batch", [[0, 1], [2, 3]]), mesh=mesh, in_specs=P("batch"), out_specs=P("batch"),
+                          check_vma=False))
     print("ALL OK")
     """
 )
@@ -282,9 +382,47 @@ def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_
         "masked shard_map gradient of scale",
         "masked BatchNorm running var",
         "fixed masks: K = 8 accepted, K = 0 refused",
+        "pmap, groups [[0..3], [4..7]]: every group",
+        "pmap, groups [[0, 2, 4, 6], [1, 3, 5, 7]]: every group",
+        "pmap, strided groups, uneven mask: every group",
+        "shard_map check_vma=False, axis ('a', 'b'), strided groups, uneven mask: every group",
+        "groups in a type-checked shard_map: refused",
+        "groups over a vmap axis: refused",
+        "groups over a tuple with a vmap axis: refused",
+        "groups covering 4 of 8 devices: refused",
     ]
     quantities = ["output", "input gradient", "scale gradient", "running var"]
     for mapping in ["vmap", "vmap, jitted", "shard_map", "pmap", "vmap inside shard_map"]:
         checks += [f"{mapping}: {quantity}" for quantity in quantities]
     for check in checks:
         assert f"{check}: ok" in run.stdout, run.stdout
+
+
+BAD_GROUPS = [  # (axis_index_groups, axis_name, error, words in the message)
+    ([[0, 1], [2, 3]], None, ValueError, "without axis_name"),
+    ([0, 1, 2, 3], "batch", TypeError, "list of non-empty lists of ints"),
+    ([[0, 1], []], "batch", TypeError, "list of non-empty lists of ints"),
+    ([[0.0, 1.0], [2.0, 3.0]], "batch", TypeError, "list of non-empty lists of ints"),
+    ([[True, False]], "batch", TypeError, "list of non-empty lists of ints"),
+    ("0123", "batch", TypeError, "list of non-empty lists of ints"),
+    ([[0, 1, 2], [3, 4]], "batch", ValueError, "groups of sizes [2, 3]"),
+    ([[0, 1], [1, 2]], "batch", ValueError, "repeated: [1], missing: [3]"),
+    ([[1, 2], [3, 4]], "batch", ValueError, "repeated: [], missing: [0]"),
+]
+
+
+@pytest.mark.parametrize(("groups", "axis_name", "error", "words"), BAD_GROUPS)
+def test_malformed_axis_index_groups_are_refused_before_any_device_is_needed(groups, axis_name, error, words):
+    """Checked at construction (BatchNorm) and at trace time (batch_norm, batch_stats), naming
+    the argument and its value, before the axis itself is looked up."""
+    x, features = np.ones((4, 3)), np.ones(3)
+    calls = [
+        lambda: jstep.batch_norm(x, features, features, axis_name=axis_name, axis_index_groups=groups),
+        lambda: jstep.batch_stats(x, axis_name=axis_name, axis_index_groups=groups),
+        lambda: jstep.BatchNorm(axis_name=axis_name, axis_index_groups=groups),
+    ]
+    for call in calls:
+        with pytest.raises(error) as raised:
+            call()
+        assert f"axis_index_groups={groups!r}" in str(raised.value)
+        assert words in str(raised.value)
