@@ -36,31 +36,19 @@ def core_layer(
 ) -> BatchNorm:
     """The `jstep.BatchNorm` that does a layer's arithmetic; raises on invalid settings.
 
-    momentum must lie in [0, 1) and epsilon >= 0 (`jstep.BatchNorm`'s checks, named as the
+    momentum must lie in [0, 1), epsilon >= 0, and axis_index_groups, if given, needs axis_name
+    and must be a list of equal-sized lists of indices (`jstep.BatchNorm`'s checks, named as the
     frameworks name them).
     """
-    check_axis_index_groups(axis_name, axis_index_groups)
     if isinstance(axis_name, list):  # Equinox accepts a list of names; collectives need a tuple
         axis_name = tuple(axis_name)
     return BatchNorm(
-        momentum=momentum, eps=epsilon, eps_in_sqrt=eps_in_sqrt, feature_axis=feature_axis, axis_name=axis_name
-    )
-
-
-def check_axis_index_groups(axis_name: Any, axis_index_groups: Any) -> None:
-    """axis_index_groups needs an axis_name, and jstep's batch_norm does not take groups yet."""
-    if axis_index_groups is None:
-        return
-    if axis_name is None:
-        raise ValueError(
-            f"axis_index_groups={axis_index_groups!r} was given without axis_name: groups are "
-            "subsets of the devices along axis_name; give axis_name too, or drop axis_index_groups"
-        )
-    raise NotImplementedError(
-        f"axis_index_groups={axis_index_groups!r}: jstep.batch_norm all-reduces its statistics and "
-        "its gradient's sums over the whole of axis_name and does not take index groups yet. Use "
-        "axis_index_groups=None, or a nested mesh axis (shard_map over a 2-D mesh, axis_name naming "
-        "the inner axis) to normalize over each group of devices."
+        momentum=momentum,
+        eps=epsilon,
+        eps_in_sqrt=eps_in_sqrt,
+        feature_axis=feature_axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
     )
 
 

@@ -58,9 +58,11 @@ class BatchNorm(nn.Module):
       axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nn.vmap``) over which the
         batch is split; the statistics and the gradient's sums are all-reduced over it. Under
         a sharded ``jit`` leave it None: XLA inserts the collectives.
-      axis_index_groups: in Flax's signature, but not supported: `jstep.batch_norm` all-reduces
-        over the whole of `axis_name`, so anything but None raises NotImplementedError when the
-        module is built.
+      axis_index_groups: None, or groups of indices along `axis_name`, e.g.
+        ``[[0, 1, 2, 3], [4, 5, 6, 7]]``: each group's devices normalize with their group's
+        statistics and keep its running statistics, as in Flax. JAX's all-reduce takes groups
+        under ``pmap`` and ``shard_map(..., check_vma=False)``; elsewhere (``nn.vmap``, a
+        ``shard_map`` that checks types) the call raises NotImplementedError saying so.
       use_fast_variance: accepted and moot: jstep's variance is always the two-pass
         (1/K) sum (Z - mu)^2, never E[Z^2] - mu^2.
       force_float32_reductions: as in Flax, the dtype of the running statistics (float32, or
@@ -85,17 +87,18 @@ class BatchNorm(nn.Module):
     eps_in_sqrt: bool = True
 
     def __post_init__(self):
-        self._core(self.axis_name)  # checks the settings when the module is built
+        self._core(mapped=True)  # checks the settings when the module is built
         super().__post_init__()
 
-    def _core(self, axis_name):
+    def _core(self, *, mapped: bool):
+        """The `jstep.BatchNorm` doing the arithmetic; unmapped (in ``init``) over this device's batch."""
         return _layers.core_layer(
             momentum=self.momentum,
             epsilon=self.epsilon,
             eps_in_sqrt=self.eps_in_sqrt,
             feature_axis=self.axis,
-            axis_name=axis_name,
-            axis_index_groups=self.axis_index_groups,
+            axis_name=self.axis_name if mapped else None,
+            axis_index_groups=self.axis_index_groups if mapped else None,
         )
 
     @nn.compact
@@ -123,7 +126,7 @@ class BatchNorm(nn.Module):
         dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), dtype))
         initializing = self.is_initializing()
-        layer = self._core(None if initializing else self.axis_name)
+        layer = self._core(mapped=not initializing)
         y, mean, var = _layers.normalize(
             layer, x, scale, bias, ra_mean.value, ra_var.value, training=not use_running_average, mask=mask
         )

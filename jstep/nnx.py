@@ -66,8 +66,11 @@ class BatchNorm(nnx.Module):
       axis_name: the mapped axis (``shard_map``, ``pmap``, ``vmap``, ``nnx.shard_map``) over
         which the batch is split; the statistics and the gradient's sums are all-reduced over it.
         Under a sharded ``jit`` leave it None: XLA inserts the collectives.
-      axis_index_groups: in Flax's signature, but not supported: `jstep.batch_norm` all-reduces
-        over the whole of `axis_name`, so anything but None raises NotImplementedError here.
+      axis_index_groups: None, or groups of indices along `axis_name`, e.g.
+        ``[[0, 1, 2, 3], [4, 5, 6, 7]]``: each group's devices normalize with their group's
+        statistics and keep its running statistics, as in Flax. JAX's all-reduce takes groups
+        under ``pmap`` and ``shard_map(..., check_vma=False)``; elsewhere (a vmap axis, a
+        ``shard_map`` that checks types) the call raises NotImplementedError saying so.
       use_fast_variance: accepted and moot: jstep's variance is always the two-pass
         (1/K) sum (Z - mu)^2, never E[Z^2] - mu^2.
       promote_dtype: Flax's dtype promotion of ``(x, mean, var, scale, bias)``.

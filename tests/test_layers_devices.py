@@ -5,8 +5,9 @@ For jstep.nnx, jstep.linen and jstep.equinox: under ``shard_map`` with the layer
 ``nnx.shard_map``, and under a plain sharded ``jit`` (no axis_name: XLA adds the collectives),
 the outputs, the gradients of the parameters and of the input, and the new running statistics
 equal those of one device, in float64; for the Flax layers also with a mask that gives the
-devices different numbers of values (device 0 none). One subprocess, started with
-XLA_FLAGS=--xla_force_host_platform_device_count=8, runs every check.
+devices different numbers of values (device 0 none). With axis_index_groups under ``pmap``,
+jstep.nnx and jstep.linen equal Flax's own layers given the same groups. One subprocess, started
+with XLA_FLAGS=--xla_force_host_platform_device_count=8, runs every check.
 """
 
 import os
@@ -154,6 +155,58 @@ SCRIPT = textwrap.dedent(
     # fails to trace (Equinox's own BatchNorm too), so Equinox data parallelism uses an auto-axes mesh.
     auto_mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     compare("equinox", eqx_forward, eqx.filter(layer, eqx.is_inexact_array), eqx_state, auto_mesh)
+
+    # ---- axis_index_groups under pmap: jstep's Flax layers against Flax's own with the same groups
+    # (Flax's variance two-pass), each group of 4 devices a batch of its own. Values, gradients of
+    # the parameters and the input, and every device's running statistics agree.
+    def on_pmap(forward, params, stats):
+        """(y, (d loss/d params, d loss/dx), stats per device) of forward on 8 devices of 2 examples."""
+        def total(params, x, w):
+            y, losses, new_stats = jax.pmap(forward, axis_name="i", in_axes=(None, None, 0, 0))(params, stats, x, w)
+            return losses.sum(), (y, new_stats)
+        shard = lambda a: a.reshape(8, 2, *a.shape[1:])
+        (_, (y, new_stats)), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(params, shard(x),
+                                                                                            shard(w))
+        return y, grads, new_stats
+
+    def compare_groups(label, groups, ours, theirs, params, stats, stats_tol):
+        y, grads, new_stats = on_pmap(ours, params, stats)
+        y_flax, grads_flax, new_stats_flax = on_pmap(theirs, params, stats)
+        close(f"{label}: output", y, y_flax)
+        close(f"{label}: parameter and input gradients", grads, grads_flax, tol=1e-11)
+        close(f"{label}: running statistics of every device", new_stats, new_stats_flax, tol=stats_tol)
+        means = np.asarray(jax.tree.leaves(new_stats)[0])
+        first, second = groups[0][0], groups[1][0]
+        assert not np.allclose(means[first], means[second]), "the two groups keep different running statistics"
+
+    def nnx_grouped(layer, groups):
+        model = layer(C, momentum=0.8, epsilon=1e-3, param_dtype=jnp.float64, axis_name="i", axis_index_groups=groups,
+                      rngs=nnx.Rngs(0))
+        graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+        def forward(params, stats, x, w):
+            model = nnx.merge(graphdef, params, stats, copy=True)
+            y = model(x)
+            return y, jnp.sum(jnp.sin(y) * w), nnx.state(model, nnx.BatchStat)
+        return forward
+
+    strided = [[0, 2, 4, 6], [1, 3, 5, 7]]
+    flax_nnx = lambda *args, **kwargs: nnx.BatchNorm(*args, use_fast_variance=False, **kwargs)
+    compare_groups("nnx, groups [[0, 2, 4, 6], [1, 3, 5, 7]], pmap", strided, nnx_grouped(jstep.nnx.BatchNorm, strided),
+                   nnx_grouped(flax_nnx, strided), nnx_params, nnx_stats, stats_tol=1e-6)
+
+    def linen_grouped(layer, groups):
+        module = layer(use_running_average=False, momentum=0.8, epsilon=1e-3, axis_name="i",
+                       axis_index_groups=groups, param_dtype=jnp.float64, force_float32_reductions=False)
+        def forward(params, stats, x, w):
+            y, updates = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+            return y, jnp.sum(jnp.sin(y) * w), updates["batch_stats"]
+        return forward
+
+    contiguous = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    flax_linen = lambda **fields: nn.BatchNorm(use_fast_variance=False, **fields)
+    compare_groups("linen, groups [[0, 1, 2, 3], [4, 5, 6, 7]], pmap", contiguous,
+                   linen_grouped(jstep.linen.BatchNorm, contiguous),
+                   linen_grouped(flax_linen, contiguous), linen_params, linen_stats, stats_tol=1e-12)
     print("ALL OK")
     '''
 )

@@ -198,5 +198,16 @@ def test_bad_settings_raise_clear_errors():
         jstep.linen.BatchNorm(axis=3).init(KEY, BATCHES[0], use_running_average=False)
     with pytest.raises(ValueError, match="axis_name"):
         jstep.linen.BatchNorm(axis_index_groups=[[0, 1]])
-    with pytest.raises(NotImplementedError, match="axis_index_groups"):
-        jstep.linen.BatchNorm(axis_name="batch", axis_index_groups=[[0, 1]])
+    with pytest.raises(TypeError, match=r"axis_index_groups=\[0, 1\]: allowed is a list of non-empty lists of ints"):
+        jstep.linen.BatchNorm(axis_name="batch", axis_index_groups=[0, 1])
+    with pytest.raises(ValueError, match=r"axis_index_groups=\[\[0, 1\], \[2\]\] has groups of sizes \[1, 2\]"):
+        jstep.linen.BatchNorm(axis_name="batch", axis_index_groups=[[0, 1], [2]])
+
+
+def test_axis_index_groups_over_a_vmap_axis_raise_what_jax_lacks():
+    """jax.lax.psum takes no index groups over a vmap axis; the layer says so when traced."""
+    module = jstep.linen.BatchNorm(use_running_average=False, axis_name="batch", axis_index_groups=[[0, 1], [2, 3]])
+    variables = module.init(KEY, BATCHES[0])  # init ignores axis_name and the groups, as Flax's
+    apply = jax.vmap(lambda x: module.apply(variables, x, mutable=["batch_stats"]), axis_name="batch")
+    with pytest.raises(NotImplementedError, match=r"axis_index_groups=\[\[0, 1\], \[2, 3\]\].*jax\.vmap axis"):
+        jax.eval_shape(apply, BATCHES[0])

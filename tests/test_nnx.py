@@ -181,5 +181,7 @@ def test_bad_settings_raise_clear_errors():
         jstep.nnx.BatchNorm(FEATURES, rngs=nnx.Rngs(0))(np.ones((4, 5), np.float32))
     with pytest.raises(ValueError, match="axis_name"):
         jstep.nnx.BatchNorm(FEATURES, axis_index_groups=[[0, 1]], rngs=nnx.Rngs(0))
-    with pytest.raises(NotImplementedError, match="axis_index_groups"):
-        jstep.nnx.BatchNorm(FEATURES, axis_name="batch", axis_index_groups=[[0, 1]], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"axis_index_groups=\[\[0, 1\], \[2\]\] has groups of sizes \[1, 2\]"):
+        jstep.nnx.BatchNorm(FEATURES, axis_name="batch", axis_index_groups=[[0, 1], [2]], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"each index 0\.\.3 exactly once.*repeated: \[1\], missing: \[3\]"):
+        jstep.nnx.BatchNorm(FEATURES, axis_name="batch", axis_index_groups=[[0, 1], [1, 2]], rngs=nnx.Rngs(0))
