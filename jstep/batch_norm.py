@@ -193,6 +193,8 @@ def _check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Groups |
 
 
 def _is_list_of_int_lists(value: Any) -> bool:
+    """Whether `value` is a non-empty sequence of non-empty sequences of ints (not bools)."""
+
     def is_sequence(v):
         return isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, (str, bytes))
 
@@ -235,6 +237,7 @@ def _pooled_shards(axis_name: Any, groups: Groups | None) -> int:
 
 
 def _as_lists(groups: Groups) -> list[list[int]]:
+    """The groups as the user writes them, for error messages."""
     return [list(group) for group in groups]
 
 
