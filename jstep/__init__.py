@@ -4,6 +4,7 @@ Every optimizer is an ``optax.GradientTransformationExtraArgs``; batch normaliza
 function whose gradient is the notes' hand derivation.
 """
 
+from jstep._core import CountState
 from jstep.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from jstep.adaptive import (
     AdadeltaState,
@@ -27,7 +28,6 @@ from jstep.batch_norm import BatchNorm, BatchNormParams, BatchNormState, batch_n
 from jstep.grouping import grouped
 from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
 from jstep.precision import apply_updates, stochastic_round
-from jstep._core import CountState
 from jstep.testing import check_vjp
 
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """Test plumbing: random multi-leaf pytrees, gradient sequences, and a jitted optimizer run.
 
-`run` steps an optax transformation over a sequence of gradients and returns each step's updates as a list of NumPy leaves, the layout the
-float64 references in `reference.py` produce, so that the two compare leaf by leaf.
+`run` steps an optax transformation over a sequence of gradients and returns each step's
+updates as a list of NumPy leaves, the layout the float64 references in `reference.py`
+produce, so that the two compare leaf by leaf.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import jstep
+
 import reference as ref
 
 # A multi-leaf tree: a dense layer, a nested list with a 3-d leaf, and a scalar.
@@ -37,7 +39,7 @@ def gradient_sequence(seed, steps, dtype=np.float64, *, complex_values=False):
         return (SCALES[i] * x).astype(dtype)
 
     stacked = tree_of(draw)
-    return [jax.tree.map(lambda x: x[t], stacked) for t in range(steps)]
+    return [jax.tree.map(lambda x, t=t: x[t], stacked) for t in range(steps)]
 
 
 def params_like(grads, dtype):

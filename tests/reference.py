@@ -37,15 +37,13 @@ def square(g):
 
 def running_average_step(C, c, gamma_t):
     """C_t = gamma_t C_{t-1} + (1 - gamma_t) c_t."""
-    return [gamma_t * C_ + (1 - gamma_t) * c_ for C_, c_ in zip(C, c)]
+    return [gamma_t * C_ + (1 - gamma_t) * c_ for C_, c_ in zip(C, c, strict=False)]
 
 
 def moving_average_sum(cs, gamma):
     """The notes' unrolled moving average, C_T = sum_{t=1}^T gamma^(T-t) (1 - gamma) c_t."""
     T = len(cs)
-    return [
-        sum(gamma ** (T - t) * (1 - gamma) * cs[t - 1][i] for t in range(1, T + 1)) for i in range(len(cs[0]))
-    ]
+    return [sum(gamma ** (T - t) * (1 - gamma) * cs[t - 1][i] for t in range(1, T + 1)) for i in range(len(cs[0]))]
 
 
 def debias(C, gamma, t):
@@ -79,7 +77,7 @@ def sgd_update(g, eta):
 
 def velocity_step(V, g, eta, gamma):
     """V_t = gamma V_{t-1} + eta g_t (V form)."""
-    return [gamma * v + eta * x for v, x in zip(V, g)]
+    return [gamma * v + eta * x for v, x in zip(V, g, strict=False)]
 
 
 def velocity_update(V):
@@ -89,7 +87,7 @@ def velocity_update(V):
 
 def nesterov_velocity_update(V, g, eta, gamma):
     """Nesterov's look-ahead: W_t = W_{t-1} - (gamma V_t + eta g_t)."""
-    return [-(gamma * v + eta * x) for v, x in zip(V, g)]
+    return [-(gamma * v + eta * x) for v, x in zip(V, g, strict=False)]
 
 
 def average_update(M, eta_prime):
@@ -107,15 +105,15 @@ def squared_average_step(G, g, gamma):
 
 def squared_sum_step(G, g):
     """Adagrad: G_t = G_{t-1} + g_t^2."""
-    return [G_ + s for G_, s in zip(G, square(g))]
+    return [G_ + s for G_, s in zip(G, square(g), strict=False)]
 
 
 def scaled_update(g, G, eta, eps, eps_in_sqrt=False):
     """W_t = W_{t-1} - eta g_t / (sqrt(G_t) + eps)  (the notes' equation), or, with
     eps_in_sqrt, - eta g_t / sqrt(G_t + eps)  (the notes' sentence)."""
     if eps_in_sqrt:
-        return [-eta * x / np.sqrt(G_ + eps) for x, G_ in zip(g, G)]
-    return [-eta * x / (np.sqrt(G_) + eps) for x, G_ in zip(g, G)]
+        return [-eta * x / np.sqrt(G_ + eps) for x, G_ in zip(g, G, strict=False)]
+    return [-eta * x / (np.sqrt(G_) + eps) for x, G_ in zip(g, G, strict=False)]
 
 
 def zeiler_step(Eg, Ex, g, rho, eps):
@@ -126,7 +124,7 @@ def zeiler_step(Eg, Ex, g, rho, eps):
     E[dx^2]_t = rho E[dx^2]_{t-1} + (1 - rho) d_t^2
     """
     Eg = squared_average_step(Eg, g, rho)
-    d = [np.sqrt(ex + eps) / np.sqrt(eg + eps) * x for x, eg, ex in zip(g, Eg, Ex)]
+    d = [np.sqrt(ex + eps) / np.sqrt(eg + eps) * x for x, eg, ex in zip(g, Eg, Ex, strict=False)]
     Ex = squared_average_step(Ex, d, rho)
     return d, Eg, Ex
 
@@ -144,13 +142,13 @@ def adam_update(m_hat, v_hat, eta, eps, eps_root):
 
     The notes: eps = 0, eps_root = their epsilon. Kingma & Ba: eps_root = 0.
     """
-    return [-eta * m / (np.sqrt(v + eps_root) + eps) for m, v in zip(m_hat, v_hat)]
+    return [-eta * m / (np.sqrt(v + eps_root) + eps) for m, v in zip(m_hat, v_hat, strict=False)]
 
 
 def nesterov_m_hat(m, g, b1, t):
     """NAdam's look-ahead (Dozat 2016, as optax.adam(nesterov=True)):
     m_hat_t = B1 m_t / (1 - B1^(t+1)) + (1 - B1) g_t / (1 - B1^t)."""
-    return [b1 * m_ / (1 - b1 ** (t + 1)) + (1 - b1) * x / (1 - b1**t) for m_, x in zip(m, g)]
+    return [b1 * m_ / (1 - b1 ** (t + 1)) + (1 - b1) * x / (1 - b1**t) for m_, x in zip(m, g, strict=False)]
 
 
 # ------------------------------------------------------------------ drivers: whole runs

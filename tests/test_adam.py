@@ -7,17 +7,18 @@ import optax
 import pytest
 
 import jstep
+
 import reference as ref
 from harness import (
-    assert_matches_optax,
-    assert_matches_reference,
     STEPS,
     as_leaves,
     assert_close_runs,
+    assert_matches_optax,
+    assert_matches_reference,
     gradient_sequence,
-    precision_cases,
     leaves64,
     max_relative_error,
+    precision_cases,
     run,
 )
 
@@ -43,11 +44,11 @@ CASES = {
     ),
     "nesterov": (lambda: jstep.adam(0.01, nesterov=True), lambda g: ref.run_adam(g, 0.01, nesterov=True)),
     "schedule": (lambda: jstep.adam(warmup), lambda g: ref.run_adam(g, warmup_np)),
-    "scale_by_adam": (lambda: jstep.scale_by_adam(), lambda g: ref.run_adam(g, -1.0)),
+    "scale_by_adam": (jstep.scale_by_adam, lambda g: ref.run_adam(g, -1.0)),
 }
 
 
-@pytest.mark.parametrize("name, dtype, rtol", precision_cases(CASES, ["published", "nesterov"]))
+@pytest.mark.parametrize(("name", "dtype", "rtol"), precision_cases(CASES, ["published", "nesterov"]))
 def test_matches_reference(name, dtype, rtol):
     assert_matches_reference(CASES[name], 30, dtype, rtol)
 
@@ -60,7 +61,7 @@ OPTAX_PARITY = {
     ),
     "adam_nesterov": (lambda: jstep.adam(0.01, nesterov=True), lambda: optax.adam(0.01, nesterov=True)),
     "adam_schedule": (lambda: jstep.adam(warmup), lambda: optax.adam(warmup)),
-    "scale_by_adam": (lambda: jstep.scale_by_adam(), lambda: optax.scale_by_adam()),
+    "scale_by_adam": (jstep.scale_by_adam, optax.scale_by_adam),
 }
 
 
@@ -113,9 +114,7 @@ def test_study_question_m_hat_is_a_running_average():
         for g in grads:
             _, state = update(g, state)
             states.append(state)
-    from_adam_state = [
-        [m / (1 - b1**t) for m in leaves64(s.mu)] for t, s in enumerate(jax.device_get(states), start=1)
-    ]
+    from_adam_state = [[m / (1 - b1**t) for m in leaves64(s.mu)] for t, s in enumerate(jax.device_get(states), start=1)]
     assert [int(s.count) for s in states] == list(range(1, STEPS + 1))
 
     m = ref.zeros(cs[0])
@@ -124,13 +123,11 @@ def test_study_question_m_hat_is_a_running_average():
         m = ref.running_average_step(m, g, b1)
         reference_m_hat.append(ref.debias(m, b1, t))
     # The running average with the derived gamma_t, in the reference itself.
-    assert_close_runs(
-        ref.run_running_average(cs, lambda t: ref.adam_m_hat_gamma(b1, t)), reference_m_hat, 1e-12
-    )
+    assert_close_runs(ref.run_running_average(cs, lambda t: ref.adam_m_hat_gamma(b1, t)), reference_m_hat, 1e-12)
     for got in (as_running_average, debiased, from_adam_state):
         assert_close_runs(got, reference_m_hat, 1e-12)
     # gamma_1 = 0: the first m_hat is the first gradient exactly.
-    for a, g in zip(as_running_average[0], cs[0]):
+    for a, g in zip(as_running_average[0], cs[0], strict=False):
         np.testing.assert_array_equal(a, g)
 
 

@@ -7,13 +7,14 @@ import optax
 import pytest
 
 import jstep
+
 import reference as ref
 from harness import (
     assert_matches_optax,
     assert_matches_reference,
     gradient_sequence,
-    precision_cases,
     max_relative_error,
+    precision_cases,
     run,
 )
 
@@ -49,7 +50,7 @@ CASES = {
     ),
     "adagrad_schedule": (lambda: jstep.adagrad(decaying), lambda g: ref.run_adagrad(g, decaying, 1e-10)),
     "scale_by_rss": (lambda: jstep.scale_by_rss(1e-4), lambda g: ref.run_adagrad(g, -1.0, 1e-4)),
-    "adadelta": (lambda: jstep.adadelta(), lambda g: ref.run_adadelta(g, 1.0, 0.9, 1e-6)),
+    "adadelta": (jstep.adadelta, lambda g: ref.run_adadelta(g, 1.0, 0.9, 1e-6)),
     "adadelta_rate": (lambda: jstep.adadelta(0.5, 0.7, 1e-4), lambda g: ref.run_adadelta(g, 0.5, 0.7, 1e-4)),
     "adadelta_schedule": (
         lambda: jstep.adadelta(decaying),
@@ -58,7 +59,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name, dtype, rtol", precision_cases(CASES, ["rmsprop", "adagrad", "adadelta"]))
+@pytest.mark.parametrize(("name", "dtype", "rtol"), precision_cases(CASES, ["rmsprop", "adagrad", "adadelta"]))
 def test_matches_reference(name, dtype, rtol):
     assert_matches_reference(CASES[name], 20, dtype, rtol)
 

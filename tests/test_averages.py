@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 
 import jstep
+
 import reference as ref
-from harness import RTOL64, STEPS, as_leaves, assert_close_runs, assert_matches_reference, gradient_sequence, precision_cases, run
+from harness import (
+    RTOL64,
+    STEPS,
+    as_leaves,
+    assert_close_runs,
+    assert_matches_reference,
+    gradient_sequence,
+    precision_cases,
+    run,
+)
 
 
 def smooth_gamma(t):
@@ -27,15 +37,13 @@ CASES = {
         lambda c: [ref.debias(C, 0.7, t) for t, C in enumerate(ref.run_running_average(c, 0.7), start=1)],
     ),
     "cumulative_average": (
-        lambda: jstep.cumulative_average(),
+        jstep.cumulative_average,
         lambda c: ref.run_running_average(c, ref.cumulative_gamma),
     ),
 }
 
 
-@pytest.mark.parametrize(
-    "name, dtype, rtol", precision_cases(CASES, ["running_average", "cumulative_average"])
-)
+@pytest.mark.parametrize(("name", "dtype", "rtol"), precision_cases(CASES, ["running_average", "cumulative_average"]))
 def test_matches_reference(name, dtype, rtol):
     assert_matches_reference(CASES[name], 0, dtype, rtol)
 
@@ -70,16 +78,14 @@ def test_study_question_cumulative_gamma_gives_the_exact_mean():
     """
     values = gradient_sequence(2, STEPS)
     cs = as_leaves(values)
-    means = [
-        [np.mean([c[i] for c in cs[:t]], axis=0) for i in range(len(cs[0]))] for t in range(1, STEPS + 1)
-    ]
+    means = [[np.mean([c[i] for c in cs[:t]], axis=0) for i in range(len(cs[0]))] for t in range(1, STEPS + 1)]
     with jax.enable_x64(True):
         exact, _ = run(jstep.cumulative_average(), values, np.float64)
         via_gamma, _ = run(jstep.running_average(lambda t: (t - 1) / t), values, np.float64)
     assert_close_runs(exact, means, 1e-12)
     assert_close_runs(via_gamma, means, 1e-12)
     # The first average is c_1 itself: gamma_1 = 0 puts no weight on C_0.
-    for a, c in zip(exact[0], cs[0]):
+    for a, c in zip(exact[0], cs[0], strict=False):
         np.testing.assert_array_equal(a, c)
 
 
@@ -90,7 +96,7 @@ def test_a_constant_gamma_is_not_the_mean():
     with jax.enable_x64(True):
         got, _ = run(jstep.moving_average(0.5, debias=True), values, np.float64)
     mean = [np.mean([c[i] for c in cs], axis=0) for i in range(len(cs[0]))]
-    errors = [np.max(np.abs(a - m)) / np.max(np.abs(m)) for a, m in zip(got[-1], mean)]
+    errors = [np.max(np.abs(a - m)) / np.max(np.abs(m)) for a, m in zip(got[-1], mean, strict=False)]
     assert min(errors) > 0.1
 
 
@@ -102,7 +108,7 @@ def test_running_average_update_is_one_step_of_the_rule():
         got = jstep.running_average_update(jax.tree.map(jnp.asarray, C), jax.tree.map(jnp.asarray, c), 0.3)
         assert jax.tree.structure(got) == jax.tree.structure(C)
         expected = ref.running_average_step(jax.tree.leaves(C), jax.tree.leaves(c), 0.3)
-        for a, e in zip(jax.tree.leaves(got), expected):
+        for a, e in zip(jax.tree.leaves(got), expected, strict=False):
             np.testing.assert_allclose(np.asarray(a), e, rtol=1e-15)
 
 

@@ -40,7 +40,7 @@ def test_label_counts_are_the_uci_ones(digits):
 
 def test_split_is_fixed_and_disjoint(digits):
     again = load_digits()
-    for a, b in zip(digits, again):
+    for a, b in zip(digits, again, strict=False):
         np.testing.assert_array_equal(a, b)
     train = {image.tobytes() for image in digits.train_images}
     test = {image.tobytes() for image in digits.test_images}
@@ -66,7 +66,8 @@ def test_loader_rejects_a_modified_file(tmp_path):
 def test_values_match_the_source_csv_when_available():
     sklearn = pytest.importorskip("sklearn")
     source = pathlib.Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
-    raw = np.loadtxt(gzip.open(source), delimiter=",", dtype=np.int64)
+    with gzip.open(source) as csv:
+        raw = np.loadtxt(csv, delimiter=",", dtype=np.int64)
     with np.load(DIGITS_FILE) as archive:
         np.testing.assert_array_equal(archive["images"].reshape(-1, 64), raw[:, :64])
         np.testing.assert_array_equal(archive["labels"], raw[:, 64])

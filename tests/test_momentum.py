@@ -7,17 +7,18 @@ import optax
 import pytest
 
 import jstep
+
 import reference as ref
 from harness import (
-    assert_matches_optax,
-    assert_matches_reference,
     RTOL32,
     STEPS,
     as_leaves,
     assert_close_runs,
+    assert_matches_optax,
+    assert_matches_reference,
     gradient_sequence,
-    precision_cases,
     leaves64,
+    precision_cases,
     run,
 )
 
@@ -52,7 +53,7 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    "name, dtype, rtol", precision_cases(CASES, ["sgd", "momentum", "momentum_nesterov", "ema_momentum"])
+    ("name", "dtype", "rtol"), precision_cases(CASES, ["sgd", "momentum", "momentum_nesterov", "ema_momentum"])
 )
 def test_matches_reference(name, dtype, rtol):
     assert_matches_reference(CASES[name], 10, dtype, rtol)
@@ -91,13 +92,13 @@ def test_a_schedule_differs_from_optax_sgd_as_the_docstring_says():
     # Optax is the trace form T_t = gamma T_{t-1} + g_t, update -eta_t T_t.
     trace, optax_form = ref.zeros(cs[0]), []
     for t, g in enumerate(cs, start=1):
-        trace = [gamma * T + x for T, x in zip(trace, g)]
+        trace = [gamma * T + x for T, x in zip(trace, g, strict=False)]
         optax_form.append([-stepped_np(t - 1) * T for T in trace])
     assert_close_runs(theirs, optax_form, RTOL32)
     # Before the drop they agree; after it they differ by exactly the ratio of the rates.
     assert_close_runs(ours[:20], theirs[:20], 1e-5)
     for t in range(20, 30):
-        for a, b in zip(ours[t], theirs[t]):
+        for a, b in zip(ours[t], theirs[t], strict=False):
             np.testing.assert_allclose(b, 0.1 * a, rtol=1e-5)
 
 

@@ -19,6 +19,7 @@ import pytest
 
 import jstep
 from jstep import _core
+
 from harness import gradient_sequence, leaves64, tree_of
 
 torch = pytest.importorskip("torch")
@@ -149,7 +150,7 @@ def test_init_of_abstract_params_still_refuses_integer_leaves():
 
 
 SHARDED_SCRIPT = textwrap.dedent(
-    r'''
+    r"""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     import jstep
@@ -166,21 +167,25 @@ SHARDED_SCRIPT = textwrap.dedent(
                           ("rmsprop", jstep.rmsprop(0.1, centered=True, momentum=0.9)),
                           ("adagrad", jstep.adagrad(0.1)), ("momentum", jstep.momentum(0.1))]:
             for how, state in [("abstract", opt.init(abstract)), ("jit", jax.jit(opt.init)(concrete))]:
-                trees = [t for t in jax.tree.leaves(state, is_leaf=lambda t: isinstance(t, dict)) if isinstance(t, dict)]
+                is_dict = lambda t: isinstance(t, dict)
+                trees = [t for t in jax.tree.leaves(state, is_leaf=is_dict) if is_dict(t)]
                 assert trees, (name, state)
                 for tree in trees:
                     for k, leaf in tree.items():
-                        assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), (axis_type, name, how, k, leaf.sharding)
+                        where = (axis_type, name, how, k, leaf.sharding)
+                        assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), where
             print(f"{axis_type.name} {name}: ok")
     print("ALL OK")
-    '''
+    """
 )
 
 
 def test_state_of_sharded_abstract_params_carries_their_sharding():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Explicit adamw: ok" in run.stdout and "ALL OK" in run.stdout, run.stdout
 
@@ -247,7 +252,9 @@ def test_rmsprop_equals_torch(name, grads):
     jstep_options = {"momentum": options["momentum"]} if "momentum" in options else {}
     opt = jstep.rmsprop(0.01, 0.95, 1e-3, centered=options.get("centered", False), **jstep_options)
     got = jstep_trajectory(opt, grads, initial_params())
-    want = torch_trajectory(lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.95, eps=1e-3, **options), grads, initial_params())
+    want = torch_trajectory(
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.95, eps=1e-3, **options), grads, initial_params()
+    )
     assert_same_trajectory(got, want)
 
 
@@ -270,14 +277,20 @@ def test_rmsprop_equals_optax_with_eps_in_sqrt(name, rate, grads):
     options = OPTAX_RMSPROP[name]
     opt = jstep.rmsprop(rate, 0.9, 1e-3, eps_in_sqrt=True, **options)
     expected = optax.rmsprop(rate, decay=0.9, eps=1e-3, eps_in_sqrt=True, **options)
-    assert_same_trajectory(jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params()))
+    assert_same_trajectory(
+        jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params())
+    )
 
 
 @pytest.mark.parametrize("eps_in_sqrt", [True, False])
 def test_scale_by_rms_bias_correction_equals_optax(eps_in_sqrt, grads):
     opt = optax.chain(jstep.scale_by_rms(0.9, 1e-4, eps_in_sqrt=eps_in_sqrt, bias_correction=True), optax.scale(-0.01))
-    expected = optax.chain(optax.scale_by_rms(0.9, 1e-4, eps_in_sqrt=eps_in_sqrt, bias_correction=True), optax.scale(-0.01))
-    assert_same_trajectory(jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params()))
+    expected = optax.chain(
+        optax.scale_by_rms(0.9, 1e-4, eps_in_sqrt=eps_in_sqrt, bias_correction=True), optax.scale(-0.01)
+    )
+    assert_same_trajectory(
+        jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params())
+    )
 
 
 def test_centered_rmsprop_divides_by_the_running_variance():
@@ -304,7 +317,9 @@ def test_adamw_equals_torch(grads):
     opt = jstep.adamw(0.01, 0.9, 0.99, 1e-6, weight_decay=0.05)
     got = jstep_trajectory(opt, grads, initial_params())
     want = torch_trajectory(
-        lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05), grads, initial_params()
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05),
+        grads,
+        initial_params(),
     )
     assert_same_trajectory(got, want)
 
@@ -326,7 +341,9 @@ MASK_TREE = {"conv": [True], "dense": {"b": False, "w": True}, "scale": False}
 def test_adamw_equals_optax(options, rate, grads):
     opt = jstep.adamw(rate, 0.9, 0.999, 1e-8, weight_decay=0.1, **options)
     expected = optax.adamw(rate, 0.9, 0.999, 1e-8, weight_decay=0.1, **options)
-    assert_same_trajectory(jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params()))
+    assert_same_trajectory(
+        jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params())
+    )
 
 
 def test_adam_after_added_decay_is_not_adamw(grads):
@@ -348,7 +365,9 @@ def test_adamw_works_inside_optax_wrappers(grads):
     """inject_hyperparams (weight decay and rate as arrays) and MultiSteps give adamw's numbers."""
     injected = optax.inject_hyperparams(jstep.adamw)(learning_rate=0.01, weight_decay=0.1, mask=MASK_TREE)
     plain = jstep.adamw(0.01, weight_decay=0.1, mask=MASK_TREE)
-    assert_same_trajectory(jstep_trajectory(injected, grads[:10], initial_params()), jstep_trajectory(plain, grads[:10], initial_params()))
+    assert_same_trajectory(
+        jstep_trajectory(injected, grads[:10], initial_params()), jstep_trajectory(plain, grads[:10], initial_params())
+    )
     every_other = optax.MultiSteps(jstep.adamw(0.01, weight_decay=0.1), every_k_schedule=2)
     averaged = [jax.tree.map(lambda a, b: (a + b) / 2, grads[2 * i], grads[2 * i + 1]) for i in range(5)]
     got = jstep_trajectory(every_other, grads[:10], initial_params())[1::2]
