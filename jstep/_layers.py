@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jstep.batch_norm import BatchNorm, BatchNormParams, BatchNormState, FeatureAxis, _feature_axes
+from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, FeatureAxis, _feature_axes
 
 
 def missing_framework(module: str, framework: str, extra: str) -> ImportError:

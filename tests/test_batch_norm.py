@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jstep
-from jstep.batch_norm import _normalize_checked
+from jstep.normalization import _normalize_checked
 
 LAYOUTS = [  # (name, shape, feature_axis)
     ("NHWC", (4, 3, 2, 5), -1),
@@ -476,3 +476,15 @@ def test_bad_masks_are_refused_naming_what_is_allowed():
         jstep.batch_norm(x, scale, offset, mask=one_in)
     with pytest.raises(ValueError, match="K = 0"):
         jax.jit(lambda x: jstep.batch_stats(x, mask=np.zeros((4, 1, 1), bool)))(x)  # known when traced
+
+
+def test_the_module_is_jstep_normalization_and_jstep_batch_norm_the_function():
+    """`jstep.batch_norm` is the function; its module has its own name, so importing one never
+    hands back the other (a module named batch_norm was shadowed by the function)."""
+    import importlib
+
+    module = importlib.import_module("jstep.normalization")
+    assert jstep.batch_norm is module.batch_norm
+    assert callable(jstep.batch_norm) and jstep.batch_norm.__module__ == "jstep.normalization"
+    with pytest.raises(ModuleNotFoundError, match=r"jstep\.batch_norm"):
+        importlib.import_module("jstep.batch_norm")
