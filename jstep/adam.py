@@ -31,8 +31,8 @@ import numpy as np
 import optax
 
 from jstep import _core
-from jstep.averages import running_average_update
-from jstep.precision import step_keys
+from jstep.averages import running_average_value
+from jstep.precision import step_keys, store
 
 
 class ScaleByAdamState(NamedTuple):
@@ -96,8 +96,9 @@ def scale_by_adam(
         _core.check_same_shapes(updates, state.mu)
         count = _core.increment(state.count)
         mu_key, nu_key = step_keys(rounding_seed, count, 2)
-        mu = running_average_update(state.mu, updates, b1, key=mu_key)
-        nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), b2, key=nu_key)
+        # The step is taken with m_t and v_t as computed (float32), then they are stored in their dtypes.
+        mu = running_average_value(state.mu, updates, b1)
+        nu = running_average_value(state.nu, jax.tree.map(_core.squared_magnitude, updates), b2)
         correction1 = _core.bias_correction(b1, count)
         correction2 = _core.bias_correction(b2, count)
         if nesterov:
@@ -115,7 +116,7 @@ def scale_by_adam(
             return _core.adaptive_step(m_hat, v_hat, eps=eps, eps_root=eps_root).astype(g.dtype)
 
         directions = jax.tree.map(direction, updates, mu, nu)
-        return directions, ScaleByAdamState(count, mu, nu)
+        return directions, ScaleByAdamState(count, store(mu, state.mu, mu_key), store(nu, state.nu, nu_key))
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jstep import _core
-from jstep.averages import running_average_update
+from jstep.averages import running_average_value
 from jstep.momentum import momentum as jstep_momentum
 from jstep.precision import step_keys, store
 
@@ -115,8 +115,9 @@ def scale_by_rms(
         _core.check_same_shapes(updates, state.nu)
         count = _core.increment(state.count)
         nu_key, mu_key = step_keys(rounding_seed, count, 2)
-        nu = running_average_update(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma, key=nu_key)
-        mu = running_average_update(state.mu, updates, gamma, key=mu_key) if centered else None
+        # The step is taken with G_t (and M_t) as computed, then they are stored in their dtypes.
+        nu = running_average_value(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma)
+        mu = running_average_value(state.mu, updates, gamma) if centered else None
         correction = _core.bias_correction(gamma, count) if bias_correction else None
 
         def second_moment(G, M=None):
@@ -134,8 +135,9 @@ def scale_by_rms(
             return _core.adaptive_step(g, second_moment(*moments), **placement).astype(g.dtype)
 
         if centered:
-            return jax.tree.map(direction, updates, nu, mu), ScaleByCenteredRmsState(count, mu, nu)
-        return jax.tree.map(direction, updates, nu), ScaleByRmsState(count, nu)
+            directions = jax.tree.map(direction, updates, nu, mu)
+            return directions, ScaleByCenteredRmsState(count, store(mu, state.mu, mu_key), store(nu, state.nu, nu_key))
+        return jax.tree.map(direction, updates, nu), ScaleByRmsState(count, store(nu, state.nu, nu_key))
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -330,14 +332,16 @@ def adadelta(
         _core.check_same_shapes(updates, state.e_g)
         count = _core.increment(state.count)
         e_g_key, e_x_key = step_keys(rounding_seed, count, 2)
-        e_g = running_average_update(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho, key=e_g_key)
+        # Steps are taken with E[g^2]_t as computed, then both averages are stored in their dtypes.
+        e_g = running_average_value(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
 
         def step(g, Eg, Ex):
             Ex = Ex.astype(_core.compute_dtype(Ex.dtype))
             return _core.adaptive_step(g, Eg, eps=0.0, eps_root=eps) * jnp.sqrt(Ex + eps)
 
         steps = jax.tree.map(step, updates, e_g, state.e_x)
-        e_x = running_average_update(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho, key=e_x_key)
-        return _core.cast_like(steps, updates), AdadeltaState(count, e_g, e_x)
+        e_x = running_average_value(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
+        stored = AdadeltaState(count, store(e_g, state.e_g, e_g_key), store(e_x, state.e_x, e_x_key))
+        return _core.cast_like(steps, updates), stored
 
     return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)

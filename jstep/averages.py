@@ -32,6 +32,26 @@ class RunningAverageState(NamedTuple):
     average: Any
 
 
+def running_average_value(average: Any, value: Any, gamma: Any) -> Any:
+    """C_t = gamma C_{t-1} + (1 - gamma) c_t, leaf by leaf, in the compute dtype (at least float32).
+
+    The step before storing: optimizers take their update from this value (as Optax does with
+    ``mu_dtype``) and store it with `jstep.precision.store`.
+    """
+
+    # 1 - gamma before any rounding to float32: for gamma = 0.999 that keeps 1 - gamma exact
+    # to float32 precision (rounding gamma first would move it by up to 1e-5 relative).
+    weight_of_new = 1 - gamma
+
+    def one(old, new):
+        dtype = _core.compute_dtype(old.dtype)
+        real = _core.real_dtype(dtype)
+        keep, take = jnp.asarray(gamma).astype(real), jnp.asarray(weight_of_new).astype(real)
+        return keep * old.astype(dtype) + take * new.astype(dtype)
+
+    return jax.tree.map(one, average, value)
+
+
 def running_average_update(average: Any, value: Any, gamma: Any, *, key: jax.Array | None = None) -> Any:
     """One step of the rule, C_t = gamma C_{t-1} + (1 - gamma) c_t, leaf by leaf.
 
@@ -51,18 +71,7 @@ def running_average_update(average: Any, value: Any, gamma: Any, *, key: jax.Arr
       key: None (round to nearest), or a JAX random key for stochastic rounding of the
         leaves narrower than float32.
     """
-
-    # 1 - gamma before any rounding to float32: for gamma = 0.999 that keeps 1 - gamma exact
-    # to float32 precision (rounding gamma first would move it by up to 1e-5 relative).
-    weight_of_new = 1 - gamma
-
-    def one(old, new):
-        dtype = _core.compute_dtype(old.dtype)
-        real = _core.real_dtype(dtype)
-        keep, take = jnp.asarray(gamma).astype(real), jnp.asarray(weight_of_new).astype(real)
-        return keep * old.astype(dtype) + take * new.astype(dtype)
-
-    return store(jax.tree.map(one, average, value), average, key)
+    return store(running_average_value(average, value, gamma), average, key)
 
 
 def running_average(
@@ -97,8 +106,8 @@ def running_average(
         count = _core.increment(state.count)
         gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
         (key,) = step_keys(rounding_seed, count, 1)
-        average = running_average_update(state.average, values, gamma_t, key=key)
-        return _core.cast_like(average, values), RunningAverageState(count, average)
+        average = running_average_value(state.average, values, gamma_t)
+        return _core.cast_like(average, values), RunningAverageState(count, store(average, state.average, key))
 
     return optax.GradientTransformationExtraArgs(init, update)
 

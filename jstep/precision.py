@@ -105,20 +105,38 @@ def _positions(shape: tuple[int, ...]) -> jax.Array:
     return position
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...], words: int = 1) -> tuple[jax.Array, ...]:
-    """`words` arrays of independent uniform uint32 bits of `shape`, from `key`.
+def _seed_words(key: jax.Array) -> jax.Array:
+    """The four uint32 words `random_bits` keys its hash with, drawn from `key` by ``jax.random.bits``."""
+    return jax.random.bits(key, (4,), jnp.uint32)
 
-    ``jax.random.bits`` gives two 32-bit seed words per array; each element's bits are then
-    ``mix32(position * (seed0 | 1) + seed1)``: a keyed odd multiple of the element's index (a
-    bijection) through an avalanche mixer. That costs a few integer operations per element,
-    where threefry for every element costs about nine times a copy of the array on a CPU
-    (measured), too much for a step that is otherwise memory-bound. Stochastic rounding
+
+def _leaf_seed_words(key: jax.Array, count: int) -> jax.Array:
+    """``_seed_words(jax.random.fold_in(key, i))`` for i < count, as one (count, 4) array.
+
+    Computed for all leaves in one vectorised call: one threefry per leaf written out one by one
+    makes the step's program grow with the number of leaves (and its compilation slow).
+    """
+    return jax.vmap(lambda i: _seed_words(jax.random.fold_in(key, i)))(jnp.arange(count, dtype=jnp.uint32))
+
+
+def _hashed_bits(seed: jax.Array, shape: tuple[int, ...], words: int) -> tuple[jax.Array, ...]:
+    """`words` (<= 2) arrays of uniform uint32 bits of `shape`: mix32(position * (seed[2w] | 1) + seed[2w+1])."""
+    position = _positions(tuple(shape))
+    return tuple(_mix32(position * (seed[2 * w] | 1) + seed[2 * w + 1]) for w in range(words))
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...], words: int = 1) -> tuple[jax.Array, ...]:
+    """`words` (1 or 2) arrays of independent uniform uint32 bits of `shape`, from `key`.
+
+    ``jax.random.bits`` draws four 32-bit seed words from `key`; each element's bits are then
+    ``mix32(position * (seed[2w] | 1) + seed[2w + 1])``: a keyed odd multiple of the element's
+    index (a bijection) through an avalanche mixer. That costs a few integer operations per
+    element, where threefry for every element costs about nine times a copy of the array on a
+    CPU (measured), too much for a step that is otherwise memory-bound. Stochastic rounding
     needs only that each element's bits are uniform and unrelated to its value and to its
     neighbours' bits, which the mixer gives. Elements 2^32 positions apart share their bits.
     """
-    seed = jax.random.bits(key, (2 * words,), jnp.uint32)
-    position = _positions(tuple(shape))
-    return tuple(_mix32(position * (seed[2 * w] | 1) + seed[2 * w + 1]) for w in range(words))
+    return _hashed_bits(_seed_words(key), shape, words)
 
 
 def _uniform(bits: tuple[jax.Array, ...], dtype: jnp.dtype) -> jax.Array:
@@ -144,10 +162,11 @@ def _round_float32_to_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
     f / 2^16 = (x - lo) / (hi - lo). Exactly unbiased for every finite x in bfloat16's range.
     """
     word = lax.bitcast_convert_type(x, jnp.uint32)
-    rounded = lax.bitcast_convert_type(((word + (bits >> 16)) >> 16).astype(jnp.uint16), jnp.bfloat16)
+    rounded = ((word + (bits >> 16)) >> 16).astype(jnp.uint16)
     # Finite and |x| <= bfloat16's largest value (0x7F7F0000); NaN, inf and beyond: a plain cast.
     in_range = (word & jnp.uint32(0x7FFFFFFF)) <= jnp.uint32(0x7F7F0000)
-    return jnp.where(in_range, rounded, x.astype(jnp.bfloat16))
+    nearest = lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return lax.bitcast_convert_type(jnp.where(in_range, rounded, nearest), jnp.bfloat16)
 
 
 def _round_by_neighbours(x: jax.Array, dtype: jnp.dtype, bits: tuple[jax.Array, ...]) -> jax.Array:
@@ -168,12 +187,20 @@ def _round_by_neighbours(x: jax.Array, dtype: jnp.dtype, bits: tuple[jax.Array, 
     because XLA's CPU and GPU kernels flush subnormal results of a float conversion to zero.
     """
     work = _core.compute_dtype(x.dtype)
-    info = jnp.finfo(dtype)
+    info, work_info = jnp.finfo(dtype), jnp.finfo(work)
     x = x.astype(work)
     magnitude = abs(x)
-    binade = jnp.frexp(magnitude)[1] - 1
-    spacing = jnp.ldexp(jnp.ones((), work), jnp.maximum(binade, info.minexp) - info.nmant)
-    units = magnitude / spacing
+    # The binade from the exponent bits, and s = 2^e and 1/s built from bits (exact, and much
+    # cheaper on XLA:CPU than frexp/ldexp); e stays in the working dtype's normal range.
+    word_type, bias = _UNSIGNED[work_info.dtype.itemsize], work_info.maxexp - 1
+    binade = (lax.bitcast_convert_type(magnitude, word_type) >> work_info.nmant).astype(jnp.int32) - bias
+    exponent = jnp.maximum(jnp.maximum(binade, info.minexp) - info.nmant, work_info.minexp)
+
+    def power_of_two(e):
+        return lax.bitcast_convert_type((e + bias).astype(word_type) << work_info.nmant, work)
+
+    spacing = power_of_two(exponent)
+    units = magnitude * power_of_two(-exponent)
     below = jnp.floor(units)
     count = below + (_uniform(bits, work) < units - below).astype(work)
     uint = _UNSIGNED[dtype.itemsize]
@@ -185,7 +212,8 @@ def _round_by_neighbours(x: jax.Array, dtype: jnp.dtype, bits: tuple[jax.Array, 
     )
     sign = jnp.where(jnp.signbit(x), uint(1 << (8 * dtype.itemsize - 1)), uint(0))
     in_range = jnp.isfinite(x) & (magnitude <= float(info.max))
-    return jnp.where(in_range, lax.bitcast_convert_type(word | sign, dtype), x.astype(dtype))
+    nearest = lax.bitcast_convert_type(x.astype(dtype), uint)
+    return lax.bitcast_convert_type(jnp.where(in_range, word | sign, nearest), dtype)
 
 
 def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
@@ -220,25 +248,36 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
       TypeError: for an integer, complex or bool `x` or `dtype`, or a `key` that is not one
         random key.
     """
-    source = _floating_dtype("x's dtype", jnp.result_type(x))
+    _floating_dtype("x's dtype", jnp.result_type(x))
     target = _floating_dtype("dtype", dtype)
     _check_key(key)
-    x = jnp.asarray(x)
-    if _is_exact_cast(source, target):
-        return x.astype(target)
-    if source == jnp.float32 and target == jnp.bfloat16:
-        return _round_float32_to_bfloat16(x, random_bits(key, x.shape)[0])
-    words = 2 if _core.compute_dtype(source) == jnp.float64 else 1
-    return _round_by_neighbours(x, target, random_bits(key, x.shape, words))
+    return _round_with_seed(jnp.asarray(x), target, _seed_words(key))
+
+
+def _round_with_seed(x: jax.Array, dtype: jnp.dtype, seed: jax.Array) -> jax.Array:
+    """`stochastic_round` with the seed words (`_seed_words` of its key) already drawn."""
+    if _is_exact_cast(x.dtype, dtype):
+        return x.astype(dtype)
+    if x.dtype == jnp.float32 and dtype == jnp.bfloat16:
+        return _round_float32_to_bfloat16(x, _hashed_bits(seed, x.shape, 1)[0])
+    words = 2 if _core.compute_dtype(x.dtype) == jnp.float64 else 1
+    return _round_by_neighbours(x, dtype, _hashed_bits(seed, x.shape, words))
 
 
 # ------------------------------------------------------------------------------- updates
 
 
-def _leaf_numbers(tree: Any) -> Any:
-    """`tree` with leaf i replaced by i (in flattening order; a None counts as a leaf)."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda leaf: leaf is None)
-    return jax.tree.unflatten(treedef, range(len(leaves)))
+def _is_none(leaf: Any) -> bool:
+    return leaf is None
+
+
+def _leaf_seeds(key: jax.Array | None, tree: Any) -> Any:
+    """`tree` with leaf i replaced by the seed words of ``jax.random.fold_in(key, i)`` (None counts
+    as a leaf, in flattening order), or by None everywhere when `key` is None."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_none)
+    if key is None or not leaves:
+        return jax.tree.unflatten(treedef, [None] * len(leaves))
+    return jax.tree.unflatten(treedef, list(_leaf_seed_words(key, len(leaves))))
 
 
 def _is_low_precision(dtype: Any) -> bool:
@@ -268,16 +307,16 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
     if key is not None:
         _check_key(key)
 
-    def add(index, p, u):
+    def add(seed, p, u):
         if p is None:
             return None
         p, u = jnp.asarray(p), jnp.asarray(u)
         total = p.astype(_core.compute_dtype(jnp.result_type(p, u))) + u
-        if key is None or not _is_low_precision(p.dtype):
+        if seed is None or not _is_low_precision(p.dtype):
             return total.astype(p.dtype)
-        return stochastic_round(total, p.dtype, jax.random.fold_in(key, index))
+        return _round_with_seed(total, p.dtype, seed)
 
-    return jax.tree.map(add, _leaf_numbers(params), params, updates, is_leaf=lambda leaf: leaf is None)
+    return jax.tree.map(add, _leaf_seeds(key, params), params, updates, is_leaf=_is_none)
 
 
 # -------------------------------------------------------------------- optimizer state
@@ -305,13 +344,13 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     cast as usual. Every jstep state that may be narrow is written through here.
     """
 
-    def one(index, value, old):
+    def one(seed, value, old):
         if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
             return None
         dtype = jnp.result_type(old)
         narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
-        if key is None or not narrower:
+        if seed is None or not narrower:
             return value.astype(dtype)
-        return stochastic_round(value, dtype, jax.random.fold_in(key, index))
+        return _round_with_seed(value, dtype, seed)
 
-    return jax.tree.map(one, _leaf_numbers(values), values, like, is_leaf=lambda leaf: leaf is None)
+    return jax.tree.map(one, _leaf_seeds(key, values), values, like, is_leaf=_is_none)

@@ -371,6 +371,24 @@ def jitted_run(opt, state, grads, params=PARAMS):
     return outputs, state
 
 
+def assert_same_rounding(updates, reference_updates, state, reference_state):
+    """Two runs that use the same keys on values equal up to float32 round-off (another program's
+    fusion and order): the bfloat16 states agree bit for bit wherever that round-off did not move
+    a value across a rounding threshold (>= 99% of the entries; with another seed about half of
+    them differ), and everywhere within one bfloat16 ulp; the updates agree closely."""
+    assert jax.tree.structure(state) == jax.tree.structure(reference_state)
+    narrow = [
+        (np.asarray(x, np.float64), np.asarray(y, np.float64))
+        for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state), strict=True)
+        if x.dtype == BF16
+    ]
+    got, want = (np.concatenate([pair[i].ravel() for pair in narrow]) for i in (0, 1))
+    assert np.mean(got == want) >= 0.99
+    np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=0)
+    for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(reference_updates), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2.0**-6, atol=1e-6)
+
+
 def assert_trees_identical(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -438,29 +456,27 @@ def test_adam_bfloat16_v_decays_like_float32_where_round_to_nearest_is_stuck():
 # -------------------------------------------------------------------------------- composition
 
 
-def test_rounding_seed_composes_with_chain_and_multi_steps_bit_for_bit():
-    """chain(clip, adam(seed)) is adam(seed) on clipped gradients; MultiSteps(k=2) on repeated
-    gradients is adam(seed) on each once: the same counts, so the same keys and the same bits."""
+def test_rounding_seed_composes_with_chain_and_multi_steps():
+    """chain(scale(1/2), adam(seed)) is adam(seed) on halved gradients; MultiSteps(k=2) on repeated
+    gradients is adam(seed) on each once: the same counts, so the same keys and the same roundings."""
     grads = gradients(2, 6)
     make = STATEFUL["adam"][0]
     alone = make(accumulator_dtype=jnp.bfloat16, rounding_seed=3)
-    clip = optax.clip_by_global_norm(1.0)
-    clipped = [clip.update(g, clip.init(PARAMS))[0] for g in grads]
-    chained = optax.chain(clip, make(accumulator_dtype=jnp.bfloat16, rounding_seed=3))
-    reference, reference_state = jitted_run(alone, alone.init(PARAMS), clipped)
+    halved = [jax.tree.map(lambda g: g / 2, g) for g in grads]
+    chained = optax.chain(optax.scale(0.5), make(accumulator_dtype=jnp.bfloat16, rounding_seed=3))
+    reference, reference_state = jitted_run(alone, alone.init(PARAMS), halved)
     got, state = jitted_run(chained, chained.init(PARAMS), grads)
-    assert_trees_identical(got, reference)
-    assert_trees_identical(state[1], reference_state)
+    assert_same_rounding(got, reference, state[1], reference_state)
 
     multi = optax.MultiSteps(make(accumulator_dtype=jnp.bfloat16, rounding_seed=3), every_k_schedule=2)
-    doubled = [g for g in clipped for _ in range(2)]
+    doubled = [g for g in halved for _ in range(2)]
     got, state = jitted_run(multi, multi.init(PARAMS), doubled)
-    assert_trees_identical(got[1::2], reference)
-    assert_trees_identical(state.inner_opt_state, reference_state)
+    assert_same_rounding(got[1::2], reference, state.inner_opt_state, reference_state)
 
 
 def test_rounding_seed_composes_with_inject_hyperparams():
-    """inject_hyperparams turns the seed into an int32 array in the state: the same keys, the same bits."""
+    """inject_hyperparams turns the seed into an int32 array in the state: the same keys, so the same
+    roundings (its b1, b2 are float32 arrays, so 1 - b2 differs from the Python number's in the last bit)."""
     grads = gradients(3, 5)
     dtypes = {"mu_dtype": BF16, "nu_dtype": BF16}  # dtype objects, not callables (those would be schedules)
     injected = optax.inject_hyperparams(jstep.adam)(learning_rate=0.01, rounding_seed=4, **dtypes)
@@ -469,8 +485,7 @@ def test_rounding_seed_composes_with_inject_hyperparams():
     got, state = jitted_run(injected, state, grads)
     plain = jstep.adam(0.01, rounding_seed=4, **dtypes)
     want, want_state = jitted_run(plain, plain.init(PARAMS), grads)
-    assert_trees_identical(got, want)
-    assert_trees_identical(state.inner_state, want_state)
+    assert_same_rounding(got, want, state.inner_state, want_state)
 
 
 def test_rounding_seed_composes_with_grouped():
