@@ -10,10 +10,17 @@ pytest.importorskip("nbclient")
 import notebook_runs  # noqa: E402  (executes each notebook once; tests/test_docs.py reuses the runs)
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_running_averages", "02_momentum", "03_adaptive_and_adam", "04_batch_norm", "05_flax_and_equinox"]
+NAMES = [
+    "01_running_averages",
+    "02_momentum",
+    "03_adaptive_and_adam",
+    "04_batch_norm",
+    "05_flax_and_equinox",
+    "06_low_precision",
+]
 
 
-def test_exactly_the_four_notebooks_without_outputs():
+def test_exactly_these_notebooks_without_outputs():
     assert sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb")) == NAMES
     for name in NAMES:
         notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
