@@ -12,7 +12,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,9 @@ def load_torch(wanted: bool | None) -> Any:
         import torch
     except ImportError:
         if wanted:
-            raise SystemExit("--torch: PyTorch does not import here; pip install torch==2.13.0 (the bench extra)")
+            raise SystemExit(
+                "--torch: PyTorch does not import here; pip install torch==2.13.0 (the bench extra)"
+            ) from None
         print("note: PyTorch does not import here, so its rows are left out (pip install torch==2.13.0)")
         return None
     torch.set_num_threads(usable_cores())
@@ -132,8 +135,8 @@ def interleaved_times(
     faults); then every repeat times each contender once, the order rotating so that no one
     always runs first, and every other round in the reverse order, so that each contender
     follows each other equally often (a call runs slower right after one that freed many
-    temporaries, so a fixed neighbour would bias it). Entry r of every list comes from the same repeat, so the lists can be
-    compared pairwise (see `paired_ratio`).
+    temporaries, so a fixed neighbour would bias it). Entry r of every list comes from the same
+    repeat, so the lists can be compared pairwise (see `paired_ratio`).
 
     A donated step writes its outputs into its inputs' buffers, so a contender would keep the
     same addresses for the whole run, and their offsets against each other (cache sets, 4K
@@ -164,7 +167,7 @@ def interleaved_medians(steps: dict[str, Step], carries: dict[str, tuple], repea
 
 def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
     """Median over repeats of times[r] / reference[r]: robust to load that drifts during a run."""
-    return statistics.median(t / u for t, u in zip(times, reference))
+    return statistics.median(t / u for t, u in zip(times, reference, strict=True))
 
 
 def copy_probe(nbytes: int = 1 << 28) -> tuple[Step, tuple, int]:
@@ -222,7 +225,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, text_c
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row):
-        return "  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(
+            c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])

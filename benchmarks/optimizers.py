@@ -23,6 +23,14 @@ for the whole run (the JAX contenders' carries are moved to new buffers every 10
     python benchmarks/optimizers.py --quick          # a quick look (5 repeats)
     python benchmarks/optimizers.py --trees resnet50 --optimizers adam --repeats 100
     python benchmarks/optimizers.py --no-torch       # without PyTorch
+    python benchmarks/optimizers.py --optimizers adam --no-torch --no-grouped-table   # low precision only
+
+Low precision (with adam): the same step with params, gradients and Adam's m and v in
+bfloat16, stored by round-to-nearest (``jstep.adam(lr)`` on bfloat16 params, ``jstep.apply_updates``
+without a key) and by stochastic rounding (``rounding_seed=0`` and ``apply_updates`` with a key
+folded from the step count), timed in the same rounds as that step in float32. Its bytes are
+XLA's cost analysis of each compiled step: the step must read p, g, m, v and write p, m, v,
+7 arrays of 4 bytes per parameter in float32 and of 2 in bfloat16.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import math
 import os
 import statistics
 import sys
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +51,9 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jstep  # noqa: E402
-from _harness import (  # noqa: E402
+import jstep
+
+from _harness import (
     compiled_figures,
     copy_probe,
     format_table,
@@ -51,8 +61,8 @@ from _harness import (  # noqa: E402
     load_torch,
     machine_report,
     paired_ratio,
-    torch_device,
     torch_copy_probe,
+    torch_device,
     torch_report,
     torch_step,
 )
@@ -79,7 +89,7 @@ def resnet50_shapes() -> dict[str, tuple[int, ...]]:
 
     conv_bn("stem", 7, 3, 64)
     c_in = 64
-    for stage, (blocks, width) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512]), start=1):
+    for stage, (blocks, width) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512], strict=True), start=1):
         for block in range(blocks):
             name = f"stage{stage}/block{block}"
             conv_bn(f"{name}/conv1", 1, c_in, width)
@@ -137,12 +147,8 @@ class Pair(NamedTuple):
 
 OPTIMIZERS = {
     "adam": Pair(lambda: jstep.adam(LEARNING_RATE), lambda: optax.adam(LEARNING_RATE), 7),
-    "momentum": Pair(
-        lambda: jstep.momentum(LEARNING_RATE, 0.9), lambda: optax.sgd(LEARNING_RATE, momentum=0.9), 5
-    ),
-    "rmsprop": Pair(
-        lambda: jstep.rmsprop(LEARNING_RATE, eps_in_sqrt=True), lambda: optax.rmsprop(LEARNING_RATE), 5
-    ),
+    "momentum": Pair(lambda: jstep.momentum(LEARNING_RATE, 0.9), lambda: optax.sgd(LEARNING_RATE, momentum=0.9), 5),
+    "rmsprop": Pair(lambda: jstep.rmsprop(LEARNING_RATE, eps_in_sqrt=True), lambda: optax.rmsprop(LEARNING_RATE), 5),
 }
 
 
@@ -165,7 +171,7 @@ def check_same_update(jitted: dict[str, Any], optimizers: dict[str, Any], params
             p, s = step(p, s, grads)
         results[name] = p
     for name, result in results.items():
-        for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(results["optax"])):
+        for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(results["optax"]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
@@ -177,7 +183,7 @@ TORCH_ADAM = {"torch fused": {"fused": True}, "torch foreach": {"foreach": True}
 def torch_adam(torch: Any, device: Any, params: Any, grads: Any, **flavour: bool) -> Any:
     """torch.optim.Adam over float32 copies of `params`, each with `.grad` set from `grads`."""
     tensors = []
-    for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(grads)):
+    for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(grads), strict=True):
         tensor = torch.tensor(np.asarray(p), device=device)
         tensor.grad = torch.tensor(np.asarray(g), device=device)
         tensors.append(tensor)
@@ -191,8 +197,72 @@ def check_torch_adam(torch: Any, device: Any, step: Any, params: Any, grads: Any
     for name, flavour in TORCH_ADAM.items():
         opt = torch_adam(torch, device, params, grads, **flavour)
         opt.step()
-        for got, want in zip(opt.param_groups[0]["params"], expected):
+        for got, want in zip(opt.param_groups[0]["params"], expected, strict=True):
             np.testing.assert_allclose(got.detach().cpu().numpy(), want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# --------------------------------------------------------------------------- low precision
+
+LOW_PRECISION = ("float32", "bf16 nearest", "bf16 stochastic")
+
+
+def adam_step(stochastic: bool):
+    """The jitted Adam step (params, state, grads) -> (params, state), params and state donated, the
+    sum W + u formed in float32 and stored by `jstep.apply_updates` (stochastic: with a key from
+    the step count, and `rounding_seed` for m and v)."""
+    optimizer = jstep.adam(LEARNING_RATE, rounding_seed=0 if stochastic else None)
+
+    def step(params, state, grads):
+        updates, state = optimizer.update(grads, state, params)
+        key = jax.random.fold_in(jax.random.key(1), state.count) if stochastic else None
+        return jstep.apply_updates(params, updates, key=key), state
+
+    return optimizer, jax.jit(step, donate_argnums=(0, 1))
+
+
+def measure_low_precision(tree: str, repeats: int, copy_bytes: int) -> list:
+    """Adam's step in float32 and in bfloat16 (nearest and stochastic rounding), timed in the same rounds."""
+    shapes = tree_shapes(tree)
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_tree(shapes, seed=0))
+    grads16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_tree(shapes, seed=1))
+    # float32 from the same (bfloat16-representable) values, so that the runs can be compared.
+    params32, grads32 = (jax.tree.map(lambda x: x.astype(jnp.float32), t) for t in (params16, grads16))
+    inputs = {
+        "float32": (params32, grads32),
+        "bf16 nearest": (params16, grads16),
+        "bf16 stochastic": (params16, grads16),
+    }
+    steps, carries, accessed, finals = {}, {}, {}, {}
+    for name, (params, grads) in inputs.items():
+        optimizer, jitted = adam_step(stochastic=name == "bf16 stochastic")
+        p, s = copy_tree(params), optimizer.init(params)
+        accessed[name] = compiled_figures(jitted, p, s, grads)[1]
+        for _ in range(3):
+            p, s = jitted(p, s, grads)
+        finals[name] = p
+        carries[name] = (copy_tree(params), optimizer.init(params))
+        steps[name] = lambda p, s, step=jitted, grads=grads: step(p, s, grads)
+    # Three steps: each stored p is off by less than one bfloat16 ulp (<= 2^-7 |p|) from the float32
+    # run, and Adam's steps (about the learning rate) by a fraction of themselves.
+    for name in ("bf16 nearest", "bf16 stochastic"):
+        for a, b in zip(jax.tree.leaves(finals[name]), jax.tree.leaves(finals["float32"]), strict=True):
+            np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=3 * 2.0**-7, atol=1e-4, err_msg=name)
+    steps["copy"], carries["copy"], _ = copy_probe(copy_bytes)
+    times = interleaved_times(steps, carries, repeats)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+    count = sum(math.prod(s) for s in shapes.values())
+
+    def per_parameter(name: str) -> str:
+        n = accessed[name]
+        return "n/a" if n is None else f"{n / count:.1f}"
+
+    f, n, r = (seconds[name] for name in LOW_PRECISION)
+    return [
+        tree, f"{1e3 * f:.2f}", f"{1e3 * n:.2f}", f"{1e3 * r:.2f}", f"{n / f:.3f}",
+        f"{paired_ratio(times['bf16 nearest'], times['float32']):.3f}", f"{r / n:.3f}",
+        f"{paired_ratio(times['bf16 stochastic'], times['bf16 nearest']):.3f}",
+        " / ".join(per_parameter(name) for name in LOW_PRECISION),
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- main
@@ -278,7 +348,9 @@ def choices(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender (default 50; 5 with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per contender (default 50; 5 with --quick)"
+    )
     parser.add_argument("--trees", default=",".join(TREES), help=f"comma-separated subset of {','.join(TREES)}")
     parser.add_argument(
         "--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated subset of {','.join(OPTIMIZERS)}"
@@ -287,6 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--torch", action=argparse.BooleanOptionalAction, default=None,
         help="also time torch.optim.Adam (fused and foreach) on the same trees (default: when torch imports)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grouped-table", action=argparse.BooleanOptionalAction, default=True,
+        help="time jstep, grouped and Optax (the first table; default on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--low-precision", action=argparse.BooleanOptionalAction, default=True,
+        help="time Adam's step in bfloat16, round-to-nearest and stochastic, against float32 (with adam; default on)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 50)
@@ -299,31 +379,32 @@ def main(argv: list[str] | None = None) -> None:
     if torch:
         print(torch_report(torch, torch_device(torch)))
     print(f"median of {repeats} calls per contender, jstep, {peers} and a copy probe alternated call by call\n")
-    header = ["tree", "optimizer", "jstep ms", "grouped ms", "optax ms", "jstep/optax", "paired",
-              "grouped/optax", "paired", "floor/optax", "bw j / g / o", "copy GB/s",
-              "HLO passes j / o", "tmp MiB j / g / o"]  # fmt: skip
     copy_bytes = 1 << 26 if args.quick else 1 << 28
-    rows, torch_rows = [], []
-    for tree in trees:
-        for optimizer in optimizers:
-            row, torch_row = measure(tree, optimizer, repeats, copy_bytes, torch)
-            rows.append(row)
-            print(" | ".join(row), flush=True)
-            if torch_row:
-                torch_rows.append(torch_row)
-                print(" | ".join(torch_row), flush=True)
-    print()
-    print(format_table(header, rows, text_columns=2))
-    if torch_rows:
-        torch_header = ["tree", "jstep ms", "grouped ms"]
-        for name in TORCH_ADAM:
-            short = name.split()[1]
-            torch_header += [f"{short} ms", f"jstep/{short}", f"grouped/{short}", "paired", f"{short} bw"]
-        torch_header.append("torch copy GB/s")
-        print("\nadam against torch.optim.Adam, timed in the same rounds as the table above\n")
-        print(format_table(torch_header, torch_rows))
-    print(
-        f"""
+    if args.grouped_table:
+        header = ["tree", "optimizer", "jstep ms", "grouped ms", "optax ms", "jstep/optax", "paired",
+                  "grouped/optax", "paired", "floor/optax", "bw j / g / o", "copy GB/s",
+                  "HLO passes j / o", "tmp MiB j / g / o"]  # fmt: skip
+        rows, torch_rows = [], []
+        for tree in trees:
+            for optimizer in optimizers:
+                row, torch_row = measure(tree, optimizer, repeats, copy_bytes, torch)
+                rows.append(row)
+                print(" | ".join(row), flush=True)
+                if torch_row:
+                    torch_rows.append(torch_row)
+                    print(" | ".join(torch_row), flush=True)
+        print()
+        print(format_table(header, rows, text_columns=2))
+        if torch_rows:
+            torch_header = ["tree", "jstep ms", "grouped ms"]
+            for name in TORCH_ADAM:
+                short = name.split()[1]
+                torch_header += [f"{short} ms", f"jstep/{short}", f"grouped/{short}", "paired", f"{short} bw"]
+            torch_header.append("torch copy GB/s")
+            print("\nadam against torch.optim.Adam, timed in the same rounds as the table above\n")
+            print(format_table(torch_header, torch_rows))
+        print(
+            f"""
 grouped:  jstep.grouped(the same jstep optimizer): the small leaves' state packed into one buffer per dtype
 ratio:    jstep/optax and grouped/optax: ms / optax ms (medians); paired: median over repeats of the
           two side-by-side calls' ratio
@@ -338,13 +419,31 @@ HLO passes: bytes all kernels of the compiled step read and write (XLA's cost an
           kernel that reads a slice of it.
 copy:     donated jitted x + 1 on {copy_bytes // 2**20} MiB of float32 (read + write), timed in the same rounds
 tmp MiB:  XLA scratch memory of the compiled step beyond its (donated) inputs and outputs"""
-    )
-    if torch_rows:
-        print(
-            """jstep/fused, grouped/fused (foreach likewise): ms / torch.optim.Adam(fused=True) opt.step() ms;
+        )
+        if torch_rows:
+            print(
+                """jstep/fused, grouped/fused (foreach likewise): ms / torch.optim.Adam(fused=True) opt.step() ms;
           paired: grouped against that torch Adam
 torch copy: in-place x.add_(1) in PyTorch on the same bytes as the copy probe, timed in the same
           rounds; the bw columns are fractions of the (XLA) copy GB/s of the first table"""
+            )
+
+    if args.low_precision and "adam" in optimizers:
+        low_rows = [measure_low_precision(tree, repeats, copy_bytes) for tree in trees]
+        low_header = ["tree", "f32 ms", "nearest ms", "stochastic ms", "nearest/f32", "paired",
+                      "stochastic/nearest", "paired", "HLO bytes/param f32 / nearest / stochastic"]  # fmt: skip
+        print("\nadam with params, gradients, m and v in bfloat16 against float32, timed in the same rounds\n")
+        print(format_table(low_header, low_rows))
+        print(
+            """
+nearest:    jstep.adam on bfloat16 params (m, v bfloat16), sums stored by round-to-nearest
+stochastic: the same with rounding_seed=0 and jstep.apply_updates(..., key): every stored value
+            stochastically rounded (random bits for p, m and v in each step); target <= 1.3x nearest
+HLO bytes/param: what the compiled step's kernels read and write (XLA's cost analysis) per
+            parameter; the minimum is 7 arrays: 28 bytes in float32, 14 in bfloat16. The random
+            bits are computed, not read (a hash of each element's position). On a tree of many
+            leaves the analysis counts the small (leaves x 4) array of per-leaf seeds once for
+            every leaf's kernel that slices it, which inflates the stochastic figure there."""
         )
 
 
