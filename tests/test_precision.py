@@ -545,3 +545,17 @@ def test_integer_state_dtype_fails_at_construction(name):
 def test_real_state_dtype_for_complex_params_fails_at_init():
     with pytest.raises(TypeError, match="cannot hold the complex values of a complex64 parameter"):
         jstep.momentum(0.1, accumulator_dtype=jnp.bfloat16).init({"w": jnp.ones(3, jnp.complex64)})
+
+
+def test_the_readme_low_precision_example_runs_and_trains():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Low precision") :]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (Low precision)", "exec"), namespace)
+    params = namespace["params"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {BF16}
+    assert float(namespace["loss"](params, namespace["x"], namespace["y"])) < 1e-2  # from 169 at zero
+    np.testing.assert_allclose(np.asarray(params["w"], np.float32), np.arange(8.0), atol=0.05)
