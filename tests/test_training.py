@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import jstep
+
 import reference as ref
 from harness import (
     OPTIMIZER_NAMES,
@@ -30,7 +31,7 @@ CURVATURE = {"a": np.logspace(0, 2, 8), "b": np.array([[1.0, 30.0], [3.0, 100.0]
 
 
 def parabola(w):
-    return 0.5 * sum(jnp.sum(h * x * x) for h, x in zip(jax.tree.leaves(CURVATURE), jax.tree.leaves(w)))
+    return 0.5 * sum(jnp.sum(h * x * x) for h, x in zip(jax.tree.leaves(CURVATURE), jax.tree.leaves(w), strict=True))
 
 
 def rosenbrock(w):
@@ -80,7 +81,9 @@ def train(opt, loss, w, steps):
 
 
 def distance(w, target):
-    return float(np.sqrt(sum(np.sum((np.asarray(x) - t) ** 2) for x, t in zip(jax.tree.leaves(w), target))))
+    return float(
+        np.sqrt(sum(np.sum((np.asarray(x) - t) ** 2) for x, t in zip(jax.tree.leaves(w), target, strict=True)))
+    )
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -162,10 +165,10 @@ def test_inject_hyperparams_adam_learning_rate_scales_the_next_step():
     lowered = state._replace(hyperparams=dict(state.hyperparams, learning_rate=jnp.asarray(0.001)))
     same, same_state = update(grads[5], state)
     smaller, smaller_state = update(grads[5], lowered)
-    for a, b in zip(jax.tree.leaves(smaller), jax.tree.leaves(same)):
+    for a, b in zip(jax.tree.leaves(smaller), jax.tree.leaves(same), strict=True):
         np.testing.assert_allclose(a, 0.1 * b, rtol=1e-6)
     # The moments do not depend on the rate.
-    for a, b in zip(jax.tree.leaves(smaller_state.inner_state), jax.tree.leaves(same_state.inner_state)):
+    for a, b in zip(jax.tree.leaves(smaller_state.inner_state), jax.tree.leaves(same_state.inner_state), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -184,7 +187,7 @@ def test_multi_steps_accumulates_three_gradients():
 
 def test_apply_if_finite_skips_a_nan_step():
     grads = gradient_sequence(64, 6, np.float32)
-    poisoned = grads[:3] + [jax.tree.map(lambda g: np.full_like(g, np.nan), grads[0])] + grads[3:]
+    poisoned = [*grads[:3], jax.tree.map(lambda g: np.full_like(g, np.nan), grads[0]), *grads[3:]]
     got, state = run(optax.apply_if_finite(jstep.adam(0.01), max_consecutive_errors=2), poisoned, np.float32)
     clean, clean_state = run(jstep.adam(0.01), grads, np.float32)
     assert all(np.all(u == 0) for u in got[3])
@@ -239,6 +242,6 @@ def test_vmap_over_independent_problems_equals_a_loop(name):
     # round-off apart, normwise.
     for b in range(batch):
         single, single_state = run(opt, problems[b], np.float32, jit=False)
-        assert_close_runs([leaves64(jax.tree.map(lambda u: u[b], u)) for u in batched], single, 1e-5)
-        state_b = leaves64(jax.tree.map(lambda x: x[b], state))
+        assert_close_runs([leaves64(jax.tree.map(lambda u, b=b: u[b], u)) for u in batched], single, 1e-5)
+        state_b = leaves64(jax.tree.map(lambda x, b=b: x[b], state))
         assert_close_runs([state_b], [leaves64(single_state)], 1e-5)
