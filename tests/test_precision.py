@@ -559,3 +559,62 @@ def test_the_readme_low_precision_example_runs_and_trains():
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {BF16}
     assert float(namespace["loss"](params, namespace["x"], namespace["y"])) < 1e-2  # from 169 at zero
     np.testing.assert_allclose(np.asarray(params["w"], np.float32), np.arange(8.0), atol=0.05)
+
+
+# ------------------------------------------------------------------------------ sharded
+
+
+SHARDED_SCRIPT = r"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jstep
+
+assert jax.device_count() == 8, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("d",))
+split = NamedSharding(mesh, P("d"))
+rng = np.random.default_rng(0)
+params = {"w": rng.normal(size=(64, 33)), "b": rng.normal(size=64)}
+params = jax.tree.map(lambda p: jnp.asarray(p, jnp.bfloat16), params)
+grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.bfloat16), params) for _ in range(4)]
+opt = jstep.adam(0.01, rounding_seed=3)
+
+def step(p, s, g, t):
+    u, s = opt.update(g, s, p)
+    return jstep.apply_updates(p, u, key=jax.random.fold_in(jax.random.key(9), t)), s
+
+def run(params, grads, step):
+    state = opt.init(params)
+    for t, g in enumerate(grads):
+        params, state = step(params, state, g, t)
+    return params, state
+
+one = run(params, grads, jax.jit(step))
+place = lambda tree: jax.device_put(tree, split)
+sharded = run(place(params), [place(g) for g in grads], jax.jit(step))
+assert sharded[0]["w"].sharding.spec == P("d"), sharded[0]["w"].sharding
+for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(sharded), strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+print("sharded jit: the single-device bits")
+"""
+
+
+def test_sharded_jit_rounds_exactly_as_one_device():
+    """The random bits hash each element's global position, so params and state split over 8 (CPU)
+    devices by a sharded jit get the single-device run's bits, leaf for leaf (a subprocess, so that
+    the rest of the suite keeps its single device)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded jit: the single-device bits" in result.stdout
