@@ -135,6 +135,11 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], words: int = 1) -> tuple
     CPU (measured), too much for a step that is otherwise memory-bound. Stochastic rounding
     needs only that each element's bits are uniform and unrelated to its value and to its
     neighbours' bits, which the mixer gives. Elements 2^32 positions apart share their bits.
+
+    Positions are global under a sharded ``jit`` (a split array gets the bits it would get on
+    one device). Inside ``shard_map`` each device sees its own block and numbers it from 0, so
+    blocks of a split array would share bits: fold the device's ``jax.lax.axis_index`` into the
+    key there (replicated arrays need nothing: each device computes the same values).
     """
     return _hashed_bits(_seed_words(key), shape, words)
 
