@@ -24,9 +24,9 @@ from jstep.averages import (
     running_average,
     running_average_update,
 )
-from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_stats
 from jstep.grouping import grouped
 from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
+from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_stats
 from jstep.precision import apply_updates, stochastic_round
 from jstep.testing import check_vjp
 
