@@ -150,7 +150,15 @@ def test_same_key_same_result_and_keys_differ():
 def test_non_finite_and_out_of_range_values_are_cast_as_usual(target):
     info = jnp.finfo(target)
     big = float(info.max)
-    x = np.array([np.inf, -np.inf, np.nan, big, -big, big * 1.003, -big * 1.003, 3.4e38, 0.0, -0.0], np.float32)
+    # The midpoint between the largest value and the next power of two (a tie: the cast gives inf),
+    # and NaNs whose payload is in bits bfloat16 drops.
+    halfway = 65520.0 if target == jnp.float16 else float(np.array(0x7F7F8000, np.uint32).view(np.float32))
+    low_nans = list(np.array([0x7F800001, 0xFFFFFFFF], np.uint32).view(np.float32))
+    x = np.array(
+        [np.inf, -np.inf, np.nan, -np.nan, big, -big, big * 1.003, -big * 1.003, 3.4e38, halfway, -halfway, 0.0, -0.0],
+        np.float32,
+    )
+    x = np.concatenate([x, np.array(low_nans, np.float32)])
     got = np.asarray(jstep.stochastic_round(jnp.asarray(x), target, jax.random.key(0))).astype(np.float64)
     with np.errstate(over="ignore"):
         want = x.astype(ml_dtypes.bfloat16 if target == jnp.bfloat16 else np.float16).astype(np.float64)
