@@ -15,8 +15,9 @@ grid as hi with probability (x - lo) / (hi - lo) and as lo otherwise, so that
     E[round(x)] = lo + (hi - lo) (x - lo) / (hi - lo) = x.
 
 Each stored value is then off by less than one ulp, but the errors average out instead of
-piling up on one side: a 0.1% decay happens on 1 step in ~4, a step of a tenth of an ulp on 1
-in 10, and the sums and averages of the notes are right in expectation.
+piling up on one side: a 0.1% decay happens on 1 step in 4 to 8 (an ulp is 0.4% to 0.8% of C),
+a step of a tenth of an ulp on 1 in 10, and the sums and averages of the notes are right in
+expectation.
 """
 
 from __future__ import annotations
