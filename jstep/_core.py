@@ -94,8 +94,13 @@ def check_floating_leaves(tree: Any) -> None:
             )
 
 
-def check_same_shapes(updates: Any, state_tree: Any) -> None:
-    """Raise ValueError when `updates` is not shaped like the state `init` built."""
+def check_same_shapes(updates: Any, state_tree: Any, *, holds_values: bool = False) -> None:
+    """Raise ValueError when `updates` is not shaped like the state `init` built.
+
+    With `holds_values` (a state that stores the updates themselves: a velocity, Adam's m, an
+    average) also raise TypeError where a complex update meets a real state dtype. `init`
+    builds the dtype asked for, as Optax's does; Optax would then keep only the real part.
+    """
     expected = jax.tree.structure(state_tree)
     got = jax.tree.structure(updates)
     if got != expected:  # type: ignore[operator]  # PyTreeDef's comparison is untyped
@@ -110,6 +115,12 @@ def check_same_shapes(updates: Any, state_tree: Any) -> None:
             raise ValueError(
                 f"updates leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
                 f"{jnp.shape(leaf)}, but init built the state for shape {jnp.shape(reference)}"
+            )
+        if holds_values and _is_complex(jnp.result_type(leaf)) and not _is_complex(jnp.result_type(reference)):
+            raise TypeError(
+                f"updates leaf {jax.tree_util.keystr(path) or '<root>'} is {jnp.result_type(leaf)}, but the "
+                f"state that holds it is {jnp.result_type(reference)}: a real state cannot hold the complex "
+                "values; give a complex state dtype (or None) for complex params"
             )
 
 
@@ -150,11 +161,6 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
-        elif _is_complex(jnp.result_type(leaf)) and not _is_complex(leaf_dtype):
-            raise TypeError(
-                f"a state of dtype {jnp.dtype(leaf_dtype)} cannot hold the complex values of a "
-                f"{jnp.result_type(leaf)} parameter; give a complex state dtype (or None)"
-            )
         if isinstance(leaf, jax.ShapeDtypeStruct):
             return jnp.zeros(leaf.shape, leaf_dtype, device=leaf.sharding)
         # 0 * |leaf| (non-finite entries replaced), not a constant: under jit a constant has

@@ -93,7 +93,7 @@ def scale_by_adam(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.mu)
+        _core.check_same_shapes(updates, state.mu, holds_values=True)
         count = _core.increment(state.count)
         mu_key, nu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with m_t and v_t as computed (float32), then they are stored in their dtypes.

@@ -113,6 +113,8 @@ def scale_by_rms(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(updates, state.nu)
+        if centered:
+            _core.check_same_shapes(updates, state.mu, holds_values=True)
         count = _core.increment(state.count)
         nu_key, mu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with G_t (and M_t) as computed, then they are stored in their dtypes.

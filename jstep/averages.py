@@ -102,7 +102,7 @@ def running_average(
 
     def update(values, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(values, state.average)
+        _core.check_same_shapes(values, state.average, holds_values=True)
         count = _core.increment(state.count)
         gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
         (key,) = step_keys(rounding_seed, count, 1)

@@ -90,7 +90,7 @@ def momentum(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.velocity)
+        _core.check_same_shapes(updates, state.velocity, holds_values=True)
         eta = _core.learning_rate_at(learning_rate, state.count)
 
         def step(v, g):

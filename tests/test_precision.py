@@ -550,9 +550,26 @@ def test_integer_state_dtype_fails_at_construction(name):
         STATEFUL[name][0](accumulator_dtype=jnp.int8)
 
 
-def test_real_state_dtype_for_complex_params_fails_at_init():
-    with pytest.raises(TypeError, match="cannot hold the complex values of a complex64 parameter"):
-        jstep.momentum(0.1, accumulator_dtype=jnp.bfloat16).init({"w": jnp.ones(3, jnp.complex64)})
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jstep.momentum(0.1, accumulator_dtype=jnp.bfloat16),
+        lambda: jstep.adam(0.1, mu_dtype=jnp.float32),
+        lambda: jstep.adamw(0.1, mu_dtype=jnp.bfloat16),
+        lambda: jstep.ema_momentum(0.1, accumulator_dtype=jnp.float32),
+        lambda: jstep.rmsprop(0.1, centered=True, accumulator_dtype=jnp.float32),
+    ],
+    ids=["momentum", "adam", "adamw", "ema_momentum", "rmsprop_centered"],
+)
+def test_real_state_dtype_for_complex_params_fails_at_the_first_update(make):
+    """init builds the state dtype asked for, as Optax's does; the update that would drop the
+    imaginary part (Optax keeps only the real part, silently) raises instead."""
+    opt = make()
+    params = {"w": jnp.ones(3, jnp.complex64)}
+    state = opt.init(params)
+    assert all(leaf.dtype != jnp.complex64 for leaf in jax.tree.leaves(state) if leaf.ndim)
+    with pytest.raises(TypeError, match=r"\['w'\] is complex64, but the state that holds it is (bfloat16|float32)"):
+        opt.update({"w": jnp.full(3, 1 + 1j, jnp.complex64)}, state, params)
 
 
 def test_the_readme_low_precision_example_runs_and_trains():
