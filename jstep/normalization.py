@@ -521,6 +521,11 @@ def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
 
 
+# Staged as one jitted call (inlined into an enclosing jit): JAX 0.10 cannot run a custom_vjp
+# with symbolic zeros op by op under an eager shard_map, but runs it staged.
+_normalize_staged = jax.jit(_normalize, static_argnums=(4, 5, 6, 7))
+
+
 def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask=None, axis_index_groups=None):
     layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     features = tuple(a for a in range(jnp.ndim(x)) if a not in layout.reduce_axes)
@@ -528,7 +533,7 @@ def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_na
     _check_features("offset", offset, layout.feature_shape, jnp.shape(x), features)
     mask = _check_mask(mask, jnp.shape(x), layout, axis_name)
     scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
-    return _normalize(x, scale, offset, mask, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
+    return _normalize_staged(x, scale, offset, mask, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
 
 
 # --------------------------------------------------------------------------- public API
@@ -591,6 +596,17 @@ def batch_norm(
 
     Returns:
       Zhat, with the shape and dtype of `x`.
+
+    Example:
+      With G = 1 and B = 0 each feature (column) comes out with mean 0 and variance
+      sigma^2 / (sigma^2 + eps), just under 1:
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> y = jstep.batch_norm(x, jnp.ones(2), jnp.zeros(2))
+      >>> print(y.shape, jnp.allclose(y.mean(axis=0), 0, atol=1e-6), y.var(axis=0).round(4))
+      (4, 2) True [1. 1.]
     """
     return _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, axis_index_groups)[0]
 
@@ -610,6 +626,14 @@ def batch_stats(
     statistics of the whole batch (with `axis_index_groups`, those of its group's batch). With
     `mask` (booleans broadcastable to `x`) the sums take the True values only, and K is their
     count per feature (see `batch_norm`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> mean, var = jstep.batch_stats(x)  # per column; var = (1/K) sum (Z - mu)^2
+      >>> print(mean, var)
+      [ 3. 30.] [  3.5 350. ]
     """
     layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     mask = _check_mask(mask, jnp.shape(x), layout, axis_name)
@@ -647,6 +671,22 @@ class BatchNorm:
       momentum: the running average's gamma, in [0, 1).
       eps, eps_in_sqrt, feature_axis, axis_name, axis_index_groups: as in `batch_norm` (with
         groups, each group's devices keep the running statistics of their group's batches).
+
+    Example:
+      One training step moves the running statistics from (0, 1) towards the batch's
+      (mu, sigma^2) = ([3, 30], [3.5, 350]); momentum 0.5 takes them half way:
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> bn = jstep.BatchNorm(momentum=0.5)
+      >>> params, state = bn.init(x)
+      >>> y, state = bn.apply(params, state, x, training=True)
+      >>> print(state.mean, state.var)
+      [ 1.5 15. ] [  2.25 175.5 ]
+      >>> y_eval, same_state = bn.apply(params, state, x, training=False)  # uses the running ones
+      >>> print(y_eval.shape, same_state is state)
+      (4, 2) True
     """
 
     momentum: Any = 0.9

@@ -70,6 +70,14 @@ SCRIPT = textwrap.dedent(
     share = np.asarray(dscale[0])
     assert np.max(np.abs(share - np.asarray(dscale_ref))) > 1e-3, "device 0 holds only its share"
 
+    # The same shard_map run eagerly (op by op, no jit): the forward pass and the gradients.
+    eager = jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch")),
+                          out_specs=(P("batch"), P("batch"), P("batch"), P("batch")))
+    y, dx, dscale, _ = eager(x, scale, offset, w)
+    close("eager shard_map output", y, y_ref)
+    close("eager shard_map input gradient", dx, dx_ref)
+    close("eager shard_map scale gradient, summed over devices", dscale.sum(0), dscale_ref)
+
     # Gradient of the global loss with a replicated scale: shard_map's transpose sums the shares.
     def global_loss(x, scale, offset, w):
         return jax.lax.psum(loss(x, scale, offset, w, "batch"), "batch")
@@ -371,6 +379,9 @@ def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_
     assert "ALL OK" in run.stdout
     checks = [
         "shard_map input gradient",
+        "eager shard_map output",
+        "eager shard_map input gradient",
+        "eager shard_map scale gradient, summed over devices",
         "sharded jit gradient of x",
         "pmap output",
         "BatchNorm running var",
