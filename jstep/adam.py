@@ -139,6 +139,18 @@ def adam(
     equation, eta m_hat / sqrt(v_hat + eps), is ``adam(lr, eps=0.0, eps_root=1e-8)``.
     See `scale_by_adam` for the arguments; `learning_rate` is eta, a number >= 0 or an
     Optax schedule ``count -> eta_t`` (read at the count before the step, as in Optax).
+
+    Example:
+      At t = 1, m_hat = g and v_hat = g^2, so the notes' form steps by
+      -eta g / sqrt(g^2 + eps) = -eta sign(g), whatever the size of g:
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> optimizer = jstep.adam(0.001, eps=0.0, eps_root=1e-8)
+      >>> g = jnp.array([0.3, -4.0])
+      >>> updates, state = optimizer.update(g, optimizer.init(jnp.zeros(2)))
+      >>> print((updates / 0.001).round(4), state.count)
+      [-1.  1.] 1
     """
     return _core.descent(
         scale_by_adam(
@@ -208,6 +220,18 @@ def adamw(
         None decays every leaf.
 
     ``update`` needs ``params`` (the W in lambda W).
+
+    Example:
+      With a zero gradient Adam's direction is 0, and the decay alone moves each weight by
+      -eta lambda W:
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> optimizer = jstep.adamw(0.25, weight_decay=0.5)
+      >>> params = jnp.array([2.0, -4.0])
+      >>> updates, _ = optimizer.update(jnp.zeros(2), optimizer.init(params), params)
+      >>> print(updates)  # -0.25 * 0.5 * W
+      [-0.25  0.5 ]
     """
     _core.check_number("weight_decay", weight_decay)
     direction = scale_by_adam(

@@ -190,6 +190,19 @@ def rmsprop(
       rounding_seed: stochastic rounding of narrow state (see `scale_by_rms`); the velocity
         draws its bits from ``rounding_seed ^ 1`` (the last bit flipped), so that G and V
         round independently.
+
+    Example:
+      The first step by hand: G_1 = (1 - gamma) g^2, so the update is
+      -eta g / (sqrt(G_1) + eps) = -eta sign(g) / sqrt(1 - gamma), whatever the size of g.
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> g = jnp.array([0.5, -2.0])
+      >>> optimizer = jstep.rmsprop(0.01, gamma=0.9, eps=1e-8)
+      >>> updates, state = optimizer.update(g, optimizer.init(jnp.zeros(2)))
+      >>> by_hand = -0.01 * g / (jnp.sqrt((1 - 0.9) * g**2) + 1e-8)
+      >>> print(updates.round(4), jnp.allclose(updates, by_hand))
+      [-0.0316  0.0316] True
     """
     scaled = scale_by_rms(
         gamma,
@@ -280,6 +293,21 @@ def adagrad(
       eps_in_sqrt: put eps inside the square root.
       initial_accumulator_value: G_0, >= 0.
       accumulator_dtype, rounding_seed: the dtype of G and its stochastic rounding (see `scale_by_rss`).
+
+    Example:
+      A constant gradient g = 2 gives G_t = 4t, so the steps shrink as -eta / sqrt(t):
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> optimizer = jstep.adagrad(1.0)
+      >>> state = optimizer.init(jnp.zeros(()))
+      >>> for t in range(4):
+      ...     u, state = optimizer.update(jnp.asarray(2.0), state)
+      ...     print(round(float(u), 4))
+      -1.0
+      -0.7071
+      -0.5774
+      -0.5
     """
     scaled = scale_by_rss(
         eps,

@@ -90,6 +90,19 @@ def running_average(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(values, state)`` returns C_t in the
       values' dtypes, with state `RunningAverageState`.
+
+    Example:
+      With gamma = 0.5 each new value weighs as much as the whole past:
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> average = jstep.running_average(0.5)
+      >>> state = average.init(jnp.zeros(()))
+      >>> for c in [4.0, 8.0]:
+      ...     C, state = average.update(jnp.asarray(c), state)
+      ...     print(C)
+      2.0
+      5.0
     """
     if not callable(gamma):
         _core.check_decay("gamma", gamma)
@@ -126,6 +139,22 @@ def moving_average(
         seen; Adam's m_hat and v_hat are exactly this.
       accumulator_dtype: dtype of the stored C (default: each leaf's own dtype).
       rounding_seed: stochastic rounding of a narrow C, as in `running_average`.
+
+    Example:
+      A constant input c: C_t = (1 - 0.9^t) c is pulled towards C_0 = 0, the debiased
+      average is c from the first step.
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> biased, debiased = jstep.moving_average(0.9), jstep.moving_average(0.9, debias=True)
+      >>> state = biased.init(jnp.zeros(()))  # both keep the same state
+      >>> for t in range(3):
+      ...     C, _ = biased.update(jnp.asarray(3.0), state)
+      ...     C_hat, state = debiased.update(jnp.asarray(3.0), state)
+      ...     print(round(float(C), 4), round(float(C_hat), 4))
+      0.3 3.0
+      0.57 3.0
+      0.813 3.0
     """
     _core.check_decay("decay", decay)
     biased = running_average(decay, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)
@@ -150,5 +179,15 @@ def cumulative_average(
 
     Args:
       accumulator_dtype, rounding_seed: as in `running_average`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> average = jstep.cumulative_average()
+      >>> state = average.init(jnp.zeros(()))
+      >>> for c in [2.0, 4.0, 9.0]:
+      ...     C, state = average.update(jnp.asarray(c), state)
+      >>> print(C, state.count)  # (2 + 4 + 9) / 3 after 3 values
+      5.0 3
     """
     return running_average(lambda t: (t - 1) / t, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)

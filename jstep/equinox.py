@@ -54,6 +54,23 @@ class BatchNorm(eqx.nn.StatefulLayer):
         under ``jax_enable_x64``, by default).
       mode: only "batch" (Equinox's "ema" mode is not provided).
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+
+    Example:
+      Each call sees one example; ``jax.vmap`` names the batch axis the statistics are taken
+      over. One training call moves the hidden statistics half way (momentum 0.5) from (0, 1)
+      to the batch's mean [3, 30] and variance [3.5, 350]:
+
+      >>> import equinox as eqx
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jstep.equinox import BatchNorm
+      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, axis_name="batch", momentum=0.5)
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> y, state = train(x, state)
+      >>> mean, var = state.get(bn.batch_state_index)
+      >>> print(y.shape, mean, var)
+      (4, 2) [ 1.5 15. ] [  2.25 175.5 ]
     """
 
     weight: jax.Array | None

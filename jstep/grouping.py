@@ -298,6 +298,22 @@ def grouped(
 
     A state that ``init`` built for another packing, or updates placed otherwise than their
     params, raise a ``ValueError`` that says so.
+
+    Example:
+      The updates are Adam's; its m and v for the three small leaves live in one buffer each:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "scale": jnp.ones(2)}
+      >>> grads = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.array([0.5, -1.0]), "scale": jnp.array([2.0, 0.1])}
+      >>> plain, packed = jstep.adam(0.1), jstep.grouped(jstep.adam(0.1))
+      >>> updates, _ = plain.update(grads, plain.init(params))
+      >>> packed_updates, state = packed.update(grads, packed.init(params))
+      >>> print(jax.tree.all(jax.tree.map(jnp.allclose, updates, packed_updates)))
+      True
+      >>> print(jax.tree.map(jnp.shape, state.mu))
+      {'groups': {'float32': (10,)}, 'large': ()}
     """
     check_max_leaf_size(max_leaf_size)
     inner = optax.with_extra_args_support(transformation)

@@ -68,6 +68,22 @@ class BatchNorm(nn.Module):
       force_float32_reductions: as in Flax, the dtype of the running statistics (float32, or
         `param_dtype` when False). jstep's reductions are at least float32 either way.
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+
+    Example:
+      Flax's variables; a training call with ``batch_stats`` mutable moves the running
+      statistics from (0, 1) half way to the batch's mean [3, 30] and variance [3.5, 350]:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jstep.linen import BatchNorm
+      >>> bn = BatchNorm(use_running_average=False, momentum=0.5)
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> variables = bn.init(jax.random.key(0), x)
+      >>> print(jax.tree.map(jnp.shape, variables))
+      {'batch_stats': {'mean': (2,), 'var': (2,)}, 'params': {'bias': (2,), 'scale': (2,)}}
+      >>> y, updated = bn.apply(variables, x, mutable=["batch_stats"])
+      >>> print(y.shape, updated["batch_stats"]["mean"], updated["batch_stats"]["var"])
+      (4, 2) [ 1.5 15. ] [  2.25 175.5 ]
     """
 
     use_running_average: bool | None = None

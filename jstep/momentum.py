@@ -78,6 +78,20 @@ def momentum(
         E[V_t] = gamma V_{t-1} + eta_t g_t exactly. No key is kept in the state.
 
     Complex parameters work: V is complex and the rule is the same.
+
+    Example:
+      At a constant rate the updates are ``optax.sgd``'s with ``momentum=gamma``:
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import jstep
+      >>> ours, theirs = jstep.momentum(0.1, 0.9), optax.sgd(0.1, momentum=0.9)
+      >>> ours_state, theirs_state = ours.init(jnp.zeros(2)), theirs.init(jnp.zeros(2))
+      >>> for g in [jnp.array([1.0, -2.0]), jnp.array([0.5, 0.5]), jnp.array([-1.0, 3.0])]:
+      ...     u, ours_state = ours.update(g, ours_state)
+      ...     u_optax, theirs_state = theirs.update(g, theirs_state)
+      >>> print(u.round(4), jnp.allclose(u, u_optax))
+      [-0.026 -0.183] True
     """
     _core.check_learning_rate(learning_rate)
     _core.check_decay("gamma", gamma)
@@ -127,6 +141,20 @@ def ema_momentum(
       gamma: the averaging decay, in [0, 1).
       accumulator_dtype: dtype of M (default: each parameter's dtype).
       rounding_seed: stochastic rounding of a narrow M, as in `momentum`.
+
+    Example:
+      The notes' two forms give the same steps when eta = eta' (1 - gamma):
+
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> m_form = jstep.ema_momentum(0.1, 0.9)  # eta' = 0.1
+      >>> v_form = jstep.momentum(0.1 * (1 - 0.9), 0.9)  # eta = eta' (1 - gamma)
+      >>> m_state, v_state = m_form.init(jnp.zeros(2)), v_form.init(jnp.zeros(2))
+      >>> for g in [jnp.array([1.0, -2.0]), jnp.array([0.5, 0.5]), jnp.array([-1.0, 3.0])]:
+      ...     u_m, m_state = m_form.update(g, m_state)
+      ...     u_v, v_state = v_form.update(g, v_state)
+      >>> print(u_m.round(4), jnp.allclose(u_m, u_v))
+      [-0.0026 -0.0183] True
     """
     _core.check_decay("gamma", gamma)
     average = moving_average(gamma, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)

@@ -78,6 +78,19 @@ class BatchNorm(nnx.Module):
       bias_metadata: metadata of the `bias` parameter (e.g. its sharding).
       scale_metadata: metadata of the `scale` parameter.
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+
+    Example:
+      A training call on a batch whose columns have means [3, 30] and variances [3.5, 350]
+      moves the running statistics from (0, 1) half way there (momentum 0.5):
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jstep.nnx import BatchNorm
+      >>> bn = BatchNorm(2, momentum=0.5, rngs=nnx.Rngs(0))
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> y = bn(x)
+      >>> print(y.shape, bn.mean[...], bn.var[...])
+      (4, 2) [ 1.5 15. ] [  2.25 175.5 ]
     """
 
     def __init__(

@@ -250,9 +250,26 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
       dtype: the real floating dtype to round to.
       key: one JAX random key, ``jax.random.key(seed)`` (or a raw ``jax.random.PRNGKey``).
 
+    Returns:
+      An array of `x`'s shape in `dtype`.
+
     Raises:
       TypeError: for an integer, complex or bool `x` or `dtype`, or a `key` that is not one
         random key.
+
+    Example:
+      1 + 2^-9 lies between bfloat16's 1 and 1 + 2^-7, a quarter of the way up. Round to
+      nearest always gives 1; stochastic rounding gives 1 + 2^-7 a quarter of the time:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> x = jnp.full(10_000, 1 + 2**-9, jnp.float32)
+      >>> r = jstep.stochastic_round(x, jnp.bfloat16, jax.random.key(0))
+      >>> print(jnp.unique(r).tolist())  # only the two neighbours
+      [1.0, 1.0078125]
+      >>> print(round(float(r.astype(jnp.float32).mean()), 4), float(x.astype(jnp.bfloat16).mean()))
+      1.002 1.0
     """
     _floating_dtype("x's dtype", jnp.result_type(x))
     target = _floating_dtype("dtype", dtype)
@@ -309,6 +326,21 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
 
     Returns:
       The tree of W_t, each leaf in its param's dtype.
+
+    Example:
+      A step of 0.001 is under half a bfloat16 ulp of 1 (2^-8): round to nearest loses it,
+      stochastic rounding keeps it on average.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> w = jnp.ones(10_000, jnp.bfloat16)
+      >>> u = jnp.full(10_000, 0.001, jnp.float32)
+      >>> print(float(jstep.apply_updates(w, u).astype(jnp.float32).mean()))
+      1.0
+      >>> w_new = jstep.apply_updates(w, u, key=jax.random.key(0))
+      >>> print(w_new.dtype, round(float(w_new.astype(jnp.float32).mean()), 4))
+      bfloat16 1.001
     """
     if key is not None:
         _check_key(key)
