@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 import jstep
 from jstep import _core
 
 from harness import gradient_sequence, leaves64, tree_of
-
-torch = pytest.importorskip("torch")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 100
