@@ -21,7 +21,7 @@ import torch
 import jstep
 from jstep import _core
 
-from harness import gradient_sequence, leaves64, tree_of
+from harness import gradient_sequence, leaves64, optimizers, tree_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 100
@@ -29,18 +29,12 @@ RTOL = 1e-9
 
 
 def every_transformation():
-    """One instance of every jstep factory, by name."""
+    """One instance of every jstep factory, by name: the harness's optimizers and the rest."""
     return {
-        "sgd": jstep.sgd(0.1),
-        "momentum": jstep.momentum(0.1, 0.9, nesterov=True),
-        "ema_momentum": jstep.ema_momentum(0.1),
-        "rmsprop": jstep.rmsprop(0.01),
+        **optimizers(),
         "rmsprop_centered_momentum": jstep.rmsprop(0.01, centered=True, momentum=0.9),
         "scale_by_rms": jstep.scale_by_rms(bias_correction=True),
-        "adagrad": jstep.adagrad(0.1),
         "scale_by_rss": jstep.scale_by_rss(),
-        "adadelta": jstep.adadelta(),
-        "adam": jstep.adam(0.01),
         "scale_by_adam": jstep.scale_by_adam(),
         "adamw": jstep.adamw(0.01, weight_decay=0.1),
         "running_average": jstep.running_average(0.9),
