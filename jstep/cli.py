@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn, TextIO
 
@@ -286,8 +288,8 @@ class Curve(NamedTuple):
 
     optimizer: str
     precision: str
-    loss: Sequence[float]
-    smoothed: Sequence[float]
+    loss: Any  # a sequence or array of floats
+    smoothed: Any
 
 
 def _new_figure(**options: Any) -> Any:
@@ -299,6 +301,11 @@ def _new_figure(**options: Any) -> Any:
     figure = Figure(layout="constrained", **options)
     FigureCanvasAgg(figure)
     return figure
+
+
+def _suptitle(figure: Any, title: str) -> None:
+    """`title` above every panel, broken into lines that fit the figure's width (10 characters an inch)."""
+    figure.suptitle(textwrap.fill(title, width=int(10 * figure.get_figwidth())))
 
 
 def _in_order(values: Any) -> list[str]:
@@ -345,8 +352,8 @@ def draw_one_panel(curves: Sequence[Curve], title: str) -> Any:
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss on the batch (cross entropy, log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    figure.suptitle(title)
-    figure.legend(loc="outside right upper")
+    _suptitle(figure, title)
+    figure.legend(loc="outside right center")
     return figure
 
 
@@ -374,11 +381,11 @@ def draw_panels(curves: Sequence[Curve], title: str) -> Any:
             figure.delaxes(ax)
         elif index + columns >= len(optimizers):  # the lowest panel of its column shows the steps
             ax.xaxis.set_tick_params(labelbottom=True)
-    figure.suptitle(title)
+    _suptitle(figure, title)
     figure.supxlabel("training step")
     figure.supylabel("training loss on the batch\n(moving average, log scale)")
     handles = [_legend_line(precision, styles[precision]) for precision in precisions]
-    figure.legend(handles=handles, loc="outside right upper")
+    figure.legend(handles=handles, loc="outside right center")
     return figure
 
 
@@ -396,13 +403,13 @@ def _bars(ax: Any, groups: dict[str, tuple[str, list[float]]], text: str, bottom
         positions = [i + (slot - (len(groups) - 1) / 2) * width for i in range(len(values))]
         heights = [value - bottom for value in values]
         bars = ax.bar(positions, heights, width, bottom=bottom, color=colour, label=name)
-        texts = ["" if value != value else text.format(value) for value in values]
+        texts = ["" if math.isnan(value) else text.format(value) for value in values]
         ax.bar_label(bars, labels=texts, fontsize=7, padding=2)
 
 
 def _symmetric_limits(values: Any, floor: float) -> tuple[float, float]:
     """(-m, m) with m 1.35 times the largest |value| (NaN ignored), at least `floor`."""
-    finite = [abs(v) for v in values if v == v]
+    finite = [abs(v) for v in values if not math.isnan(v)]
     largest = max([floor, *(1.35 * v for v in finite)])
     return -largest, largest
 
@@ -412,8 +419,6 @@ def draw_against_baseline(rows: Sequence[dict], title: str) -> Any:
     test accuracy minus the first precision's (float32's) in points, final training loss over
     float32's (log scale), and bytes per parameter of params plus optimizer state. Colours as
     in `precision_styles`; the legend below the panels."""
-    import math
-
     optimizers = _in_order(row["optimizer"] for row in rows)
     precisions = _in_order(row["precision"] for row in rows)
     baseline = precisions[0]
@@ -425,9 +430,15 @@ def draw_against_baseline(rows: Sequence[dict], title: str) -> Any:
         pairs = [(table.get((o, precision)), table.get((o, baseline))) for o in optimizers]
         return colours[precision], [value(row, base) if row and base else math.nan for row, base in pairs]
 
+    def points_gained(row: dict, base: dict) -> float:
+        return 100 * (row["test_accuracy"] - base["test_accuracy"])
+
+    def loss_ratio(row: dict, base: dict) -> float:
+        return row["final_train_loss"] / base["final_train_loss"] if base["final_train_loss"] > 0 else math.nan
+
     others = precisions[1:]
-    accuracy = {p: values(p, lambda row, base: 100 * (row["test_accuracy"] - base["test_accuracy"])) for p in others}
-    loss = {p: values(p, lambda row, base: row["final_train_loss"] / base["final_train_loss"]) for p in others}
+    accuracy = {p: values(p, points_gained) for p in others}
+    loss = {p: values(p, loss_ratio) for p in others}
     held = {p: values(p, lambda row, base: row["bytes_per_parameter"]) for p in precisions}
 
     figure = _new_figure(figsize=(max(6.5, 1.1 * len(optimizers) + 2.5), 8.5))
@@ -447,13 +458,13 @@ def draw_against_baseline(rows: Sequence[dict], title: str) -> Any:
     loss_ax.minorticks_off()
     loss_ax.set_title(f"final training loss divided by {baseline}'s (log scale)", loc="left")
     _bars(bytes_ax, held, "{:.1f}")
-    bytes_ax.set_ylim(0, 1.2 * max(v for _, vs in held.values() for v in vs if v == v))
+    bytes_ax.set_ylim(0, 1.2 * max(v for _, vs in held.values() for v in vs if not math.isnan(v)))
     bytes_ax.set_title("bytes per parameter held by params and optimizer state", loc="left")
     bytes_ax.set_xticks(range(len(optimizers)), optimizers)
     for ax in (accuracy_ax, loss_ax, bytes_ax):
         ax.grid(True, axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    figure.suptitle(title)
+    _suptitle(figure, title)
     figure.legend(*bytes_ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(precisions))
     return figure
 

@@ -18,6 +18,7 @@ from jstep import cli
 
 OPTIMIZERS = list(cli.OPTIMIZERS)
 FOUR = ["float32", "bfloat16 stochastic", "8-bit", "4-bit"]
+TITLE = "The notes' optimizers on the 8x8 digits (128-example batches, MLP with batch norm)"  # the job's
 
 
 # ------------------------------------------------------------------------------ the checks
@@ -115,10 +116,21 @@ def pixels_only_it_draws(figure, line, change=32):
         line.set_visible(True)
 
 
+def texts_outside_the_figure(figure):
+    renderer = renderer_of(figure)
+    return [
+        text.get_text()
+        for text in texts_of(figure)
+        if not figure.bbox.contains(*text.get_window_extent(renderer).p0)
+        or not figure.bbox.contains(*text.get_window_extent(renderer).p1)
+    ]
+
+
 def assert_nothing_hidden(figure):
     assert legend_overlaps(figure) == []
     assert hidden_lines(figure) == []
     assert overlapping_texts(figure) == []
+    assert texts_outside_the_figure(figure) == []
 
 
 # ---------------------------------------------------------------------------- the curves
@@ -166,7 +178,7 @@ def synthetic_rows(optimizers, precisions):
 
 
 def test_one_precision_keeps_one_panel_of_every_optimizer():
-    figure = cli.draw_curves(synthetic_curves(OPTIMIZERS, ["float32"]), "title")
+    figure = cli.draw_curves(synthetic_curves(OPTIMIZERS, ["float32"]), TITLE)
     [ax] = figure.axes
     assert len(ax.get_lines()) == 2 * len(OPTIMIZERS)  # raw and moving average
     [legend] = figure.legends
@@ -186,7 +198,7 @@ def test_one_precision_keeps_one_panel_of_every_optimizer():
     ],
 )
 def test_several_precisions_draw_a_panel_per_optimizer(optimizers, precisions, rows, columns):
-    figure = cli.draw_curves(synthetic_curves(optimizers, precisions), "title")
+    figure = cli.draw_curves(synthetic_curves(optimizers, precisions), TITLE)
     panels = figure.axes
     assert [ax.get_title() for ax in panels] == optimizers
     assert len(panels) == len(optimizers)  # the empty places of the grid are removed
@@ -214,7 +226,7 @@ def test_a_curve_lying_on_another_still_shows(precisions):
     """Every precision of an optimizer on one curve: hiding any one of them changes pixels along
     the whole curve, so none is covered by the others (float32 wide and pale below, each later
     one narrower above)."""
-    figure = cli.draw_curves(synthetic_curves(["sgd", "adam"], precisions, same=True), "title")
+    figure = cli.draw_curves(synthetic_curves(["sgd", "adam"], precisions, same=True), TITLE)
     styles = cli.precision_styles(precisions)
     assert styles[precisions[0]]["alpha"] < 0.5
     widths = [styles[precision]["linewidth"] for precision in precisions]
@@ -235,7 +247,7 @@ def shows_along_the_panel(figure, ax, line):
 
 def test_the_picture_against_float32_shows_the_differences_and_the_bytes():
     rows = synthetic_rows(OPTIMIZERS, FOUR)
-    figure = cli.draw_against_baseline(rows, "title")
+    figure = cli.draw_against_baseline(rows, TITLE)
     accuracy_ax, loss_ax, bytes_ax = figure.axes
     by = {(row["optimizer"], row["precision"]): row for row in rows}
 
@@ -272,7 +284,7 @@ def _rgb(colour):
 
 @pytest.mark.parametrize("precisions", [FOUR[:2], FOUR[:3]])
 def test_the_picture_against_float32_with_fewer_precisions_and_optimizers(precisions):
-    figure = cli.draw_against_baseline(synthetic_rows(["sgd", "adam"], precisions), "title")
+    figure = cli.draw_against_baseline(synthetic_rows(["sgd", "adam"], precisions), TITLE)
     assert len(figure.axes) == 3
     assert_nothing_hidden(figure)
 
@@ -281,14 +293,14 @@ def test_the_picture_against_float32_with_fewer_precisions_and_optimizers(precis
 
 
 def test_the_overlap_check_catches_a_legend_inside_an_axes():
-    figure = cli.draw_curves(synthetic_curves(["sgd", "adam"], FOUR), "title")
+    figure = cli.draw_curves(synthetic_curves(["sgd", "adam"], FOUR), TITLE)
     assert legend_overlaps(figure) == []
     figure.axes[0].legend(loc="center")
     assert [what for _, what in legend_overlaps(figure)] == [figure.axes[0]]
 
 
 def test_the_overlap_check_catches_a_legend_over_a_label():
-    figure = cli.draw_curves(synthetic_curves(["sgd", "adam"], FOUR), "title")
+    figure = cli.draw_curves(synthetic_curves(["sgd", "adam"], FOUR), TITLE)
     figure.legends[0].set_loc("outside lower center")
     figure.supxlabel("training step")
     assert any(what.get_text() == "training step" for _, what in legend_overlaps(figure) if hasattr(what, "get_text"))
@@ -313,7 +325,7 @@ def test_the_visibility_check_catches_a_line_under_a_legend():
 
 
 def test_the_pixel_check_catches_a_curve_drawn_over_its_twin():
-    figure = cli.draw_curves(synthetic_curves(["adam"], FOUR[:2], same=True), "title")
+    figure = cli.draw_curves(synthetic_curves(["adam"], FOUR[:2], same=True), TITLE)
     wide, narrow = figure.axes[0].get_lines()
     assert shows_along_the_panel(figure, figure.axes[0], wide)
     narrow.set_linewidth(wide.get_linewidth() + 1)  # the low-precision curve now covers float32's
@@ -351,8 +363,8 @@ def test_bfloat16_run_writes_both_pictures_and_every_curve(tmp_path):
     # The pictures are the layouts above, drawn from the curves and rows the file holds.
     drawn = [cli.Curve(run["optimizer"], run["precision"], run["loss"], run["loss"]) for run in runs]
     for path, figure in [
-        (curves, cli.draw_curves(drawn, "title")),
-        (against, cli.draw_against_baseline(runs, "title")),
+        (curves, cli.draw_curves(drawn, TITLE)),
+        (against, cli.draw_against_baseline(runs, TITLE)),
     ]:
         assert png_size(path) == tuple(round(120 * inches) for inches in figure.get_size_inches())
-    assert len(cli.draw_curves(drawn, "title").axes) == 2
+    assert len(cli.draw_curves(drawn, TITLE).axes) == 2
