@@ -5,8 +5,10 @@ from the same initialisation and the same batches (with ``--precision bfloat16``
 float32 and once in bfloat16 with stochastic rounding); shows a progress bar per run, then a
 table (optimizer, precision, settings, final training loss, test accuracy, bytes per
 parameter of params and optimizer state, steps per second); writes
-``loss_curves.png`` and ``loss_curves.json`` into ``--out``; and ends with `jstep.check_vjp`'s
-worst error for a batch-norm layer of the trained network.
+``loss_curves.png`` (one panel of every optimizer; with several precisions, a panel per
+optimizer), with several precisions ``precisions_against_float32.png`` (accuracy, loss and
+bytes per parameter against float32), and ``loss_curves.json`` into ``--out``; and ends with
+`jstep.check_vjp`'s worst error for a batch-norm layer of the trained network.
 
 This module parses and prints only. It touches no JAX backend before the arguments are
 read, so that ``--devices N`` can still ask XLA for N host devices.
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a small MLP with batch normalization (64-128-BN-relu-64-BN-relu-10) on the "
             "8x8 handwritten digits that ship with jstep, once per optimizer of the notes, from "
             "the same initialisation and the same batches. Prints a table, writes "
-            f"{PNG_NAME} and {JSON_NAME}, and checks the batch-norm gradient with check_vjp."
+            f"{PNG_NAME} (with --precision bfloat16 also {AGAINST_FLOAT32_PNG_NAME}) and {JSON_NAME}, and checks "
+            "the batch-norm gradient with check_vjp."
         ),
     )
     parser.add_argument(
