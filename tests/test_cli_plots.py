@@ -116,21 +116,20 @@ def pixels_only_it_draws(figure, line, change=32):
         line.set_visible(True)
 
 
-def texts_outside_the_figure(figure):
+def cut_off(figure):
+    """The texts and legends that do not lie wholly inside the figure (the saved picture)."""
     renderer = renderer_of(figure)
-    return [
-        text.get_text()
-        for text in texts_of(figure)
-        if not figure.bbox.contains(*text.get_window_extent(renderer).p0)
-        or not figure.bbox.contains(*text.get_window_extent(renderer).p1)
-    ]
+    inside = figure.bbox
+    boxes = [(text.get_text(), text.get_window_extent(renderer)) for text in texts_of(figure)]
+    boxes += [("legend", legend.get_window_extent(renderer)) for legend in legends_of(figure)]
+    return [name for name, box in boxes if not (inside.contains(*box.p0) and inside.contains(*box.p1))]
 
 
 def assert_nothing_hidden(figure):
     assert legend_overlaps(figure) == []
     assert hidden_lines(figure) == []
     assert overlapping_texts(figure) == []
-    assert texts_outside_the_figure(figure) == []
+    assert cut_off(figure) == []
 
 
 # ---------------------------------------------------------------------------- the curves
