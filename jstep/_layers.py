@@ -14,7 +14,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, FeatureAxis, _feature_axes
+from jstep.normalization import (
+    BatchNorm,
+    BatchNormParams,
+    BatchNormState,
+    FeatureAxis,
+    _EmptyBatchError,
+    _feature_axes,
+)
 
 
 def missing_framework(module: str, framework: str, extra: str) -> ImportError:
@@ -38,10 +45,9 @@ def core_layer(
 
     momentum must lie in [0, 1), epsilon >= 0, and axis_index_groups, if given, needs axis_name
     and must be a list of equal-sized lists of indices (`jstep.BatchNorm`'s checks, named as the
-    frameworks name them).
+    frameworks name them). `axis_name` is one name or a tuple or list of them, as
+    ``jax.lax.psum`` takes.
     """
-    if isinstance(axis_name, list):  # Equinox accepts a list of names; collectives need a tuple
-        axis_name = tuple(axis_name)
     return BatchNorm(
         momentum=momentum,
         eps=epsilon,
@@ -77,6 +83,7 @@ def normalize(
     *,
     training: bool,
     mask: Any = None,
+    evaluation: str = "use_running_average=True",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(y, new running mean, new running var) by `layer.apply`, for a framework's variables.
 
@@ -84,7 +91,9 @@ def normalize(
     as C_t = momentum C_{t-1} + (1 - momentum) c_t (the notes' running average with
     gamma = momentum, which is Flax's and Equinox's rule). Evaluation: y from the running
     `mean` and `var`, which come back unchanged (a `mask` plays no part there, as in Flax).
-    `scale` or `bias` None means G = 1 or B = 0.
+    `scale` or `bias` None means G = 1 or B = 0. A batch with no value for a feature (K = 0;
+    one value is fine: y = B, as in Flax) is refused naming the framework's switch to the
+    running statistics, `evaluation`.
     The per-feature arrays may have any shape with the features' count of elements (NNX keeps
     them flat); they are given back in their own shapes.
     """
@@ -96,5 +105,8 @@ def normalize(
     )
     state = BatchNormState(jnp.reshape(mean, shape), jnp.reshape(var, shape))
     options = {"mask": mask} if training and mask is not None else {}  # a mask only selects statistics
-    y, new_state = layer.apply(params, state, x, training=training, **options)
+    try:
+        y, new_state = layer.apply(params, state, x, training=training, **options)
+    except _EmptyBatchError as error:
+        raise error.naming(evaluation) from None
     return y, jnp.reshape(new_state.mean, jnp.shape(mean)), jnp.reshape(new_state.var, jnp.shape(var))

@@ -162,6 +162,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             debias = jnp.where(count == 0, 1, 1 - self.momentum**count).astype(mean.dtype)
             y, _, _ = _layers.normalize(layer, x, self.weight, self.bias, mean / debias, var / debias, training=False)
             return y, state
-        y, mean, var = _layers.normalize(layer, x, self.weight, self.bias, mean, var, training=True)
+        y, mean, var = _layers.normalize(
+            layer, x, self.weight, self.bias, mean, var, training=True, evaluation="inference=True"
+        )
         state = state.set(self.batch_counter, count + 1)
         return y, state.set(self.batch_state_index, (mean, var))
