@@ -13,7 +13,7 @@ import math
 import numbers
 import operator
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,20 @@ import numpy as np
 
 from jstep import _core
 from jstep.averages import running_average_update
-from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, FeatureAxis, _feature_axes, batch_stats
+from jstep.normalization import (
+    BatchNorm,
+    BatchNormParams,
+    BatchNormState,
+    FeatureAxis,
+    _all_reduce,
+    _denominator,
+    _feature_axes,
+    _Layout,
+    _layout,
+    _per_device,
+    _safe_inverse,
+    batch_stats,
+)
 
 
 def missing_framework(module: str, framework: str, extra: str) -> ImportError:
@@ -37,12 +50,6 @@ def missing_framework(module: str, framework: str, extra: str) -> ImportError:
 # so that a wrong type (a string from a config file, None, a list) fails there, not in a step.
 
 
-def shown(value: Any) -> str:
-    """The type and repr of `value` for an error message."""
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
-
-
 def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_)) or (hasattr(value, "dtype") and jnp.result_type(value) == jnp.bool_)
 
@@ -54,7 +61,7 @@ def check_size(name: str, value: Any) -> int:
     except TypeError:
         size = None
     if size is None:
-        raise TypeError(f"{name} must be a positive integer (a Python or NumPy int), got {shown(value)}")
+        raise TypeError(f"{name} must be a positive integer (a Python or NumPy int), got {_core._shown(value)}")
     if size < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return size
@@ -66,14 +73,14 @@ def check_flag(name: str, value: Any, *, optional: bool = False) -> bool | None:
         return None
     if not isinstance(value, (bool, np.bool_)):
         allowed = "True, False or None" if optional else "True or False"
-        raise TypeError(f"{name} must be {allowed}, got {shown(value)}")
+        raise TypeError(f"{name} must be {allowed}, got {_core._shown(value)}")
     return bool(value)
 
 
 def check_static_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> float:
     """A setting fixed when the layer is built (eps): a Python or NumPy real number in [low, high)."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python or NumPy real number, got {shown(value)}")
+        raise TypeError(f"{name} must be a Python or NumPy real number, got {_core._shown(value)}")
     _core.check_number(name, value, low=low, high=high)
     return float(value)
 
@@ -94,7 +101,9 @@ def check_axes(name: str, value: Any) -> int | tuple[int, ...]:
         return int(value)
     if isinstance(value, (list, tuple)) and value and all(map(is_axis, value)):
         return tuple(int(axis) for axis in value)
-    raise TypeError(f"{name} must be an integer axis or a sequence of them, e.g. -1 or (1, 2); got {shown(value)}")
+    raise TypeError(
+        f"{name} must be an integer axis or a sequence of them, e.g. -1 or (1, 2); got {_core._shown(value)}"
+    )
 
 
 def check_dtype(name: str, value: Any, *, optional: bool = False) -> Any:
@@ -103,7 +112,7 @@ def check_dtype(name: str, value: Any, *, optional: bool = False) -> Any:
         return None
     if not _is_floating_dtype(value):
         allowed = "a floating dtype such as jnp.float32" + (" or None" if optional else "")
-        raise TypeError(f"{name} must be {allowed}, got {shown(value)}")
+        raise TypeError(f"{name} must be {allowed}, got {_core._shown(value)}")
     return value
 
 
@@ -119,14 +128,14 @@ def _is_floating_dtype(value: Any) -> bool:
 def check_callable(name: str, value: Any) -> Any:
     """A function (an initializer, a dtype promotion)."""
     if not callable(value):
-        raise TypeError(f"{name} must be a callable, got {shown(value)}")
+        raise TypeError(f"{name} must be a callable, got {_core._shown(value)}")
     return value
 
 
 def check_mapping(name: str, value: Any) -> Any:
     """A mapping of metadata (e.g. a parameter's sharding)."""
     if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a mapping (e.g. a dict), got {shown(value)}")
+        raise TypeError(f"{name} must be a mapping (e.g. a dict), got {_core._shown(value)}")
     return value
 
 
@@ -141,24 +150,28 @@ def check_axis_name(name: str, value: Any, *, required: bool = False) -> Any:
     names = value if isinstance(value, (tuple, list)) else (value,)
     if not names or not all(isinstance(n, Hashable) and not isinstance(n, (tuple, list)) for n in names):
         raise TypeError(
-            f"{name} must be the name of a mapped axis (e.g. 'batch') or a tuple of names, got {shown(value)}"
+            f"{name} must be the name of a mapped axis (e.g. 'batch') or a tuple of names, got {_core._shown(value)}"
         )
     return value
 
 
+_FLAGS = ["use_bias", "use_scale", "use_fast_variance", "force_float32_reductions", "channelwise_affine", "inference"]
+
+# Each setting's rule, by the name the frameworks give it.
 _CHECKS: dict[str, Any] = {
-    **dict.fromkeys(["num_features", "input_size"], check_size),
-    **dict.fromkeys(["momentum"], check_momentum),
-    **dict.fromkeys(["epsilon", "eps"], check_static_number),
-    **dict.fromkeys(["axis"], check_axes),
-    **dict.fromkeys(["dtype"], functools.partial(check_dtype, optional=True)),
-    **dict.fromkeys(["param_dtype"], check_dtype),
-    **dict.fromkeys(["use_running_average"], functools.partial(check_flag, optional=True)),
-    **dict.fromkeys(["use_bias", "use_scale", "use_fast_variance", "force_float32_reductions"], check_flag),
-    **dict.fromkeys(["channelwise_affine", "inference", "eps_in_sqrt"], check_flag),
+    "num_features": check_size,
+    "input_size": check_size,
+    "momentum": check_momentum,
+    "epsilon": check_static_number,
+    "eps": check_static_number,
+    "axis": check_axes,
+    "dtype": functools.partial(check_dtype, optional=True),
+    "param_dtype": check_dtype,
+    "use_running_average": functools.partial(check_flag, optional=True),
+    **dict.fromkeys([*_FLAGS, "eps_in_sqrt"], check_flag),
     **dict.fromkeys(["bias_init", "scale_init", "promote_dtype"], check_callable),
     **dict.fromkeys(["bias_metadata", "scale_metadata"], check_mapping),
-    **dict.fromkeys(["axis_name"], check_axis_name),
+    "axis_name": check_axis_name,
 }
 
 
@@ -257,23 +270,108 @@ def normalize_with_average(
     first: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(y, new running mean, new running var) of a training step that normalizes with the running
-    statistics after averaging the batch's in (Equinox's ``mode="ema"``).
+    statistics after averaging the batch's into them (Equinox's ``mode="ema"``).
 
-    With c = (mu, sigma^2) the batch statistics (`batch_stats`) and C the running ones,
+    With c = (mu, sigma^2) the batch statistics (`batch_stats`), C = (M, V) the running ones and
+    gamma = `layer.momentum` (a Python number here, as Equinox's static field), per feature
 
-        C <- momentum C + (1 - momentum) c     (c itself where `first`, the first training call)
-        y  = G (Z - C_mean) / s(C_var) + B      (the evaluation formula, with the new C)
+        (m, v) = gamma C + (1 - gamma) c      (`running_average_update`; c itself where `first`)
+        Zhat   = G (Z - m) / s + B,           s = sqrt(v + eps), or sqrt(v) + eps
 
-    The gradient reaches Z through c, weighted by (1 - momentum), by autodiff through the
-    statistics and the formula (the notes' derivation is for the batch's own statistics).
+    and (m, v) is the new C. The gradient is derived by hand (`_averaged_bwd`); the new running
+    statistics carry none (they are state, as in `jstep.BatchNorm.apply`).
     """
-    batch = BatchNormState(
-        *batch_stats(
-            x, feature_axis=layer.feature_axis, axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups
-        )
+    axis_name = tuple(layer.axis_name) if isinstance(layer.axis_name, list) else layer.axis_name
+    layout = _layout(x, layer.feature_axis, axis_name, layer.axis_index_groups)
+    dtype = _core.compute_dtype(jnp.result_type(x))
+
+    def per_feature(value, default):
+        value = jnp.full(layout.keep_shape, default, dtype) if value is None else value
+        return jnp.reshape(value, layout.keep_shape).astype(dtype)
+
+    # c, held constant here: `_averaged`'s backward differentiates through it by hand.
+    statistics = batch_stats(x, feature_axis=layer.feature_axis, axis_name=axis_name, axis_index_groups=layout.groups)
+    batch = BatchNormState(*(per_feature(c, 0) for c in jax.lax.stop_gradient(statistics)))
+    running = BatchNormState(per_feature(mean, 0), per_feature(var, 1))
+    new = _average_in(running, batch, first, float(layer.momentum))
+    # As `batch_norm` does with its scale: each device's share of these inputs' gradients.
+    weights = _per_device((per_feature(scale, 1), per_feature(bias, 0), running), axis_name)
+    settings = _Averaging(layout, layer.eps, layer.eps_in_sqrt, float(layer.momentum), axis_name)
+    y = _averaged(x, *weights, batch, jnp.asarray(first), settings)
+
+    def like(value, old):
+        return jnp.reshape(value, jnp.shape(old)).astype(jnp.result_type(old))
+
+    return y, like(new.mean, mean), like(new.var, var)
+
+
+def _average_in(running: BatchNormState, batch: BatchNormState, first: Any, momentum: float) -> BatchNormState:
+    """gamma C + (1 - gamma) c (`running_average_update`), or c itself where `first`."""
+    averaged = running_average_update(running, batch, momentum)
+    return BatchNormState(*(jnp.where(first, c, a) for c, a in zip(batch, averaged, strict=True)))
+
+
+class _Averaging(NamedTuple):
+    """The static settings of `_averaged` (hashable)."""
+
+    layout: _Layout
+    eps: float
+    eps_in_sqrt: bool
+    momentum: float
+    axis_name: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _averaged(x, scale, offset, running, batch, first, settings: _Averaging):
+    """Zhat = G (Z - m) / s + B with (m, v) = `_average_in(running, batch, first)`, where `batch`
+    holds the statistics of `x` (per-feature arrays shaped to broadcast against x)."""
+    return _averaged_fwd(x, scale, offset, running, batch, first, settings)[0]
+
+
+def _averaged_fwd(x, scale, offset, running, batch, first, settings):
+    mean, var = _average_in(running, batch, first, settings.momentum)
+    _, s = _denominator(var, settings.eps, settings.eps_in_sqrt)
+    y = (x.astype(var.dtype) - mean) * (scale * _safe_inverse(s)) + offset
+    # The one activation-sized residual is x itself, as in `batch_norm`.
+    return y.astype(x.dtype), (x, scale, batch.mean, mean, var, first)
+
+
+def _averaged_bwd(settings, residuals, dy):
+    """The gradient of Zhat = G (Z - m) / s + B, through Z and the batch's share of (m, v).
+
+    With T1 = sum_j dZhat_j and T2 = sum_j dZhat_j (Z_j - m) (over the whole batch, all-reduced
+    across `axis_name`), dL/dm = -G T1 / s and dL/dv = -G r T2 / (2 s^3), where r = 2 s ds/dv is
+    1 for s = sqrt(v + eps) and s / sqrt(v) for s = sqrt(v) + eps (0 at v = 0, its limit, as in
+    `batch_norm`). The batch's statistics enter (m, v) with weight w = 1 - gamma (w = 1 where
+    `first`), and d mu/dZ_j = 1/K, d sigma^2/dZ_j = 2 (Z_j - mu)/K, so
+
+        dL/dZ_j = G dZhat_j / s + (w/K) (dL/dm + 2 (Z_j - mu) dL/dv)
+
+    (with w = 1: `batch_norm`'s, the notes' formula). dL/dG and dL/dB are `batch_norm`'s, and
+    the running statistics get (1 - w) dL/dm and (1 - w) dL/dv; these are this device's (or
+    example's) shares, summed by the map's transpose as for `batch_norm`'s scale.
+    """
+    x, scale, batch_mean, mean, var, first = residuals
+    layout = settings.layout
+    root_v, s = _denominator(var, settings.eps, settings.eps_in_sqrt)
+    inverse_s = _safe_inverse(s)
+    r = 1 if settings.eps_in_sqrt else jnp.where(root_v > 0, s * _safe_inverse(root_v), 0)
+    xc, dy = x.astype(var.dtype), dy.astype(var.dtype)
+    sums = (
+        jnp.sum(dy, axis=layout.reduce_axes, keepdims=True),
+        jnp.sum(dy * (xc - mean), axis=layout.reduce_axes, keepdims=True),
     )
-    running = BatchNormState(mean, var)
-    averaged = running_average_update(running, batch, layer.momentum)
-    new = jax.tree.map(lambda c, average: jnp.where(first, c, average).astype(average.dtype), batch, averaged)
-    y, _, _ = normalize(layer, x, scale, bias, new.mean, new.var, training=False)
-    return y, new.mean, new.var
+    totals = sums if settings.axis_name is None else _all_reduce(sums, settings.axis_name, layout.groups)
+
+    def d_statistics(sum_dy, sum_dy_centred):
+        """(dL/dm, dL/dv) from the two sums."""
+        return -scale * inverse_s * sum_dy, -scale * inverse_s**3 * r * sum_dy_centred / 2
+
+    d_mean, d_var = d_statistics(*totals)
+    take = jnp.where(first, 1, 1 - settings.momentum).astype(var.dtype)  # w
+    dx = scale * inverse_s * dy + (take / layout.size) * (d_mean + 2 * (xc - batch_mean) * d_var)
+    d_running = BatchNormState(*((1 - take) * d for d in d_statistics(*sums)))
+    return dx.astype(x.dtype), sums[1] * inverse_s, sums[0], d_running, None, None
+
+
+_averaged.defvjp(_averaged_fwd, _averaged_bwd)

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jstep import _layers
+from jstep import _core, _layers
 
 try:
     import equinox as eqx
@@ -127,7 +127,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         eps_in_sqrt: bool = True,
     ):
         if not isinstance(mode, str):
-            raise TypeError(f"mode must be one of the strings {MODES} (as in Equinox), got {_layers.shown(mode)}")
+            raise TypeError(f"mode must be one of the strings {MODES} (as in Equinox), got {_core._shown(mode)}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} (as in Equinox), got {mode!r}")
         settings = _layers.check_settings(
@@ -201,5 +201,6 @@ class BatchNorm(eqx.nn.BatchNorm):
             return y, state
         first = state.get(self.ema_first_time_index)
         y, mean, var = _layers.normalize_with_average(layer, x, self.weight, self.bias, mean, var, first=first)
-        state = state.set(self.ema_first_time_index, jnp.array(False))
+        # False typed as the stored flag (under shard_map a new constant's type would differ from it)
+        state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
         return y, state.set(self.ema_state_index, (mean, var))

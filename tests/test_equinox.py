@@ -16,6 +16,7 @@ import optax
 import pytest
 from layer_checks import close, trees_close
 
+import jstep._layers
 import jstep.equinox
 
 CHANNELS = 5
@@ -332,3 +333,49 @@ def test_a_setting_of_the_wrong_type_is_refused_at_construction_naming_it(argume
     with pytest.raises((TypeError, ValueError), match=rf"^{argument}\b") as raised:
         jstep.equinox.BatchNorm(**settings)
     assert repr(value) in str(raised.value) or (argument == "axis_name" and value is None)
+
+
+def plain_ema_step(x, weight, bias, running_mean, running_var, *, first, momentum, eps, eps_in_sqrt):
+    """Equinox's "ema" training step for a batch x of shape (N, C), transcribed in plain jnp:
+    normalize with the running statistics after averaging the batch's into them."""
+    mu = x.mean(axis=0)
+    var = ((x - mu) ** 2).mean(axis=0)
+    m = mu if first else momentum * running_mean + (1 - momentum) * mu
+    v = var if first else momentum * running_var + (1 - momentum) * var
+    s = jnp.sqrt(v + eps) if eps_in_sqrt else jnp.sqrt(v) + eps
+    return weight * (x - m) / s + bias
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+@pytest.mark.parametrize("per_example", [False, True], ids=["whole batch", "per example under vmap"])
+def test_ema_hand_derived_gradient_against_autodiff_and_finite_differences(first, eps_in_sqrt, per_example):
+    """The "ema" step's VJP (of x, the weights and the running statistics) in float64 against
+    autodiff of the plain transcription and central differences (jstep.check_vjp)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(2.0, 1.5, (6, 3))
+    weight, bias = rng.normal(size=3), rng.normal(size=3)
+    running_mean, running_var = rng.normal(size=3), 0.5 + rng.random(3)
+    settings = {"momentum": 0.7, "eps": 1e-3, "eps_in_sqrt": eps_in_sqrt}
+    layer = jstep._layers.core_layer(
+        momentum=0.7,
+        epsilon=1e-3,
+        eps_in_sqrt=eps_in_sqrt,
+        feature_axis=-1,
+        axis_name="examples" if per_example else None,
+        axis_index_groups=None,
+    )
+
+    def ours(x, weight, bias, running_mean, running_var):
+        def step(x):
+            return jstep._layers.normalize_with_average(
+                layer, x, weight, bias, running_mean, running_var, first=jnp.asarray(first)
+            )[0]
+
+        return jax.vmap(step, axis_name="examples")(x) if per_example else step(x)
+
+    def reference(*args):
+        return plain_ema_step(*args, first=first, **settings)
+
+    report = jstep.check_vjp(ours, x, weight, bias, running_mean, running_var, reference=reference, rtol=1e-9)
+    assert report.passed
