@@ -289,7 +289,9 @@ def normalize_with_average(
         value = jnp.full(layout.keep_shape, default, dtype) if value is None else value
         return jnp.reshape(value, layout.keep_shape).astype(dtype)
 
-    # c, held constant here: `_averaged`'s backward differentiates through it by hand.
+    # c, held constant: `_averaged`'s backward differentiates through it by hand. (Autodiff through
+    # `batch_stats` fails under a vmap inside shard_map in jax 0.10: JAX cannot transpose its
+    # sum over the vmap axis there.)
     statistics = batch_stats(x, feature_axis=layer.feature_axis, axis_name=axis_name, axis_index_groups=layout.groups)
     batch = BatchNormState(*(per_feature(c, 0) for c in jax.lax.stop_gradient(statistics)))
     running = BatchNormState(per_feature(mean, 0), per_feature(var, 1))
@@ -352,6 +354,7 @@ def _averaged_bwd(settings, residuals, dy):
     example's) shares, summed by the map's transpose as for `batch_norm`'s scale.
     """
     x, scale, batch_mean, mean, var, first = residuals
+    x = _first_derivative_only(x)
     layout = settings.layout
     root_v, s = _denominator(var, settings.eps, settings.eps_in_sqrt)
     inverse_s = _safe_inverse(s)
@@ -375,3 +378,21 @@ def _averaged_bwd(settings, residuals, dy):
 
 
 _averaged.defvjp(_averaged_fwd, _averaged_bwd)
+
+
+@jax.custom_jvp
+def _first_derivative_only(x: jax.Array) -> jax.Array:
+    """x itself, in `_averaged_bwd`, where the batch's statistics are held constant: its derivative
+    in x (a second derivative of the layer through x) would miss their dependence on x, so it
+    is refused rather than given wrong."""
+    return x
+
+
+@_first_derivative_only.defjvp
+def _first_derivative_only_jvp(primals, tangents):
+    raise NotImplementedError(
+        'second derivatives through the input of Equinox\'s mode="ema" batch norm (grad of grad, '
+        "Hessian-vector products in x) are not provided; first derivatives are, and second "
+        'derivatives in the weights and running statistics. mode="batch" (jstep.batch_norm) gives '
+        "exact second derivatives in x too."
+    )

@@ -379,3 +379,24 @@ def test_ema_hand_derived_gradient_against_autodiff_and_finite_differences(first
 
     report = jstep.check_vjp(ours, x, weight, bias, running_mean, running_var, reference=reference, rtol=1e-9)
     assert report.passed
+
+
+def test_ema_second_derivatives_in_the_weights_are_exact_and_in_x_refused():
+    """Second derivatives in the weights and running statistics agree with autodiff of the plain
+    transcription; in x (where the backward holds the batch statistics constant) they raise."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(-1.0, 2.0, (5, 4))
+    args = (rng.normal(size=4), rng.normal(size=4), rng.normal(size=4), 0.5 + rng.random(4))
+    layer = jstep._layers.core_layer(
+        momentum=0.6, epsilon=1e-2, eps_in_sqrt=True, feature_axis=-1, axis_name=None, axis_index_groups=None
+    )
+
+    def ours(x, *weights):
+        return jstep._layers.normalize_with_average(layer, x, *weights, first=jnp.asarray(False))[0]
+
+    def reference(x, *weights):
+        return plain_ema_step(x, *weights, first=False, momentum=0.6, eps=1e-2, eps_in_sqrt=True)
+
+    jstep.check_vjp(lambda *w: ours(x, *w), *args, reference=lambda *w: reference(x, *w), order=2, rtol=1e-9)
+    with pytest.raises(NotImplementedError, match=r'second derivatives through the input of Equinox.s mode="ema"'):
+        jax.hessian(lambda x: jnp.sum(jnp.sin(ours(x, *args))))(x)
