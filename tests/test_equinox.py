@@ -400,3 +400,25 @@ def test_ema_second_derivatives_in_the_weights_are_exact_and_in_x_refused():
     jstep.check_vjp(lambda *w: ours(x, *w), *args, reference=lambda *w: reference(x, *w), order=2, rtol=1e-9)
     with pytest.raises(NotImplementedError, match=r'second derivatives through the input of Equinox.s mode="ema"'):
         jax.hessian(lambda x: jnp.sum(jnp.sin(ours(x, *args))))(x)
+
+
+@pytest.mark.parametrize("mode", ["ema", "batch"])
+def test_eqx_nn_sequential_threads_the_state_as_for_equinoxs_layer(mode):
+    """eqx.nn.Sequential calls a StatefulLayer with the state; jstep's layer gives Equinox's numbers there."""
+
+    def model(norm):
+        layers = [eqx.nn.Linear(3, 4, key=jax.random.key(2)), norm(4, "batch", mode=mode), eqx.nn.Lambda(jnp.tanh)]
+        return eqx.nn.make_with_state(eqx.nn.Sequential)(layers)
+
+    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
+    runs = []
+    for norm in (jstep.equinox.BatchNorm, eqx.nn.BatchNorm):
+        sequential, state = model(norm)
+        outputs = []
+        for scale in (1.0, 2.0):
+            y, state = over_batch(sequential, scale * x, state)
+            outputs.append(y)
+        runs.append((outputs, state))
+    (ours, ours_state), (theirs, theirs_state) = runs
+    trees_close(ours, theirs)
+    trees_close(jax.tree.leaves(ours_state), jax.tree.leaves(theirs_state), tol=1e-5)
