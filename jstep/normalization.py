@@ -46,7 +46,9 @@ Rounding: where |mu_i| >> sigma_i, Z_ij - c_i and Z_ij - fl(mu_i) are exact (Ste
 no term loses a factor |mu_i|/sigma_i: with float32 at |mu|/sigma = 1e4 the gradients keep
 about 1e-7 of their size, where the one-pass sum_j dZhat_ij Z_ij - mu_i sum_j dZhat_ij (and
 autodiff through Z - fl(mu)) lose 1e-4 to 1e-2. Every subtraction is fused into the pass
-that reads Z, so no centred copy of Z is written.
+that reads Z, so no centred copy of Z is written. (Under a sharded ``jit`` whose mesh splits
+the batch axes with explicit axes, JAX cannot take one value of Z: there c = 0, and Z - fl(mu)
+loses that factor in Zhat and dL/dZ, as autodiff does; dL/dG stays two-pass.)
 
 With a mask (``mask=``, booleans broadcastable to Z; m_ij = 1 where Z_ij is masked in, else 0)
 the statistics are those of the masked-in values, and every value is normalized with them:
@@ -481,7 +483,14 @@ class _Centre(NamedTuple):
 
 def _shift(xc: jax.Array, layout: _Layout, axis_name: Any) -> jax.Array:
     """c: per feature, the first value on this device, averaged over the shards pooled (so that
-    every shard has the same c; keepdims). Summed about c, x - c is exact where |mu| >> sigma."""
+    every shard has the same c; keepdims). Summed about c, x - c is exact where |mu| >> sigma.
+
+    Where `x` is split over its batch axes by explicit mesh axes (a sharded ``jit`` on a mesh of
+    ``AxisType.Explicit``), JAX cannot take one value of it, and c = 0: mu is then fl(mu) alone.
+    """
+    spec = tuple(getattr(jax.typeof(xc).sharding, "spec", None) or ())
+    if any(a < len(spec) and spec[a] is not None for a in layout.reduce_axes):
+        return jnp.zeros(layout.keep_shape, xc.dtype)
     first = xc[tuple(slice(0, 1) if a in layout.reduce_axes else slice(None) for a in range(xc.ndim))]
     return first if axis_name is None else _all_reduce(first, axis_name, layout.groups) / layout.shards
 
