@@ -35,18 +35,20 @@ activation-sized array from the forward pass, the input Z itself (nothing is wri
 the backward), plus per-feature vectors, and it is written with differentiable jnp
 operations, so second derivatives (grad of grad, Hessian-vector products) are exact too.
 The centred values are taken with mu held as an unevaluated sum of fl(mu) and what its
-rounding left off (`low`), Z - mu = (Z - fl(mu)) - low: for sigma^2 and Zhat in the forward
-pass, and in the backward for the input gradient and
+rounding left off (`low`), Z - mu = (Z - fl(mu)) - low: in the forward pass for sigma^2 and
+Zhat, in the backward for the input gradient and for
 
     sum_j dZhat_ij Zbar_ij = sum_j dZhat_ij (Z_ij - mu_i) / s_i
 
-in the backward, and mu itself is summed about a value of the batch, c_i (this device's first
-value of the feature, averaged over the shards pooled): mu_i = c_i + (1/K) sum_j (Z_ij - c_i).
+And mu itself is summed about a value of the batch, c_i (this device's first value of the
+feature, averaged over the shards pooled): mu_i = c_i + (1/K) sum_j (Z_ij - c_i).
 Rounding: where |mu_i| >> sigma_i, Z_ij - c_i and Z_ij - fl(mu_i) are exact (Sterbenz), so
 no term loses a factor |mu_i|/sigma_i: with float32 at |mu|/sigma = 1e4 the gradients keep
 about 1e-7 of their size, where the one-pass sum_j dZhat_ij Z_ij - mu_i sum_j dZhat_ij (and
 autodiff through Z - fl(mu)) lose 1e-4 to 1e-2. Every subtraction is fused into the pass
-that reads Z, so no centred copy of Z is written.
+that reads Z, so no centred copy of Z is written. (Under a sharded ``jit`` whose mesh splits
+the batch axes with explicit axes, JAX cannot take one value of Z: there c = 0, and Z - fl(mu)
+loses that factor in Zhat and dL/dZ, as autodiff does; dL/dG stays two-pass.)
 
 With a mask (``mask=``, booleans broadcastable to Z; m_ij = 1 where Z_ij is masked in, else 0)
 the statistics are those of the masked-in values, and every value is normalized with them:
@@ -481,7 +483,16 @@ class _Centre(NamedTuple):
 
 def _shift(xc: jax.Array, layout: _Layout, axis_name: Any) -> jax.Array:
     """c: per feature, the first value on this device, averaged over the shards pooled (so that
-    every shard has the same c; keepdims). Summed about c, x - c is exact where |mu| >> sigma."""
+    every shard has the same c; keepdims). Summed about c, x - c is exact where |mu| >> sigma.
+    Any c gives the same mu; one near the values (not, say, a masked-out padding value) keeps
+    the precision.
+
+    Where `x` is split over its batch axes by explicit mesh axes (a sharded ``jit`` on a mesh of
+    ``AxisType.Explicit``), JAX cannot take one value of it, and c = 0: mu is then fl(mu) alone.
+    """
+    spec = tuple(getattr(jax.typeof(xc).sharding, "spec", None) or ())
+    if any(a < len(spec) and spec[a] is not None for a in layout.reduce_axes):
+        return jnp.zeros(layout.keep_shape, xc.dtype)
     first = xc[tuple(slice(0, 1) if a in layout.reduce_axes else slice(None) for a in range(xc.ndim))]
     return first if axis_name is None else _all_reduce(first, axis_name, layout.groups) / layout.shards
 
@@ -490,7 +501,7 @@ def _moments(x: jax.Array, layout: _Layout, axis_name: Any, mask: Any = None) ->
     """mu (as a `_Centre`), sigma^2 (keepdims) and K: two reads of x, in at least float32.
 
     The first pass sums x - c, the second (x - mu)^2: no E[x^2] - E[x]^2 cancellation, and with
-    the shift c (a value of the batch, see `_Centre`) no loss when |mu| >> sigma either. The
+    the shift c (a value of the batch, see `_shift`) no loss when |mu| >> sigma either. The
     subtractions are fused into the reductions, so x - c and x - mu are never written out. The
     optimization barriers give each reduction its own copy of c and mu: were their broadcasts
     shared with the caller's elementwise uses of them (Zhat, the input gradient), XLA:CPU would
