@@ -97,15 +97,34 @@ def check_rounding_seed(rounding_seed: Any) -> None:
 
 
 def check_state_dtype(name: str, dtype: Any) -> None:
-    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype."""
+    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype.
+
+    An array in its place is what ``optax.inject_hyperparams`` passes for a dtype given as
+    ``jnp.bfloat16``: that is callable, so it is taken for a schedule and called with the
+    step count. The TypeError then says how to keep the dtype a dtype.
+    """
     if dtype is None:
         return
+    if isinstance(dtype, (jax.Array, np.ndarray)):
+        raise TypeError(
+            f"{name} must be None or a floating dtype such as jnp.bfloat16, got {_shown(dtype)}. "
+            "optax.inject_hyperparams takes a dtype class such as jnp.bfloat16 for a schedule (it is "
+            f"callable) and passes its value: name it static, optax.inject_hyperparams(factory, "
+            f"static_args=('{name}',)), or pass {name}=jnp.dtype(jnp.bfloat16)"
+        )
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:
         raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {dtype!r}") from None
     if not jnp.issubdtype(resolved, jnp.inexact):
         raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {resolved}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """A switch (nesterov, centered, debias, ...) is True or False: a string from a config
+    file ("false" is truthy) or None is a TypeError, not silently read as its truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {_shown(value)}")
 
 
 def check_floating_leaves(tree: Any) -> None:

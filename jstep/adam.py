@@ -79,6 +79,7 @@ def scale_by_adam(
     _core.check_decay("b2", b2)
     _core.check_number("eps", eps)
     _core.check_number("eps_root", eps_root)
+    _core.check_flag("nesterov", nesterov)
     _core.check_state_dtype("mu_dtype", mu_dtype)
     _core.check_state_dtype("nu_dtype", nu_dtype)
     _core.check_rounding_seed(rounding_seed)
@@ -163,6 +164,17 @@ def adam(
 Mask = Any | Callable[[Any], Any]
 
 
+def _check_mask_tree(tree: Any) -> None:
+    """Raise TypeError naming the first leaf of a weight-decay mask that is not a bool."""
+    for path, keep in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(keep, (bool, np.bool_)):
+            raise TypeError(
+                "mask must be None, a tree of Python bools (True: decay this leaf) shaped like the "
+                f"params or a prefix of them, or a callable params -> such a tree; got {_core._shown(tree)}, "
+                f"whose leaf {jax.tree_util.keystr(path) or '<root>'} is {keep!r}"
+            )
+
+
 def _decay_mask(mask: Mask, params: Any) -> Any:
     """A bool per leaf of `params`: `mask` (a tree of bools shaped like `params` or a prefix
     of it, or a callable ``params -> such a tree``) broadcast over the params, as in
@@ -170,12 +182,7 @@ def _decay_mask(mask: Mask, params: Any) -> Any:
     if mask is None:
         return jax.tree.map(lambda _: True, params)
     tree = mask(params) if callable(mask) else mask
-    for path, keep in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not isinstance(keep, (bool, np.bool_)):
-            raise TypeError(
-                f"mask leaf {jax.tree_util.keystr(path) or '<root>'} is {keep!r}; a weight-decay mask "
-                "holds Python bools (True: decay this leaf), shaped like the params or a prefix of them"
-            )
+    _check_mask_tree(tree)
     try:
         return jax.tree.map(lambda keep, subtree: jax.tree.map(lambda _: bool(keep), subtree), tree, params)
     except ValueError as error:
@@ -234,6 +241,8 @@ def adamw(
       [-0.25  0.5 ]
     """
     _core.check_number("weight_decay", weight_decay)
+    if not callable(mask):
+        _check_mask_tree(mask)
     direction = scale_by_adam(
         b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov, rounding_seed=rounding_seed
     )

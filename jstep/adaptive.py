@@ -99,6 +99,9 @@ def scale_by_rms(
     _core.check_decay("gamma", gamma)
     _core.check_number("eps", eps)
     _core.check_number("initial_scale", initial_scale)
+    _core.check_flag("eps_in_sqrt", eps_in_sqrt)
+    _core.check_flag("centered", centered)
+    _core.check_flag("bias_correction", bias_correction)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)
@@ -214,6 +217,7 @@ def rmsprop(
         accumulator_dtype=accumulator_dtype,
         rounding_seed=rounding_seed,
     )
+    _core.check_flag("nesterov", nesterov)
     if momentum is None:
         if nesterov:
             raise ValueError("nesterov=True needs a momentum: give momentum=beta in [0, 1), e.g. 0.9")
@@ -248,6 +252,7 @@ def scale_by_rss(
     """
     _core.check_number("eps", eps)
     _core.check_number("initial_accumulator_value", initial_accumulator_value)
+    _core.check_flag("eps_in_sqrt", eps_in_sqrt)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)

@@ -257,8 +257,18 @@ def check_state_matches(state: Any, packed: dict[str, Any]) -> None:
 def check_max_leaf_size(value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_leaf_size must be an int >= 0 or None (every leaf), got {type(value).__name__} {value!r}")
+    if value < 0:
         raise ValueError(f"max_leaf_size must be an int >= 0 or None (every leaf), got {value!r}")
+
+
+def check_transformation(value: Any) -> None:
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(
+            "transformation must be an optax.GradientTransformation (init and update), e.g. "
+            f"jstep.adam(1e-3), got {type(value).__name__} {value!r}"
+        )
 
 
 def grouped(
@@ -315,6 +325,7 @@ def grouped(
       >>> print(jax.tree.map(jnp.shape, state.mu))
       {'groups': {'float32': (10,)}, 'large': ()}
     """
+    check_transformation(transformation)
     check_max_leaf_size(max_leaf_size)
     inner = optax.with_extra_args_support(transformation)
 

@@ -334,9 +334,14 @@ def test_abstract_init_is_the_state_eval_shape_describes(make):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, True, "big"])
-def test_bad_max_leaf_size_is_refused(bad):
+def test_a_negative_max_leaf_size_is_refused():
     with pytest.raises(ValueError, match="max_leaf_size"):
+        jstep.grouped(jstep.adam(1e-2), max_leaf_size=-1)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "big"])
+def test_a_max_leaf_size_that_is_not_an_int_is_refused(bad):
+    with pytest.raises(TypeError, match="max_leaf_size"):
         jstep.grouped(jstep.adam(1e-2), max_leaf_size=bad)
 
 
