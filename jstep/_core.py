@@ -302,5 +302,11 @@ def cast_like(tree: Any, like: Any) -> Any:
 
 
 def unzip_pairs(pairs: Any, like: Any) -> tuple[Any, Any]:
-    """Split a tree of (a, b) tuples, shaped like `like`, into a tree of a's and a tree of b's."""
-    return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0, 0)), pairs)
+    """Split a tree of (a, b) tuples, shaped like `like`, into a tree of a's and a tree of b's.
+
+    A tree with no leaves (what ``optax.masked`` and ``optax.multi_transform`` hand a group
+    with no parameters) gives two empty trees of its structure.
+    """
+    outer = jax.tree.structure(like)
+    firsts, seconds = zip(*outer.flatten_up_to(pairs), strict=True) if outer.num_leaves else ((), ())
+    return jax.tree.unflatten(outer, firsts), jax.tree.unflatten(outer, seconds)

@@ -330,6 +330,35 @@ def test_inject_hyperparams_with_a_dtype_class_says_to_make_it_static():
         assert state.inner_state.mu.dtype == jnp.bfloat16
 
 
+# ------------------------------------------------------------------- trees with no leaves
+
+BUILT = {factory.__name__: lambda factory=factory: factory(**FACTORIES[factory]) for factory in FACTORIES} | {
+    "rmsprop_momentum": lambda: jstep.rmsprop(0.1, momentum=0.9),
+    "rmsprop_centered": lambda: jstep.rmsprop(0.1, centered=True),
+    "momentum_nesterov": lambda: jstep.momentum(0.1, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILT))
+def test_a_tree_with_no_leaves_is_accepted(name):
+    """optax.multi_transform and optax.masked hand a transformation whose group has no
+    parameters a tree with no leaves ({"w": MaskedNode()}): every factory steps it, as Optax's
+    do, and the group that has the parameters steps exactly as alone."""
+    make = BUILT[name]
+    for empty in ({}, optax.MaskedNode(), {"w": optax.MaskedNode()}):
+        opt = make()
+        updates, _ = jax.jit(opt.update)(empty, opt.init(empty), empty)
+        assert jax.tree.structure(updates) == jax.tree.structure(empty)
+    params = {"w": jnp.linspace(0.5, 1.5, 6).reshape(3, 2), "b": jnp.array([0.1, -0.2])}
+    grads = {"w": jnp.arange(6.0).reshape(3, 2) - 2.5, "b": jnp.array([0.3, 0.7])}
+    split = optax.multi_transform({"used": make(), "unused": make()}, jax.tree.map(lambda _: "used", params))
+    updates, _ = split.update(grads, split.init(params), params)
+    alone = make()
+    expected, _ = alone.update(grads, alone.init(params), params)
+    for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------------- bad params at init
 
 
