@@ -139,27 +139,33 @@ def check_floating_leaves(tree: Any) -> None:
             )
 
 
-def check_same_shapes(updates: Any, state_tree: Any, *, holds_values: bool = False) -> None:
+def check_same_shapes(
+    updates: Any, state_tree: Any, *, holds_values: bool = False, name: str = "updates", against: str | None = None
+) -> None:
     """Raise ValueError when `updates` is not shaped like the state `init` built.
 
     With `holds_values` (a state that stores the updates themselves: a velocity, Adam's m, an
     average) also raise TypeError where a complex update meets a real state dtype. `init`
     builds the dtype asked for, as Optax's does; Optax would then keep only the real part.
+    `name` is what the messages call `updates`; `against` what they call `state_tree`, when
+    it is not the state built by init (e.g. "the params").
     """
     expected = jax.tree.structure(state_tree)
     got = jax.tree.structure(updates)
     if got != expected:  # type: ignore[operator]  # PyTreeDef's comparison is untyped
+        reference_name = against or "the optimizer state built by init"
         raise ValueError(
-            "the updates tree does not match the optimizer state built by init:\n"
-            f"  updates: {got}\n  state:   {expected}"
+            f"the {name} tree does not match {reference_name}:\n"
+            f"  {name}: {got}\n  {'state' if against is None else 'params'}:   {expected}"
         )
     for (path, leaf), reference in zip(
         jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree), strict=True
     ):
         if jnp.shape(leaf) != jnp.shape(reference):
+            built = "init built the state for" if against is None else f"{against} have"
             raise ValueError(
-                f"updates leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
-                f"{jnp.shape(leaf)}, but init built the state for shape {jnp.shape(reference)}"
+                f"{name} leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+                f"{jnp.shape(leaf)}, but {built} shape {jnp.shape(reference)}"
             )
         if holds_values and _is_complex(jnp.result_type(leaf)) and not _is_complex(jnp.result_type(reference)):
             raise TypeError(
@@ -307,6 +313,6 @@ def unzip_pairs(pairs: Any, like: Any) -> tuple[Any, Any]:
     A tree with no leaves (what ``optax.masked`` and ``optax.multi_transform`` hand a group
     with no parameters) gives two empty trees of its structure.
     """
-    outer = jax.tree.structure(like)
+    outer: Any = jax.tree.structure(like)  # PyTreeDef: its methods are untyped
     firsts, seconds = zip(*outer.flatten_up_to(pairs), strict=True) if outer.num_leaves else ((), ())
     return jax.tree.unflatten(outer, firsts), jax.tree.unflatten(outer, seconds)

@@ -27,11 +27,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jstep import _core
 from jstep.averages import running_average_value
+from jstep.grouping import Packed
 from jstep.precision import step_keys, store
 
 
@@ -178,9 +180,16 @@ def _check_mask_tree(tree: Any) -> None:
 def _decay_mask(mask: Mask, params: Any) -> Any:
     """A bool per leaf of `params`: `mask` (a tree of bools shaped like `params` or a prefix
     of it, or a callable ``params -> such a tree``) broadcast over the params, as in
-    ``optax.masked``."""
+    ``optax.masked``.
+
+    Inside `jstep.grouped` the params are packed into a few buffers: the mask is then resolved
+    on the params' own tree (as ``jax.ShapeDtypeStruct`` leaves: their shapes and dtypes) and
+    spread over the buffers, element by element, so that the same weights decay.
+    """
     if mask is None:
         return jax.tree.map(lambda _: True, params)
+    if isinstance(params, Packed):
+        return params.spread(_decay_mask(mask, params.unpacked_shapes()))
     tree = mask(params) if callable(mask) else mask
     _check_mask_tree(tree)
     try:
@@ -253,10 +262,13 @@ def adamw(
         directions, state = direction.update(updates, state, params, **extra_args)
 
         def decayed(d, w, keep):
-            if not keep:
+            if keep is False:
                 return d
             dtype = _core.compute_dtype(d.dtype)
-            return (d.astype(dtype) + weight_decay * w.astype(dtype)).astype(d.dtype)
+            with_decay = d.astype(dtype) + weight_decay * w.astype(dtype)
+            if keep is not True:  # a buffer of several leaves (jstep.grouped): decay where it says
+                with_decay = jnp.where(keep, with_decay, d.astype(dtype))
+            return with_decay.astype(d.dtype)
 
         return jax.tree.map(decayed, directions, params, _decay_mask(mask, params)), state
 
