@@ -200,8 +200,21 @@ def _is_complex(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.complexfloating)
 
 
-def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
-    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex.
+def squares_dtype(dtype: Any) -> jnp.dtype:
+    """The default dtype of a state of squared gradients for params of `dtype`.
+
+    The params' dtype, except float16: its range cannot hold the squares of small gradients
+    (its smallest number is 6e-8, so Adam's (1 - B2) g^2 with B2 = 0.999 is 0 for |g| under
+    about 8e-3, and the step g / sqrt(v) grows without bound), so that state is float32, as
+    mixed-precision training keeps it. bfloat16 has float32's range: its state stays
+    bfloat16 (its rounding is what ``rounding_seed`` is for).
+    """
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
+def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
+    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex,
+    `squares` (a state of squared gradients, when `dtype` is None) takes `squares_dtype`.
 
     A leaf may be a ``jax.ShapeDtypeStruct`` (abstract params): its zeros are placed with its
     sharding when it has one, so ``init`` of abstract params gives the state that
@@ -210,6 +223,8 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
 
     def zeros(leaf):
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
+        if squares and dtype is None:
+            leaf_dtype = squares_dtype(leaf_dtype)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
         if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -223,9 +238,10 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
     return jax.tree.map(zeros, tree)
 
 
-def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False) -> Any:
+def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
     """`zeros_like_tree` filled with `value` (initial accumulators)."""
-    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros_like_tree(tree, dtype, real=real))
+    zeros = zeros_like_tree(tree, dtype, real=real, squares=squares)
+    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros)
 
 
 def _positive_number(value: Any) -> bool:
