@@ -274,4 +274,8 @@ def adamw(
 
         return jax.tree.map(decayed, directions, params, _decay_mask(mask, params)), state
 
-    return _core.descent(optax.GradientTransformationExtraArgs(direction.init, update), learning_rate)
+    def init(params):
+        _decay_mask(mask, params)  # a mask that does not fit the params fails here, not at the first update
+        return direction.init(params)
+
+    return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)
