@@ -32,7 +32,7 @@ def _is_real_scalar_array(value: Any) -> bool:
     """A 0-d JAX or NumPy array (a tracer included) of an integer or real floating dtype."""
     if not isinstance(value, (jax.Array, np.ndarray)) or jnp.shape(value) != ():
         return False
-    dtype = jnp.result_type(value)
+    dtype = value.dtype  # not jnp.result_type: that refuses string and object arrays
     return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
 
 

@@ -270,6 +270,8 @@ def _wrong_types():
         takes_none = default is None or (factory, name) in TAKES_NONE
         bad_values = ["0.1", [0.1]] + ([] if takes_none else [None])
         numeric = _is_number(default) or (default is inspect.Parameter.empty and name != "transformation")
+        if numeric:  # arrays pass unchecked only when 0-d and real: not a string array, not a vector
+            bad_values += [np.array("0.1"), jnp.ones(2)]
         if numeric and (factory, name) not in SCHEDULES:
             bad_values.append(_a_schedule)
         for bad in bad_values:

@@ -315,6 +315,16 @@ def test_params_unlike_the_state_are_refused_by_name():
         opt.update(grads, state, _transposed(grads))
 
 
+def test_updates_unlike_the_params_of_a_stateless_transformation_are_refused_by_name():
+    """sgd keeps no packed state to compare with; given params, the updates are checked
+    against them (before: zip() argument 2 is longer than argument 1)."""
+    grads = jax.tree.map(jnp.asarray, gradient_sequence(11, 1, np.float32)[0])
+    opt = jstep.grouped(jstep.sgd(1e-2))
+    params = jax.tree.map(jnp.ones_like, grads)
+    with pytest.raises(ValueError, match=r"the updates tree does not match the params"):
+        opt.update(_missing(grads), opt.init(params), params)
+
+
 def test_a_state_restored_by_flax_serialization_steps_and_checks_as_before():
     """flax.serialization writes the packed parts as the dicts it always wrote; restored, the
     state steps exactly as the original and the next state checks the tree again."""
