@@ -414,12 +414,13 @@ def check_leafwise(transformation: Any, params: Any, packed: Packed) -> None:
     """Refuse a `transformation` whose state shows that it depends on the params' tree structure.
 
     An elementwise rule keeps as many state elements of each dtype for the packed tree as for
-    the params (packing moves elements, it neither adds nor drops any). ``optax.masked`` with
-    a mask that is not all True keeps state for fewer of the params' elements than of the
-    packed buffers (or fails to apply a mask dict to the packed tree); so does
-    ``optax.multi_transform``. Both are compared abstractly (``jax.eval_shape``), at no cost
-    at run time. A structure-dependent transformation whose state does not show it (a mask
-    around a stateless rule) cannot be told apart here: its docs say to put grouped inside.
+    the params (packing moves elements, it neither adds nor drops any). ``optax.masked``
+    keeps state only for the elements its mask selects, and a mask evaluated on the packed
+    buffers selects others (a mask dict does not even apply to the packed tree); so does
+    ``optax.multi_transform`` with its labels. Both states are compared abstractly
+    (``jax.eval_shape``), at no cost at run time. A structure-dependent transformation whose
+    state does not show it (a mask around a stateless rule) cannot be told apart here;
+    `grouped`'s docstring says to put grouped inside it.
     """
     try:
         plain = jax.eval_shape(transformation.init, params)
