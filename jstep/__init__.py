@@ -30,6 +30,10 @@ from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, batc
 from jstep.precision import apply_updates, stochastic_round
 from jstep.testing import check_vjp
 
+# The submodule `jstep.optax` (Optax's aliases, computed by jstep), reachable after `import jstep`.
+# Not in __all__: `from jstep import *` must not shadow the `optax` package.
+from jstep import optax as optax  # noqa: E402  (after the modules it builds on)
+
 __version__ = "0.1.0"
 
 __all__ = [
