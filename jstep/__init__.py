@@ -4,6 +4,9 @@ Every optimizer is an ``optax.GradientTransformationExtraArgs``; batch normaliza
 function whose gradient is the notes' hand derivation.
 """
 
+# The submodule `jstep.optax` (Optax's aliases, computed by jstep), reachable after `import jstep`.
+# Not in __all__: `from jstep import *` must not shadow the `optax` package.
+from jstep import optax as optax
 from jstep._core import CountState
 from jstep.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from jstep.adaptive import (
@@ -29,10 +32,6 @@ from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
 from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_stats
 from jstep.precision import apply_updates, stochastic_round
 from jstep.testing import check_vjp
-
-# The submodule `jstep.optax` (Optax's aliases, computed by jstep), reachable after `import jstep`.
-# Not in __all__: `from jstep import *` must not shadow the `optax` package.
-from jstep import optax as optax  # noqa: E402  (after the modules it builds on)
 
 __version__ = "0.1.0"
 

@@ -31,8 +31,15 @@ from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCou
 
 from jstep import _core
 from jstep.adam import ScaleByAdamState, scale_by_adam
-from jstep.adaptive import AdadeltaState, ScaleByCenteredRmsState, ScaleByRmsState, ScaleByRssState
-from jstep.adaptive import scale_by_adadelta, scale_by_rms, scale_by_rss
+from jstep.adaptive import (
+    AdadeltaState,
+    ScaleByCenteredRmsState,
+    ScaleByRmsState,
+    ScaleByRssState,
+    scale_by_adadelta,
+    scale_by_rms,
+    scale_by_rss,
+)
 from jstep.momentum import velocity_step
 from jstep.precision import store
 

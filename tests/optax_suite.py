@@ -47,7 +47,7 @@ TEST_FILES = [
     "transforms/_monitoring_test.py",
     "tree_utils/_state_utils_test.py",
 ]
-ALIAS_TEST_OPTIMIZERS = ALIASES + ("sgd_mom",)  # test_explicit_dtype's name for sgd(momentum=0.9)
+ALIAS_TEST_OPTIMIZERS = (*ALIASES, "sgd_mom")  # test_explicit_dtype's name for sgd(momentum=0.9)
 
 
 class _Usage:
@@ -93,7 +93,9 @@ def _stub_sklearn():
         stub = types.ModuleType("sklearn")
         stub.datasets = types.ModuleType("sklearn.datasets")
         stub.linear_model = types.ModuleType("sklearn.linear_model")
-        sys.modules.update({"sklearn": stub, "sklearn.datasets": stub.datasets, "sklearn.linear_model": stub.linear_model})
+        sys.modules.update(
+            {"sklearn": stub, "sklearn.datasets": stub.datasets, "sklearn.linear_model": stub.linear_model}
+        )
 
 
 def _alias_test_case_in_scope(item) -> bool:

@@ -60,7 +60,7 @@ def test_the_table_is_found():
 
 def evaluate(expression, namespace):
     try:
-        return eval(expression, dict(namespace, **VALUES))  # noqa: S307  (the page's own cells)
+        return eval(expression, dict(namespace, **VALUES))  # the page's own cells
     except Exception as error:  # a cell that is not a valid call is a defect of the page
         raise AssertionError(f"the cell `{expression}` does not evaluate: {error!r}") from error
 
@@ -84,7 +84,7 @@ def test_row_gives_the_same_numbers(ours, theirs):
     ours_steps = steps(evaluate(ours, jstep_names))
     theirs_steps = steps(evaluate(theirs, {"optax": optax}))
     for t, (a_tree, b_tree) in enumerate(zip(ours_steps, theirs_steps, strict=True)):
-        for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree), strict=True):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        for a_leaf, b_leaf in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree), strict=True):
+            a, b = np.asarray(a_leaf, np.float64), np.asarray(b_leaf, np.float64)
             worst = np.max(np.abs(a - b)) / np.max(np.abs(b))
             assert worst <= RTOL, f"step {t + 1}: `{ours}` and `{theirs}` differ by {worst:.3g} of the update"

@@ -102,8 +102,8 @@ def assert_same_tree(ours, theirs):
 
 def assert_close_per_leaf(ours, theirs, rtol, axis=None):
     """|ours - theirs| <= rtol * max |theirs|, leaf by leaf (per step with axis=0)."""
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    for ours_leaf, theirs_leaf in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        a, b = np.asarray(ours_leaf, np.float64), np.asarray(theirs_leaf, np.float64)
         reduce = tuple(range(1, b.ndim)) if axis == 0 else None
         scale = np.max(np.abs(b), axis=reduce, keepdims=True)
         error, bound = np.abs(a - b), rtol * scale + np.finfo(np.float32).tiny
@@ -234,7 +234,7 @@ def test_checkpoints_move_both_ways(name, args, kwargs, round_trip, save_with, t
     saver = build(name, args, kwargs, modules[save_with])
     loader = build(name, args, kwargs, modules["jstep" if save_with == "optax" else "optax"])
     p_mid, s_mid, _ = run(saver, params, jax.tree.map(lambda g: g[:40], grads))
-    p_end, s_end, u_end = run(saver, p_mid, jax.tree.map(lambda g: g[40:], grads), s_mid)
+    _, s_end, u_end = run(saver, p_mid, jax.tree.map(lambda g: g[40:], grads), s_mid)
 
     restored = round_trip(s_mid, loader.init(params), tmp_path)
     assert jax.tree.structure(restored) == jax.tree.structure(s_mid)
@@ -242,7 +242,7 @@ def test_checkpoints_move_both_ways(name, args, kwargs, round_trip, save_with, t
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(restored))
 
-    p_resumed, s_resumed, u_resumed = run(loader, p_mid, jax.tree.map(lambda g: g[40:], grads), restored)
+    _, s_resumed, u_resumed = run(loader, p_mid, jax.tree.map(lambda g: g[40:], grads), restored)
     assert_close_per_leaf(u_resumed, u_end, RTOL, axis=0)
     assert_close_per_leaf(s_resumed, s_end, RTOL)
 
