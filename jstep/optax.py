@@ -14,10 +14,15 @@ notes-first API (`jstep.momentum`, `jstep.rmsprop`, ...) for the notes' forms: t
 learning rate sits inside the momentum's velocity, eps defaults to outside the root, and the
 states are jstep's own.
 
-Where the two can still differ: arithmetic runs in at least float32 (Optax's runs in the
-params' dtype), so for bfloat16 and float16 params the numbers agree to the params' precision
-rather than bit for bit; and hyperparameters out of range (a decay of 1.5, a negative learning
-rate) are refused when the optimizer is built, where Optax would run with them.
+Where the two can still differ:
+
+- arithmetic runs in at least float32 (Optax's runs in the params' dtype), so for bfloat16 and
+  float16 params the numbers agree to the params' precision rather than bit for bit;
+- for complex params Optax keeps the (real) second moments in complex arrays, jstep in real
+  ones: the tree is the same, and a checkpoint restores either way with the same numbers;
+- hyperparameters out of range (a decay of 1.5, a negative learning rate) are refused when
+  the optimizer is built, and integer params at ``init`` (a ``TypeError`` naming the leaf),
+  where Optax would run with them.
 """
 
 from __future__ import annotations

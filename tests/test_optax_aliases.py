@@ -100,10 +100,16 @@ def assert_same_tree(ours, theirs):
         assert (jnp.shape(a), jnp.result_type(a)) == (jnp.shape(b), jnp.result_type(b))
 
 
+def wide(leaf):
+    """A leaf in float64, or complex128 for a complex leaf."""
+    leaf = np.asarray(leaf)
+    return leaf.astype(np.complex128 if np.iscomplexobj(leaf) else np.float64)
+
+
 def assert_close_per_leaf(ours, theirs, rtol, axis=None):
     """|ours - theirs| <= rtol * max |theirs|, leaf by leaf (per step with axis=0)."""
     for ours_leaf, theirs_leaf in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        a, b = np.asarray(ours_leaf, np.float64), np.asarray(theirs_leaf, np.float64)
+        a, b = wide(ours_leaf), wide(theirs_leaf)
         reduce = tuple(range(1, b.ndim)) if axis == 0 else None
         scale = np.max(np.abs(b), axis=reduce, keepdims=True)
         error, bound = np.abs(a - b), rtol * scale + np.finfo(np.float32).tiny
@@ -245,6 +251,25 @@ def test_checkpoints_move_both_ways(name, args, kwargs, round_trip, save_with, t
     _, s_resumed, u_resumed = run(loader, p_mid, jax.tree.map(lambda g: g[40:], grads), restored)
     assert_close_per_leaf(u_resumed, u_end, RTOL, axis=0)
     assert_close_per_leaf(s_resumed, s_end, RTOL)
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad"])
+def test_complex_checkpoints_move_both_ways(name):
+    """Complex params: Optax stores the second moment in a complex array, jstep in a real one.
+    A state saved by either restores into the other (flax.serialization) and continues with
+    the saving library's numbers."""
+    from flax import serialization
+
+    params, grads = problem(jnp.complex64, steps=20)
+    grads = jax.tree.map(lambda g: g * (1 - 0.5j), grads)
+    first, rest = jax.tree.map(lambda g: g[:10], grads), jax.tree.map(lambda g: g[10:], grads)
+    for saver_module, loader_module in [(optax, jstep.optax), (jstep.optax, optax)]:
+        saver, loader = getattr(saver_module, name)(0.01), getattr(loader_module, name)(0.01)
+        p_mid, s_mid, _ = run(saver, params, first)
+        _, _, u_end = run(saver, p_mid, rest, s_mid)
+        restored = serialization.from_bytes(loader.init(params), serialization.to_bytes(s_mid))
+        _, _, u_resumed = run(loader, p_mid, rest, restored)
+        assert_close_per_leaf(u_resumed, u_end, RTOL, axis=0)
 
 
 def test_arguments_are_checked_under_their_optax_names():
