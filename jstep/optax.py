@@ -20,9 +20,10 @@ Where the two can still differ:
   float16 params the numbers agree to the params' precision rather than bit for bit;
 - for complex params Optax keeps the (real) second moments in complex arrays, jstep in real
   ones: the tree is the same, and a checkpoint restores either way with the same numbers;
-- hyperparameters out of range (a decay of 1.5, a negative learning rate) are refused when
-  the optimizer is built, and integer params at ``init`` (a ``TypeError`` naming the leaf),
-  where Optax would run with them.
+- hyperparameters out of range (a decay of 1.5, a negative learning rate) and
+  ``nesterov=True`` without a momentum (which Optax ignores) are refused when the optimizer is
+  built, and integer params at ``init`` (a ``TypeError`` naming the leaf), where Optax would
+  run with them.
 """
 
 from __future__ import annotations
