@@ -198,7 +198,7 @@ def adamw(
     params. State: ``(optax.ScaleByAdamState, <the decay's state>, <the rate's state>)``.
     """
     _check_learning_rate(learning_rate)
-    _core.check_number("weight_decay", weight_decay)
+    _core.check_number("weight_decay", weight_decay, schedule=True)
     return optax.chain(
         _adam_direction(b1, b2, eps, eps_root, mu_dtype, nesterov),
         optax.add_decayed_weights(weight_decay, mask),
@@ -306,7 +306,7 @@ def adadelta(
     ``(<the decay's state>, optax.ScaleByAdaDeltaState(e_g, e_x), <the rate's state>)``.
     """
     _check_learning_rate(learning_rate)
-    _core.check_number("weight_decay", weight_decay)
+    _core.check_number("weight_decay", weight_decay, schedule=True)
     direction = _renamed(
         scale_by_adadelta(rho, eps),
         lambda s: optax.ScaleByAdaDeltaState(e_g=s.e_g, e_x=s.e_x),
