@@ -6,10 +6,10 @@
 - `statistics`: the two-pass batch statistics and the denominator s;
 - `batchnorm`: batch normalization, `batch_norm` and `batch_stats`, with the notes' derivation
   (its module docstring) and the hand-derived derivatives;
+- `renorm`: batch renormalization (Ioffe, 2017), `batch_renorm`, from the same parts;
 - `layer`: the core layer `BatchNorm`, a pure ``init``/``apply`` pair with running statistics.
 
-Batch renormalization goes beside them (`renorm`), built from the same parts. The public
-names are imported from here (``jstep.normalization.batch_norm``), as before the split.
+The public names are imported from here (``jstep.normalization.batch_norm``), as before the split.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from jstep.normalization.collectives import _sum_over_vmap_axes as _sum_over_vma
 from jstep.normalization.layer import BatchNorm, BatchNormParams, BatchNormState
 from jstep.normalization.layout import _Layout as _Layout
 from jstep.normalization.layout import _layout as _layout
+from jstep.normalization.renorm import batch_renorm
 from jstep.normalization.statistics import _Centre as _Centre
 from jstep.normalization.statistics import _denominator as _denominator
 from jstep.normalization.statistics import _masked as _masked
@@ -51,9 +52,9 @@ from jstep.normalization.statistics import _safe_inverse as _safe_inverse
 from jstep.normalization.statistics import _shift as _shift
 from jstep.normalization.statistics import _total as _total
 
-__all__ = ["BatchNorm", "BatchNormParams", "BatchNormState", "batch_norm", "batch_stats"]
+__all__ = ["BatchNorm", "BatchNormParams", "BatchNormState", "batch_norm", "batch_renorm", "batch_stats"]
 
 # The public names keep the module they had before the split (pickles, reprs and docs name it).
-for _public in (batch_norm, batch_stats, BatchNorm, BatchNormParams, BatchNormState):
+for _public in (batch_norm, batch_renorm, batch_stats, BatchNorm, BatchNormParams, BatchNormState):
     _public.__module__ = __name__
 del _public
