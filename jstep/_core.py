@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -21,16 +22,42 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 # --------------------------------------------------------------------------- validation
 
 
-def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
-    """Check a hyperparameter given as a Python number lies in [low, high).
+def _shown(value: Any) -> str:
+    """The type and repr of `value` for an error message, the repr cut at 80 characters."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
 
-    Arrays (and tracers, as `optax.inject_hyperparams` passes them) and callables are not
-    checked: their values are not known when the transformation is built.
+
+def _is_real_scalar_array(value: Any) -> bool:
+    """A 0-d JAX or NumPy array (a tracer included) of an integer or real floating dtype."""
+    if not isinstance(value, (jax.Array, np.ndarray)) or jnp.shape(value) != ():
+        return False
+    dtype = jnp.result_type(value)
+    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None, schedule: bool = False) -> None:
+    """Check a hyperparameter: a Python number in [low, high), a scalar array, or (with
+    `schedule`) a callable.
+
+    A Python (or NumPy scalar) number is checked against [low, high). A 0-d JAX or NumPy
+    array of a real dtype (as `optax.inject_hyperparams` passes every hyperparameter, a
+    tracer under `jit`) and, where the argument takes one, a schedule ``count -> value``
+    are accepted unchecked: their values are not known when the transformation is built.
+    Anything else (a string from a config file, None, a list, a bool, a complex number,
+    an array of another shape) is a TypeError naming `name`, the value and what is allowed.
     """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got the bool {value!r}")
-    if not isinstance(value, numbers.Real):
+    if schedule and callable(value):
         return
+    if _is_real_scalar_array(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        array = "a scalar JAX/NumPy array (as optax.inject_hyperparams passes it)"
+        if schedule:
+            allowed = f"a Python number, {array} or a schedule (a callable count -> value)"
+        else:
+            allowed = f"a Python number or {array}"
+        raise TypeError(f"{name} must be {allowed}, got {_shown(value)}")
     allowed = f"[{low:g}, {high:g})" if high is not None else f"[{low:g}, inf)"
     number = float(value)
     in_range = math.isfinite(number) and number >= low and (high is None or number < high)
@@ -38,15 +65,14 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
 
 
-def check_decay(name: str, value: Any) -> None:
+def check_decay(name: str, value: Any, *, schedule: bool = False) -> None:
     """A decay rate (gamma, b1, b2, rho, momentum) must lie in [0, 1)."""
-    check_number(name, value, low=0.0, high=1.0)
+    check_number(name, value, low=0.0, high=1.0, schedule=schedule)
 
 
 def check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
-    """A learning rate is a schedule (not checked) or a number >= 0."""
-    if not callable(learning_rate):
-        check_number("learning_rate", learning_rate, low=0.0)
+    """A learning rate is a schedule (not checked), a scalar array or a number >= 0."""
+    check_number("learning_rate", learning_rate, low=0.0, schedule=True)
 
 
 def check_rounding_seed(rounding_seed: Any) -> None:
