@@ -1,6 +1,7 @@
 """What jstep's framework layers (`jstep.nnx`, `jstep.linen`, `jstep.equinox`) share.
 
-Each layer is a thin shell around `jstep.BatchNorm`: the numbers (batch statistics, the
+Each layer is a thin shell around `jstep.BatchNorm` (the BatchRenorm layers around
+`jstep.batch_renorm`, by `renormalize`): the numbers (batch statistics, the
 normalization and its hand-derived gradient, the running average of the statistics, the
 evaluation with running statistics) all come from there; a layer only keeps its framework's
 variables, names, dtype policy and train/eval switch. Nothing here imports a framework.
@@ -36,6 +37,7 @@ from jstep.normalization import (
     _safe_inverse,
     batch_stats,
 )
+from jstep.normalization.renorm import _renormalize_checked
 
 
 def missing_framework(module: str, framework: str, extra: str) -> ImportError:
@@ -156,6 +158,19 @@ def check_axis_name(name: str, value: Any, *, required: bool = False) -> Any:
     return value
 
 
+def check_count(name: str, value: Any) -> int:
+    """A number of steps: a non-negative Python or NumPy integer, as an int."""
+    try:
+        count = None if _is_bool(value) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None:
+        raise TypeError(f"{name} must be an integer >= 0 (a Python or NumPy int), got {_core._shown(value)}")
+    if count < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return count
+
+
 _FLAGS = ["use_bias", "use_scale", "use_fast_variance", "force_float32_reductions", "channelwise_affine", "inference"]
 
 # Each setting's rule, by the name the frameworks give it.
@@ -173,6 +188,9 @@ _CHECKS: dict[str, Any] = {
     **dict.fromkeys(["bias_init", "scale_init", "promote_dtype"], check_callable),
     **dict.fromkeys(["bias_metadata", "scale_metadata"], check_mapping),
     "axis_name": check_axis_name,
+    "warmup_steps": check_count,
+    "r_max": functools.partial(check_static_number, low=1.0),
+    "d_max": check_static_number,
 }
 
 
@@ -407,3 +425,78 @@ def _first_derivative_only_jvp(primals, tangents):
         'derivatives in the weights and running statistics. mode="batch" (jstep.batch_norm) gives '
         "exact second derivatives in x too."
     )
+
+
+# ----------------------------------------------------------------- batch renormalization
+
+
+def renormalize(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mean: jax.Array,
+    var: jax.Array,
+    steps: Any,
+    r_max: Any,
+    d_max: Any,
+    *,
+    warmup_steps: int,
+    momentum: Any,
+    epsilon: float,
+    feature_axis: FeatureAxis,
+    axis_name: Any,
+    axis_index_groups: Any,
+    mask: Any = None,
+    evaluation: str = "use_running_average=True",
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(y, new running mean, new running var, steps + 1) of a BatchRenorm layer's training call.
+
+    y is `jstep.batch_renorm` of x towards the running `mean` and `var`; while
+    ``steps < warmup_steps`` the bounds are r_max = 1 and d_max = 0, so r = 1, d = 0 and y is
+    batch norm, G (x - mu_B) / sqrt(sigma_B^2 + eps) + B, gradient included. Either way the
+    running statistics become C <- momentum C + (1 - momentum) c with the batch's
+    c = (mu_B, sigma_B^2) (`running_average_update`), and the step count saturates instead of
+    wrapping around. `scale` or `bias` None means G = 1 or B = 0; the per-feature arrays keep
+    their own shapes; an empty batch's error names `evaluation`.
+    """
+    shape = feature_shape(x, feature_axis)
+    dtype = jnp.result_type(x)
+    scale = jnp.ones(shape, dtype) if scale is None else jnp.reshape(scale, shape)
+    bias = jnp.zeros(shape, dtype) if bias is None else jnp.reshape(bias, shape)
+    steps = jnp.asarray(steps)
+    warm = steps >= warmup_steps
+    try:
+        y, batch_mean, batch_var = _renormalize_checked(
+            x,
+            scale,
+            bias,
+            jnp.reshape(mean, shape),
+            jnp.reshape(var, shape),
+            jnp.where(warm, r_max, 1),
+            jnp.where(warm, d_max, 0),
+            feature_axis,
+            epsilon,
+            axis_name,
+            mask,
+            axis_index_groups,
+        )
+    except _EmptyBatchError as error:
+        raise error.naming(evaluation) from None
+    batch = jax.lax.stop_gradient((jnp.reshape(batch_mean, jnp.shape(mean)), jnp.reshape(batch_var, jnp.shape(var))))
+    new_mean, new_var = running_average_update((mean, var), batch, momentum)
+    return y, new_mean, new_var, _core.increment(steps)
+
+
+def evaluate(
+    x: jax.Array, scale: Any, bias: Any, mean: Any, var: Any, *, epsilon: float, feature_axis: Any
+) -> jax.Array:
+    """G (x - mean) / sqrt(var + eps) + B with the running statistics (a BatchRenorm layer's evaluation)."""
+    layer = core_layer(
+        momentum=0.0,
+        epsilon=epsilon,
+        eps_in_sqrt=True,
+        feature_axis=feature_axis,
+        axis_name=None,
+        axis_index_groups=None,
+    )
+    return normalize(layer, x, scale, bias, mean, var, training=False)[0]
