@@ -1,4 +1,4 @@
-"""B.0.2 Batch normalization, with the notes' hand-derived gradient.
+"""B.0.2 Batch normalization, with the notes' hand-derived gradient and its forward mode.
 
 For each feature i, over the K values Z_i1..Z_iK it takes in a batch (every axis of ``x``
 except the feature axes; across devices and vmapped examples too under ``axis_name``)::
@@ -47,6 +47,37 @@ no term loses a factor |mu_i|/sigma_i: with float32 at |mu|/sigma = 1e4 the grad
 about 1e-7 of their size, where the one-pass sum_j dZhat_ij Z_ij - mu_i sum_j dZhat_ij (and
 autodiff through Z - fl(mu)) lose 1e-4 to 1e-2. Every subtraction is fused into the pass
 that reads Z, so no centred copy of Z is written.
+
+Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) and how reverse mode still runs
+the backward above. Perturb Z by dZ and G, B by dG, dB. With a_i = (1/K) sum_j dZ_ij and
+b_i = (1/K) sum_j Zbar_ij dZ_ij (two per-feature reductions),
+
+    d mu_i      = a_i
+    d sigma_i^2 = (2/K) sum_j (Z_ij - mu_i) dZ_ij = 2 s_i b_i
+    d s_i       = c_i b_i                        (the same c_i: ds = d sigma^2 / (2 s) or / (2 sigma))
+    d Zbar_ij   = (dZ_ij - a_i)/s_i - Zbar_ij d s_i / s_i
+    dZhat_ij    = (G_i/s_i) (dZ_ij - a_i - c_i Zbar_ij b_i) + dG_i Zbar_ij + dB_i
+
+(mu_i and s_i move every Zhat_ij, so only the two sums carry the batch). The tangent map is
+written in the form
+
+    dZhat_ij = (G_i/s_i) dZ_ij + (Z_ij - mu_i) P_i + Q_i,
+    P_i = dG_i/s_i - G_i c_i/(K s_i^3) sum_j (Z_ij - mu_i) dZ_ij,   Q_i = dB_i - (G_i/s_i) a_i
+
+whose operations on activation-sized arrays only multiply a tangent by the per-feature G/s,
+by Z - mu or by the mask, and sum over the batch. That map is linear in (dZ, dG, dB). Reverse
+mode (``jax.grad``, ``jax.vjp``) linearizes and transposes it, and each operation transposes
+to its counterpart: "multiply by Z - mu, sum over the batch" to "broadcast, multiply by
+Z - mu", the sum to the broadcast, a multiplication to itself. So what runs is the backward
+above, term for term: the reductions sum_j dZhat_ij = dL/dB_i and
+sum_j dZhat_ij (Z_ij - mu_i) = s_i dL/dG_i, then the one elementwise pass of dL/dZ_ij.
+(Without a mask the Jacobian (G_i/s_i)(delta_jk - 1/K - c_i Zbar_ij Zbar_ik/K) is symmetric:
+the tangent map and the backward are the same formula.)
+Z - mu is recomputed where it is used (a checkpointed product), so reverse mode keeps Z
+itself, as before, and a training step still reads and writes 8 activation-sized arrays.
+Under ``axis_name`` the two sums of the tangent map are all-reduced; their transposes are
+the all-reduces of the backward's two sums. Second derivatives are autodiff of this map.
+With a mask, a_i and b_i take the masked-in values only (m_ij dZ_ij, over K_i).
 
 With a mask (``mask=``, booleans broadcastable to Z; m_ij = 1 where Z_ij is masked in, else 0)
 the statistics are those of the masked-in values, and every value is normalized with them:
@@ -114,7 +145,7 @@ from jstep.normalization.statistics import _denominator, _masked, _moments, _saf
 # ------------------------------------------------------------- the custom-gradient core
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _normalize(x, scale, offset, mask, layout: _Layout, eps: float, eps_in_sqrt: bool, axis_name: Any):
     """(Zhat, mu, sigma^2): the forward pass, statistics shaped like `scale`; `mask` None or booleans."""
     return _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name)[0]
@@ -130,68 +161,74 @@ def _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name):
     return outputs, (centre, var, count)
 
 
-def _normalize_fwd(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name):
-    x, scale, offset = x.value, scale.value, offset.value  # symbolic_zeros wraps the primals
-    mask = None if mask is None else mask.value
+def _normalize_jvp(layout, eps, eps_in_sqrt, axis_name, primals, tangents):
+    """The forward pass and the tangent map of the module docstring, linear in the tangents.
+
+    Every activation-sized operation of the tangent map multiplies a tangent by a per-feature
+    value, by the centred input Z - mu, or by the mask, and its reductions are sums over the
+    batch axes, all-reduced across `axis_name`. Its transpose, which JAX takes for reverse
+    mode, is then the notes' backward op for op: the two reductions sum dZhat and
+    sum dZhat (Z - mu), one all-reduce, one elementwise pass; and Z - mu (with the mask and
+    per-feature vectors) is all it keeps from the forward pass.
+    """
+    x, scale, offset, mask = primals
+    dx, dscale, doffset, _ = tangents  # the mask's tangent is a symbolic zero (booleans)
     outputs, (centre, var, count) = _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name)
-    # The one activation-sized residual is x itself (nothing new is written for the backward);
-    # with a mask, the mask (the caller's) and the per-feature counts K too.
-    masking = None if mask is None else (mask, count)
-    return outputs, (x, scale, offset, centre, var, masking)
-
-
-def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
-    x, scale, offset, centre, var, masking = residuals
-    dy, dmean, dvar = cotangents
-    axes = layout.reduce_axes
-    mask, count = (None, layout.size) if masking is None else masking
     sigma, s = _denominator(var, eps, eps_in_sqrt)
-    xc = x.astype(var.dtype)
     inverse_s = _safe_inverse(s)
-    g = scale.reshape(layout.keep_shape).astype(var.dtype)
+    xc = x.astype(var.dtype)
 
-    if isinstance(dy, SymbolicZero):
-        dx = jnp.zeros_like(xc)
-        dscale = doffset = jnp.zeros(layout.keep_shape, var.dtype)
-    else:
-        dy = dy.astype(var.dtype)
-        # dL/dB and dL/dG, this device's shares: sum dy, and sum dy Zbar = sum dy (Z - mu) / s, with
-        # the centred Z of the forward pass (`_Centre`: no cancellation when |mu| >> sigma). The
-        # barrier gives that reduction its own copy of mu, as in `_moments` (tied to dL/dB so
-        # that it is not merged with the forward's barrier), so x - mu is never written out.
-        doffset = jnp.sum(dy, axis=axes, keepdims=True)
-        own, _ = jax.lax.optimization_barrier((centre, doffset))
-        dscale = jnp.sum(dy * own.of(xc), axis=axes, keepdims=True) * inverse_s
-        sum_dy, sum_dy_xhat = (
-            (doffset, dscale) if axis_name is None else _all_reduce((doffset, dscale), axis_name, layout.groups)
+    def per_feature(tangent):
+        return tangent.reshape(layout.keep_shape).astype(var.dtype)
+
+    zero = jnp.zeros(layout.keep_shape, var.dtype)
+    # dZhat = gain dZ + (Z - mu) slope + shift, with slope and shift per feature.
+    slope = zero if isinstance(dscale, SymbolicZero) else per_feature(dscale) * inverse_s  # dG/s
+    shift = zero if isinstance(doffset, SymbolicZero) else per_feature(doffset)  # dB
+    dmean = dvar = zero
+    dy = None
+    if not isinstance(dx, SymbolicZero):
+        dz = dx.astype(var.dtype)
+        sums = (
+            jnp.sum(_masked(dz, mask), axis=layout.reduce_axes, keepdims=True),
+            jnp.sum(_masked(_times_centred(dz, xc, centre), mask), axis=layout.reduce_axes, keepdims=True),
         )
-        # c = 1, or (sigma + eps)/sigma for the notes' form (0 at sigma = 0: the term's limit)
-        c = 1 if eps_in_sqrt else jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)
-        # Through mu and s only the masked-in values move the statistics (m = 0 or 1).
-        # With K = 1 the one value is its own mean: Zhat = B whatever Z is, the bracket is exactly
-        # 0, and so is dL/dZ, also where eps = 0 makes s = 0 (hence 1/s as 0 there).
+        sum_dz, sum_dz_centred = sums if axis_name is None else _all_reduce(sums, axis_name, layout.groups)
+        dmean, dvar = sum_dz / count, 2 * sum_dz_centred / count  # d mu, d sigma^2
+        g = per_feature(scale)
+        # G/s, as in the backward: with K = 1 (no mask) Zhat = B and the terms cancel exactly.
         gain = g * inverse_s if layout.size == 1 and mask is None else g / s
-        dx = gain * (
-            dy - _masked(sum_dy / count, mask) - _masked(centre.of(xc) * (inverse_s * c * sum_dy_xhat / count), mask)
-        )
+        # c/s^3 = 1/s^3 (eps inside the root) or 1/(sigma s^2) (the notes' form; 0 at sigma = 0)
+        c_over_s3 = inverse_s * inverse_s * (inverse_s if eps_in_sqrt else _safe_inverse(sigma))
+        slope = slope - g * c_over_s3 * (sum_dz_centred / count)
+        shift = shift - gain * dmean
+        dy = gain * dz
+    dy_rest = _times_centred(slope, xc, centre) + shift
+    dy = dy_rest if dy is None else dy + dy_rest
+    y, mean, _ = outputs
 
-    # Gradients through the returned statistics: d mu/dZ_ij = m_ij/K, d sigma^2/dZ_ij = 2 m_ij (Z_ij - mu)/K.
-    if not isinstance(dmean, SymbolicZero):
-        dx = dx + _masked(dmean.reshape(layout.keep_shape).astype(var.dtype) / count, mask)
-    if not isinstance(dvar, SymbolicZero):
-        dx = dx + _masked(dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * centre.of(xc), mask)
+    def like(tangent, primal):
+        return tangent.reshape(primal.shape).astype(primal.dtype)
 
-    def like(grad, primal):
-        return grad.reshape(primal.shape).astype(primal.dtype)
-
-    return like(dx, x), like(dscale, scale), like(doffset, offset), None
-
-
-_normalize.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
+    return outputs, (like(jnp.broadcast_to(dy, y.shape), y), like(dmean, mean), like(dvar, mean))
 
 
-# Staged as one jitted call (inlined into an enclosing jit): JAX 0.10 cannot run a custom_vjp
-# with symbolic zeros op by op under an eager shard_map, but runs it staged.
+_normalize.defjvp(_normalize_jvp, symbolic_zeros=True)
+
+
+@jax.checkpoint
+def _times_centred(tangent, x, centre):
+    """tangent (Z - mu), with Z - mu taken where it is used: reverse mode keeps Z, not Z - mu.
+
+    Checkpointed, so that linearizing the tangent map saves its inputs (Z and the per-feature
+    mu) and computes Z - mu again inside each use (fused into the pass that reads Z), instead
+    of writing Z - mu out in the forward pass and keeping it for the backward.
+    """
+    return tangent * centre.of(x)
+
+
+# Staged as one jitted call (inlined into an enclosing jit): JAX 0.10 cannot run a custom
+# derivative rule with symbolic zeros op by op under an eager shard_map, but runs it staged.
 _normalize_staged = jax.jit(_normalize, static_argnums=(4, 5, 6, 7))
 
 
