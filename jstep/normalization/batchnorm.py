@@ -137,10 +137,13 @@ from jstep.normalization.checks import (
     _check_eps,
     _check_features,
     _check_mask,
+    _check_x,
+    _feature_axes,
 )
 from jstep.normalization.collectives import _all_reduce, _per_device
 from jstep.normalization.layout import _Layout, _layout
 from jstep.normalization.statistics import _denominator, _masked, _moments, _safe_inverse
+from jstep.normalization.virtual import _check_virtual_batch_size, _virtual_batches
 
 # ------------------------------------------------------------- the custom-gradient core
 
@@ -232,8 +235,25 @@ def _times_centred(tangent, x, centre):
 _normalize_staged = jax.jit(_normalize, static_argnums=(4, 5, 6, 7))
 
 
-def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask=None, axis_index_groups=None):
+def _normalize_checked(
+    x,
+    scale,
+    offset,
+    feature_axis,
+    eps,
+    eps_in_sqrt,
+    axis_name,
+    mask=None,
+    axis_index_groups=None,
+    virtual_batch_size=None,
+):
+    """(Zhat, mu, sigma^2) after checking every argument; with virtual batches, the statistics
+    of each group, the groups on their first axis."""
     axis_name = _check_axis_name(axis_name)
+    if _check_virtual_batch_size(virtual_batch_size) is not None:
+        return _normalize_virtual(
+            x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, axis_index_groups, virtual_batch_size
+        )
     layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     features = tuple(a for a in range(jnp.ndim(x)) if a not in layout.reduce_axes)
     _check_features("scale", scale, layout.feature_shape, jnp.shape(x), features)
@@ -241,6 +261,37 @@ def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_na
     mask = _check_mask(mask, jnp.shape(x), layout, axis_name)
     scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
     return _normalize_staged(x, scale, offset, mask, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
+
+
+def _normalize_virtual(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, groups, size):
+    """Batch norm of each virtual batch: the grouped x, with the group axis as a feature axis.
+
+    A virtual batch lies within one shard, so its statistics are not all-reduced; `axis_name`
+    still makes the gradients of `scale` and `offset` this shard's share, as without groups.
+    """
+    if groups is not None:
+        raise ValueError(
+            f"virtual_batch_size={size} with axis_index_groups={groups!r}: a virtual batch is a group of "
+            "one shard's examples, so device groups have no statistics to share; give one of the two"
+        )
+    _check_x(x)
+    split = _virtual_batches(jnp.shape(x), feature_axis, size)
+    features = _feature_axes(jnp.ndim(x), feature_axis)
+    feature_shape = tuple(jnp.shape(x)[a] for a in features)
+    _check_features("scale", scale, feature_shape, jnp.shape(x), features)
+    _check_features("offset", offset, feature_shape, jnp.shape(x), features)
+    scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
+    y, mean, var = _normalize_checked(
+        split.group(x),
+        split.per_group(scale),
+        split.per_group(offset),
+        split.feature_axis,
+        eps,
+        eps_in_sqrt,
+        None,
+        split.group_mask(mask),
+    )
+    return split.ungroup(y), split.groups_first(mean), split.groups_first(var)
 
 
 # --------------------------------------------------------------------------- public API
@@ -257,6 +308,7 @@ def batch_norm(
     axis_name: Any = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
+    virtual_batch_size: int | None = None,
 ) -> jax.Array:
     """Batch-normalize `x` with its own statistics: Zhat = G (Z - mu) / s + B.
 
@@ -300,6 +352,17 @@ def batch_norm(
         the module docstring). A feature needs K_i >= 1: a mask known when traced (not a
         traced argument) is checked; for a traced one, K_i = 0 gives NaN for that feature's
         values and gradients. K_i = 1 gives sigma = 0 (a constant feature).
+      virtual_batch_size: None, or V dividing the length N of the batch axis (the first axis
+        of `x` that is not a feature axis): ghost batch norm. The batch axis is split into
+        N/V consecutive groups of V examples (examples 0..V-1, V..2V-1, ...), and each group
+        is normalized with its own mu and sigma^2, K being V times the other batch axes'
+        sizes; the backward and forward mode are batch norm's, per group, and the gradients
+        of the shared G and B sum over the groups. A group lies within one shard: under
+        `axis_name` each device's (or example's) batch axis is split, and the statistics are
+        not all-reduced (`axis_index_groups` is refused with it). As Hoffer et al. (2017) and
+        TabNet's ghost batch norm; Keras's ``virtual_batch_size`` (tf.keras 2) reshapes the
+        batch to (V, N/V), so its groups are strided (examples i, i + N/V, i + 2N/V, ...):
+        pass ``x`` reordered by ``x.reshape(V, N // V, ...).swapaxes(0, 1)`` to match it.
 
     Returns:
       Zhat, with the shape and dtype of `x`.
@@ -315,7 +378,9 @@ def batch_norm(
       >>> print(y.shape, jnp.allclose(y.mean(axis=0), 0, atol=1e-6), y.var(axis=0).round(4))
       (4, 2) True [1. 1.]
     """
-    return _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, axis_index_groups)[0]
+    return _normalize_checked(
+        x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, axis_index_groups, virtual_batch_size
+    )[0]
 
 
 def batch_stats(
@@ -325,6 +390,7 @@ def batch_stats(
     axis_name: Any = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(mu, sigma^2) of each feature: mu = (1/K) sum_j Z_j, sigma^2 = (1/K) sum_j (Z_j - mu)^2.
 
@@ -332,7 +398,9 @@ def batch_stats(
     the feature axes; under `axis_name` the sums are all-reduced so every device gets the
     statistics of the whole batch (with `axis_index_groups`, those of its group's batch). With
     `mask` (booleans broadcastable to `x`) the sums take the True values only, and K is their
-    count per feature (see `batch_norm`).
+    count per feature (see `batch_norm`). With `virtual_batch_size` V, the statistics of each
+    virtual batch (N/V consecutive groups along the batch axis, see `batch_norm`), shaped
+    (N/V, *feature shape), this shard's groups only.
 
     Example:
       >>> import jax.numpy as jnp
@@ -341,8 +409,26 @@ def batch_stats(
       >>> mean, var = jstep.batch_stats(x)  # per column; var = (1/K) sum (Z - mu)^2
       >>> print(mean, var)
       [ 3. 30.] [  3.5 350. ]
+      >>> mean, var = jstep.batch_stats(x, virtual_batch_size=2)  # rows 0-1, then rows 2-3
+      >>> print(mean, var, sep="\n")
+      [[ 1.5 15. ]
+       [ 4.5 45. ]]
+      [[  0.25  25.  ]
+       [  2.25 225.  ]]
     """
     axis_name = _check_axis_name(axis_name)
+    size = _check_virtual_batch_size(virtual_batch_size)
+    if size is not None:
+        if axis_index_groups is not None:
+            raise ValueError(
+                f"virtual_batch_size={virtual_batch_size} with axis_index_groups={axis_index_groups!r}: "
+                "a virtual batch is a group of one shard's examples; give one of the two"
+            )
+        _check_x(x)
+        split = _virtual_batches(jnp.shape(x), feature_axis, size)
+        grouped = split.group(jnp.asarray(x))
+        mean, var = batch_stats(grouped, feature_axis=split.feature_axis, mask=split.group_mask(mask))
+        return split.groups_first(mean), split.groups_first(var)
     layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     mask = _check_mask(mask, jnp.shape(x), layout, axis_name)
     centre, var, _ = _moments(jnp.asarray(x), layout, axis_name, mask)
