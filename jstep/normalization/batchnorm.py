@@ -35,18 +35,20 @@ activation-sized array from the forward pass, the input Z itself (nothing is wri
 the backward), plus per-feature vectors, and it is written with differentiable jnp
 operations, so second derivatives (grad of grad, Hessian-vector products) are exact too.
 The centred values are taken with mu held as an unevaluated sum of fl(mu) and what its
-rounding left off (`low`), Z - mu = (Z - fl(mu)) - low: for sigma^2 and Zhat in the forward
-pass, and in the backward for the input gradient and
+rounding left off (`low`), Z - mu = (Z - fl(mu)) - low: in the forward pass for sigma^2 and
+Zhat, in the backward for the input gradient and for
 
     sum_j dZhat_ij Zbar_ij = sum_j dZhat_ij (Z_ij - mu_i) / s_i
 
-in the backward, and mu itself is summed about a value of the batch, c_i (this device's first
-value of the feature, averaged over the shards pooled): mu_i = c_i + (1/K) sum_j (Z_ij - c_i).
+And mu itself is summed about a value of the batch, c_i (this device's first value of the
+feature, averaged over the shards pooled): mu_i = c_i + (1/K) sum_j (Z_ij - c_i).
 Rounding: where |mu_i| >> sigma_i, Z_ij - c_i and Z_ij - fl(mu_i) are exact (Sterbenz), so
 no term loses a factor |mu_i|/sigma_i: with float32 at |mu|/sigma = 1e4 the gradients keep
 about 1e-7 of their size, where the one-pass sum_j dZhat_ij Z_ij - mu_i sum_j dZhat_ij (and
 autodiff through Z - fl(mu)) lose 1e-4 to 1e-2. Every subtraction is fused into the pass
-that reads Z, so no centred copy of Z is written.
+that reads Z, so no centred copy of Z is written. (Under a sharded ``jit`` whose mesh splits
+the batch axes with explicit axes, JAX cannot take one value of Z: there c = 0, and Z - fl(mu)
+loses that factor in Zhat and dL/dZ, as autodiff does; dL/dG stays two-pass.)
 
 Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) and how reverse mode still runs
 the backward above. Perturb Z by dZ and G, B by dG, dB. With a_i = (1/K) sum_j dZ_ij and
