@@ -32,7 +32,7 @@ def _is_real_scalar_array(value: Any) -> bool:
     """A 0-d JAX or NumPy array (a tracer included) of an integer or real floating dtype."""
     if not isinstance(value, (jax.Array, np.ndarray)) or jnp.shape(value) != ():
         return False
-    dtype = jnp.result_type(value)
+    dtype = value.dtype  # not jnp.result_type: that refuses string and object arrays
     return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
 
 
@@ -97,15 +97,34 @@ def check_rounding_seed(rounding_seed: Any) -> None:
 
 
 def check_state_dtype(name: str, dtype: Any) -> None:
-    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype."""
+    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype.
+
+    An array in its place is what ``optax.inject_hyperparams`` passes for a dtype given as
+    ``jnp.bfloat16``: that is callable, so it is taken for a schedule and called with the
+    step count. The TypeError then says how to keep the dtype a dtype.
+    """
     if dtype is None:
         return
+    if isinstance(dtype, (jax.Array, np.ndarray)):
+        raise TypeError(
+            f"{name} must be None or a floating dtype such as jnp.bfloat16, got {_shown(dtype)}. "
+            "optax.inject_hyperparams takes a dtype class such as jnp.bfloat16 for a schedule (it is "
+            f"callable) and passes its value: name it static, optax.inject_hyperparams(factory, "
+            f"static_args=('{name}',)), or pass {name}=jnp.dtype(jnp.bfloat16)"
+        )
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:
         raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {dtype!r}") from None
     if not jnp.issubdtype(resolved, jnp.inexact):
         raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {resolved}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """A switch (nesterov, centered, debias, ...) is True or False: a string from a config
+    file ("false" is truthy) or None is a TypeError, not silently read as its truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {_shown(value)}")
 
 
 def check_floating_leaves(tree: Any) -> None:
@@ -120,27 +139,33 @@ def check_floating_leaves(tree: Any) -> None:
             )
 
 
-def check_same_shapes(updates: Any, state_tree: Any, *, holds_values: bool = False) -> None:
+def check_same_shapes(
+    updates: Any, state_tree: Any, *, holds_values: bool = False, name: str = "updates", against: str | None = None
+) -> None:
     """Raise ValueError when `updates` is not shaped like the state `init` built.
 
     With `holds_values` (a state that stores the updates themselves: a velocity, Adam's m, an
     average) also raise TypeError where a complex update meets a real state dtype. `init`
     builds the dtype asked for, as Optax's does; Optax would then keep only the real part.
+    `name` is what the messages call `updates`; `against` what they call `state_tree`, when
+    it is not the state built by init (e.g. "the params").
     """
     expected = jax.tree.structure(state_tree)
     got = jax.tree.structure(updates)
     if got != expected:  # type: ignore[operator]  # PyTreeDef's comparison is untyped
+        reference_name = against or "the optimizer state built by init"
         raise ValueError(
-            "the updates tree does not match the optimizer state built by init:\n"
-            f"  updates: {got}\n  state:   {expected}"
+            f"the {name} tree does not match {reference_name}:\n"
+            f"  {name}: {got}\n  {'state' if against is None else 'params'}:   {expected}"
         )
     for (path, leaf), reference in zip(
         jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree), strict=True
     ):
         if jnp.shape(leaf) != jnp.shape(reference):
+            built = "init built the state for" if against is None else f"{against} have"
             raise ValueError(
-                f"updates leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
-                f"{jnp.shape(leaf)}, but init built the state for shape {jnp.shape(reference)}"
+                f"{name} leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+                f"{jnp.shape(leaf)}, but {built} shape {jnp.shape(reference)}"
             )
         if holds_values and _is_complex(jnp.result_type(leaf)) and not _is_complex(jnp.result_type(reference)):
             raise TypeError(
@@ -175,8 +200,21 @@ def _is_complex(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.complexfloating)
 
 
-def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
-    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex.
+def squares_dtype(dtype: Any) -> jnp.dtype:
+    """The default dtype of a state of squared gradients for params of `dtype`.
+
+    The params' dtype, except float16: its range cannot hold the squares of small gradients
+    (its smallest number is 6e-8, so Adam's (1 - B2) g^2 with B2 = 0.999 is 0 for |g| under
+    about 8e-3, and the step g / sqrt(v) grows without bound), so that state is float32, as
+    mixed-precision training keeps it. bfloat16 has float32's range: its state stays
+    bfloat16 (its rounding is what ``rounding_seed`` is for).
+    """
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
+def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
+    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex,
+    `squares` (a state of squared gradients, when `dtype` is None) takes `squares_dtype`.
 
     A leaf may be a ``jax.ShapeDtypeStruct`` (abstract params): its zeros are placed with its
     sharding when it has one, so ``init`` of abstract params gives the state that
@@ -185,6 +223,8 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
 
     def zeros(leaf):
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
+        if squares and dtype is None:
+            leaf_dtype = squares_dtype(leaf_dtype)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
         if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -198,9 +238,10 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
     return jax.tree.map(zeros, tree)
 
 
-def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False) -> Any:
+def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
     """`zeros_like_tree` filled with `value` (initial accumulators)."""
-    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros_like_tree(tree, dtype, real=real))
+    zeros = zeros_like_tree(tree, dtype, real=real, squares=squares)
+    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros)
 
 
 def _positive_number(value: Any) -> bool:
@@ -283,5 +324,11 @@ def cast_like(tree: Any, like: Any) -> Any:
 
 
 def unzip_pairs(pairs: Any, like: Any) -> tuple[Any, Any]:
-    """Split a tree of (a, b) tuples, shaped like `like`, into a tree of a's and a tree of b's."""
-    return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0, 0)), pairs)
+    """Split a tree of (a, b) tuples, shaped like `like`, into a tree of a's and a tree of b's.
+
+    A tree with no leaves (what ``optax.masked`` and ``optax.multi_transform`` hand a group
+    with no parameters) gives two empty trees of its structure.
+    """
+    outer: Any = jax.tree.structure(like)  # PyTreeDef: its methods are untyped
+    firsts, seconds = zip(*outer.flatten_up_to(pairs), strict=True) if outer.num_leaves else ((), ())
+    return jax.tree.unflatten(outer, firsts), jax.tree.unflatten(outer, seconds)

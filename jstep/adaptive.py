@@ -90,7 +90,8 @@ def scale_by_rms(
       bias_correction: divide G_t (and M_t) by 1 - gamma^t, as Adam does, before the root
         (``optax.scale_by_rms(bias_correction=True)``).
       accumulator_dtype: dtype of G (and M) (default: each parameter's real dtype for G, its
-        dtype for M). Arithmetic runs in at least float32 whatever the dtypes.
+        dtype for M; float32 for float16 params, whose range cannot hold small g^2). An
+        explicit dtype is kept as given. Arithmetic runs in at least float32 whatever the dtypes.
       rounding_seed: None (store G and M by round-to-nearest), or an int: where narrower than
         float32 they are stored by stochastic rounding, keys from (seed, t, leaf), so that
         E[G_t] follows the rule (in bfloat16 G cannot decay by round-to-nearest when
@@ -99,15 +100,19 @@ def scale_by_rms(
     _core.check_decay("gamma", gamma)
     _core.check_number("eps", eps)
     _core.check_number("initial_scale", initial_scale)
+    _core.check_flag("eps_in_sqrt", eps_in_sqrt)
+    _core.check_flag("centered", centered)
+    _core.check_flag("bias_correction", bias_correction)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)
 
     def init(params):
         _core.check_floating_leaves(params)
-        nu = _core.full_like_tree(params, initial_scale, accumulator_dtype, real=True)
-        if centered:
-            return ScaleByCenteredRmsState(_core.new_count(), _core.zeros_like_tree(params, accumulator_dtype), nu)
+        nu = _core.full_like_tree(params, initial_scale, accumulator_dtype, real=True, squares=True)
+        if centered:  # M in G's precision: G - M^2 is the variance
+            mu = _core.zeros_like_tree(params, accumulator_dtype, squares=True)
+            return ScaleByCenteredRmsState(_core.new_count(), mu, nu)
         return ScaleByRmsState(_core.new_count(), nu)
 
     def update(updates, state, params=None, **extra_args):
@@ -186,7 +191,8 @@ def rmsprop(
       momentum: beta in [0, 1), or None for no velocity.
       nesterov: Nesterov's look-ahead on the velocity; needs `momentum`.
       bias_correction: divide the averages by 1 - gamma^t (see `scale_by_rms`).
-      accumulator_dtype: dtype of G (and M, and the velocity V) (default: the parameters').
+      accumulator_dtype: dtype of G (and M, and the velocity V) (default: the parameters', but
+        float32 for G and M of float16 params; see `scale_by_rms`).
       rounding_seed: stochastic rounding of narrow state (see `scale_by_rms`); the velocity
         draws its bits from ``rounding_seed ^ 1`` (the last bit flipped), so that G and V
         round independently.
@@ -214,6 +220,7 @@ def rmsprop(
         accumulator_dtype=accumulator_dtype,
         rounding_seed=rounding_seed,
     )
+    _core.check_flag("nesterov", nesterov)
     if momentum is None:
         if nesterov:
             raise ValueError("nesterov=True needs a momentum: give momentum=beta in [0, 1), e.g. 0.9")
@@ -240,7 +247,8 @@ def scale_by_rss(
       eps: >= 0, added to the denominator.
       eps_in_sqrt: use g_t / sqrt(G_t + eps) instead.
       initial_accumulator_value: G_0, >= 0 (``optax.adagrad`` uses 0.1).
-      accumulator_dtype: dtype of G (default: each parameter's real dtype).
+      accumulator_dtype: dtype of G (default: each parameter's real dtype, float32 for float16
+        params, whose range cannot hold small g^2).
       rounding_seed: None (store G by round-to-nearest), or an int: where narrower than
         float32, G is stored by stochastic rounding, keys from (seed, t, leaf), so that
         E[G_t] = G_{t-1} + g_t^2 (in bfloat16 a g_t^2 under half an ulp of G is otherwise
@@ -248,13 +256,14 @@ def scale_by_rss(
     """
     _core.check_number("eps", eps)
     _core.check_number("initial_accumulator_value", initial_accumulator_value)
+    _core.check_flag("eps_in_sqrt", eps_in_sqrt)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)
 
     def init(params):
         _core.check_floating_leaves(params)
-        initial = _core.full_like_tree(params, initial_accumulator_value, accumulator_dtype, real=True)
+        initial = _core.full_like_tree(params, initial_accumulator_value, accumulator_dtype, real=True, squares=True)
         return ScaleByRssState(_core.new_count(), initial)
 
     def update(updates, state, params=None, **extra_args):
@@ -340,7 +349,8 @@ def adadelta(
       learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
       rho: the decay of both averages, in [0, 1).
       eps: > 0 in practice (with eps = 0 the first step is 0 and so is every later one).
-      accumulator_dtype: dtype of both averages (default: each parameter's real dtype).
+      accumulator_dtype: dtype of both averages (default: each parameter's real dtype, float32
+        for float16 params, whose range cannot hold small squares).
       rounding_seed: None (round-to-nearest), or an int: averages narrower than float32 are
         stored by stochastic rounding, keys from (seed, t, leaf). No key is kept in the state.
     """
@@ -353,8 +363,8 @@ def adadelta(
         _core.check_floating_leaves(params)
         return AdadeltaState(
             _core.new_count(),
-            _core.zeros_like_tree(params, accumulator_dtype, real=True),
-            _core.zeros_like_tree(params, accumulator_dtype, real=True),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True),
         )
 
     def update(updates, state, params=None, **extra_args):

@@ -95,6 +95,7 @@ def momentum(
     """
     _core.check_learning_rate(learning_rate)
     _core.check_decay("gamma", gamma)
+    _core.check_flag("nesterov", nesterov)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
 

@@ -280,7 +280,7 @@ def test_backward_keeps_one_activation_sized_residual_and_per_feature_vectors():
         jax.ad_checkpoint.print_saved_residuals(jstep.batch_norm, x, scale, offset)
     lines = out.getvalue().strip().splitlines()
     activation = [line for line in lines if "[8,6,6,16]" in line]
-    assert len(activation) == 1, lines  # x - mu, the one activation-sized residual
+    assert len(activation) == 1, lines  # x, the one activation-sized residual
     others = [line for line in lines if line not in activation]
     assert all(
         "[8,6,6,16]" not in line and ("[16]" in line or "[1,1,1,16]" in line or "[]" in line) for line in others
@@ -326,14 +326,16 @@ def test_axis_name_takes_what_psum_takes(names):
         y_ref, vjp = jax.vjp(lambda x: jstep.batch_norm(x, scale, offset), x)
         dx_ref = vjp(dy)[0]
         mean_ref, var_ref = jstep.batch_stats(x)
+        no_axis = jstep.batch_norm(x[0, 0], scale, offset, axis_name=[])  # psum over no axis: this batch
+        np.testing.assert_array_equal(no_axis, jstep.batch_norm(x[0, 0], scale, offset))
         bn = jstep.BatchNorm(axis_name=list(names))
         state = bn.init(x[0, 0])[1]
         y_layer, new_state = nested(lambda x: bn.apply(jstep.BatchNormParams(scale, offset), state, x))(x)
-    assert max_rel(y, y_ref) < 1e-12 and max_rel(dx, dx_ref) < 1e-12
-    assert max_rel(mean[1, 2], mean_ref) < 1e-12 and max_rel(var[0, 1], var_ref) < 1e-12
-    assert bn.axis_name == ("a", "b") and hash(bn) == hash(jstep.BatchNorm(axis_name=("a", "b")))
-    assert max_rel(y_layer, y_ref) < 1e-12
-    assert max_rel(new_state.var[1, 1], 0.9 + 0.1 * var_ref) < 1e-7  # momentum is a float32 0.9
+        assert max_rel(y, y_ref) < 1e-12 and max_rel(dx, dx_ref) < 1e-12
+        assert max_rel(mean[1, 2], mean_ref) < 1e-12 and max_rel(var[0, 1], var_ref) < 1e-12
+        assert bn.axis_name == ("a", "b") and hash(bn) == hash(jstep.BatchNorm(axis_name=("a", "b")))
+        assert max_rel(y_layer, y_ref) < 1e-12
+        assert max_rel(new_state.var[1, 1], 0.9 + 0.1 * var_ref) < 1e-7  # momentum is a float32 0.9
 
 
 @pytest.mark.parametrize("axis_name", [[["a"]], ["a", None], {"a"}, [["a", "b"]]])

@@ -48,13 +48,19 @@ def _per_device(value: Any, axis_name: Any) -> Any:
 
 
 def _all_reduce(value: Any, axis_name: Any, groups: Groups | None = None) -> Any:
-    """psum of `value` (a pytree) over every axis in `axis_name`: the vmap axes, then the mesh
-    axes, within each of `groups` (then `axis_name` holds mesh axes only: see `_pooled_shards`)."""
+    """psum of `value` (a pytree) over every axis in `axis_name`: the mesh axes, within each of
+    `groups` (then `axis_name` holds mesh axes only: see `_pooled_shards`), then the vmap axes.
+
+    In that order the sums transpose (reverse mode transposes the tangent maps that call this):
+    the vmap axes' untyped sum (`_sum_over_vmap_axes`) then takes and gives values that vary
+    over no mesh axis, where, taken first, it would drop the "varying over the mesh" type of
+    its operand, and its transpose would give a cotangent without it.
+    """
     mesh_axes, vmap_axes = _split_axis_name(axis_name)
-    if vmap_axes:
-        value = _sum_over_vmap_axes(value, vmap_axes)
     if mesh_axes:
         value = _psum_within(_per_device(value, mesh_axes), mesh_axes, groups)
+    if vmap_axes:
+        value = _sum_over_vmap_axes(value, vmap_axes)
     return value
 
 
@@ -85,7 +91,8 @@ def _sum_over_vmap_axes(value: Any, vmap_axes: tuple[Any, ...]) -> Any:
     first casts the value to varying over every named axis, and a vmap axis is no mesh axis.
     The sum itself needs no such cast, so it is bound as the untyped all-reduce that ``psum``
     uses when ``shard_map`` runs with ``check_vma=False``; vmap turns it into a sum over the
-    batch dimension. (Only the backward of `_normalize` is ever differentiated through it.)
+    batch dimension. Its transpose is the same sum (psum is transposed as psum + broadcast),
+    which is the sum over the examples' losses that reverse mode wants.
     """
     if not jax.sharding.get_abstract_mesh().manual_axes:
         return jax.lax.psum(value, vmap_axes)

@@ -20,7 +20,9 @@ from jstep.normalization.checks import (
     _check_x,
     _feature_axes,
 )
+from jstep.normalization.collectives import _all_reduce, _pooled_shards
 from jstep.normalization.statistics import _denominator, _safe_inverse
+from jstep.normalization.virtual import _check_virtual_batch_size
 
 
 class BatchNormParams(NamedTuple):
@@ -53,6 +55,13 @@ class BatchNorm:
       momentum: the running average's gamma, in [0, 1).
       eps, eps_in_sqrt, feature_axis, axis_name, axis_index_groups: as in `batch_norm` (with
         groups, each group's devices keep the running statistics of their group's batches).
+      virtual_batch_size: None, or V: ghost batch norm, as in `batch_norm` (each group of V
+        consecutive examples normalized with its own statistics). The running statistics
+        take, once per step, the mean of the groups' means and the mean of their variances
+        (over every shard's groups under `axis_name`, so all devices keep the same), as
+        Keras's ``virtual_batch_size`` does; the mean of the variances leaves out the spread
+        of the groups' means, so it is the variance a group of V sees, the one the layer
+        normalizes with in training.
 
     Example:
       One training step moves the running statistics from (0, 1) towards the batch's
@@ -77,12 +86,19 @@ class BatchNorm:
     feature_axis: FeatureAxis = -1
     axis_name: Any = None
     axis_index_groups: Any = None
+    virtual_batch_size: int | None = None
 
     def __post_init__(self):
         _core.check_decay("momentum", self.momentum)
         _check_eps(self.eps)
         object.__setattr__(self, "axis_name", _check_axis_name(self.axis_name))  # a list becomes a tuple
         _check_axis_index_groups(self.axis_index_groups, self.axis_name)
+        _check_virtual_batch_size(self.virtual_batch_size)
+        if self.virtual_batch_size is not None and self.axis_index_groups is not None:
+            raise ValueError(
+                f"virtual_batch_size={self.virtual_batch_size} with axis_index_groups="
+                f"{self.axis_index_groups!r}: a virtual batch is a group of one shard's examples; give one of the two"
+            )
 
     def init(self, x: jax.Array) -> tuple[BatchNormParams, BatchNormState]:
         """Weights and running statistics for inputs shaped like `x` (float32 for low precision)."""
@@ -119,7 +135,10 @@ class BatchNorm:
                 self.axis_name,
                 mask,
                 self.axis_index_groups,
+                self.virtual_batch_size,
             )
+            if self.virtual_batch_size is not None:  # the groups' mean, over every shard's groups
+                mean, var = _mean_over_shards((jnp.mean(mean, axis=0), jnp.mean(var, axis=0)), self.axis_name)
             batch = BatchNormState(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
             return y, running_average_update(state, batch, self.momentum)
         return self._evaluate(params, state, x), state
@@ -142,3 +161,11 @@ class BatchNorm:
         gain = per_feature(params.scale) * _safe_inverse(s)
         y = (x.astype(dtype) - per_feature(state.mean)) * gain + per_feature(params.offset)
         return y.astype(x.dtype)
+
+
+def _mean_over_shards(value: Any, axis_name: Any) -> Any:
+    """The mean of `value` (a pytree) over the shards along `axis_name` (itself without one)."""
+    if axis_name is None:
+        return value
+    shards = _pooled_shards(axis_name, None)
+    return jax.tree.map(lambda total: total / shards, _all_reduce(value, axis_name))

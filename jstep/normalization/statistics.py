@@ -49,7 +49,16 @@ class _Centre(NamedTuple):
 
 def _shift(xc: jax.Array, layout: _Layout, axis_name: Any) -> jax.Array:
     """c: per feature, the first value on this device, averaged over the shards pooled (so that
-    every shard has the same c; keepdims). Summed about c, x - c is exact where |mu| >> sigma."""
+    every shard has the same c; keepdims). Summed about c, x - c is exact where |mu| >> sigma.
+    Any c gives the same mu; one near the values (not, say, a masked-out padding value) keeps
+    the precision.
+
+    Where `x` is split over its batch axes by explicit mesh axes (a sharded ``jit`` on a mesh of
+    ``AxisType.Explicit``), JAX cannot take one value of it, and c = 0: mu is then fl(mu) alone.
+    """
+    spec = tuple(getattr(jax.typeof(xc).sharding, "spec", None) or ())
+    if any(a < len(spec) and spec[a] is not None for a in layout.reduce_axes):
+        return jnp.zeros(layout.keep_shape, xc.dtype)
     first = xc[tuple(slice(0, 1) if a in layout.reduce_axes else slice(None) for a in range(xc.ndim))]
     return first if axis_name is None else _all_reduce(first, axis_name, layout.groups) / layout.shards
 
@@ -58,7 +67,7 @@ def _moments(x: jax.Array, layout: _Layout, axis_name: Any, mask: Any = None) ->
     """mu (as a `_Centre`), sigma^2 (keepdims) and K: two reads of x, in at least float32.
 
     The first pass sums x - c, the second (x - mu)^2: no E[x^2] - E[x]^2 cancellation, and with
-    the shift c (a value of the batch, see `_Centre`) no loss when |mu| >> sigma either. The
+    the shift c (a value of the batch, see `_shift`) no loss when |mu| >> sigma either. The
     subtractions are fused into the reductions, so x - c and x - mu are never written out. The
     optimization barriers give each reduction its own copy of c and mu: were their broadcasts
     shared with the caller's elementwise uses of them (Zhat, the input gradient), XLA:CPU would
