@@ -245,7 +245,7 @@ def test_reverse_mode_keeps_one_activation_sized_residual_and_per_feature_vector
         jax.ad_checkpoint.print_saved_residuals(lambda *a: jstep.batch_renorm(*a, mean, var), x, scale, offset)
     lines = out.getvalue().strip().splitlines()
     activation = [line for line in lines if "[8,6,6,16]" in line]
-    assert len(activation) == 1, lines  # Z - mu_B, the one activation-sized residual
+    assert len(activation) == 1, lines  # Z, the one activation-sized residual
     assert all("[16]" in line or "[1,1,1,16]" in line or "[]" in line for line in lines if line not in activation), (
         lines
     )

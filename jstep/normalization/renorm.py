@@ -54,8 +54,9 @@ the two per-feature sums a = sum_k m_k Zdot_k and b = sum_k m_k (Z_k - mu_B) Zdo
 
 Transposed, the activation-sized terms give the input gradient above (the cotangent times
 G r / t, and the sums sum_k dZhat_k and sum_k dZhat_k (Z_k - mu_B) against m_j and
-m_j (Z_j - mu_B)); the per-feature ones give dL/dG and dL/dB. Reverse mode keeps the centred
-input Z - mu_B (and the mask) and per-feature vectors; second derivatives are autodiff of the
+m_j (Z_j - mu_B)); the per-feature ones give dL/dG and dL/dB. Reverse mode keeps Z itself (Z - mu_B is
+recomputed where it is used, by batch norm's checkpointed product), the mask and per-feature
+vectors; second derivatives are autodiff of the
 tangent map, with r and d under ``stop_gradient`` so that they stay constant at every order.
 
 A constant feature (sigma_B = 0) with d != 0: there d sigma_B / t moves like |Z - mu_B|, so no
@@ -75,6 +76,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jstep import _core
+from jstep.normalization.batchnorm import _times_centred
 from jstep.normalization.checks import (
     FeatureAxis,
     _check_axis_name,
@@ -128,10 +130,9 @@ def _renorm_forward(x, scale, offset, mean, var, r_max, d_max, mask, layout, eps
     r, d, t, sigma = _corrections(centre.high, var_b, per_feature(mean), per_feature(var), *limits, eps)
     inverse_t = _safe_inverse(t)  # t = 0 only for a constant feature with eps = 0: Zhat = B there
     g = per_feature(scale)
-    centred = centre.of(x.astype(dtype))
-    y = centred * (g * r * inverse_t) + (g * d * sigma * inverse_t + per_feature(offset))
+    y = centre.of(x.astype(dtype)) * (g * r * inverse_t) + (g * d * sigma * inverse_t + per_feature(offset))
     outputs = (y.astype(x.dtype), centre.high.reshape(layout.feature_shape), var_b.reshape(layout.feature_shape))
-    return outputs, (centred, count, g, r, d, sigma, inverse_t)
+    return outputs, (centre, count, g, r, d, sigma, inverse_t)
 
 
 # ------------------------------------------------------------- the custom-derivative core
@@ -147,15 +148,17 @@ def _renormalize_jvp(layout, eps, axis_name, primals, tangents):
     """The module docstring's tangent map: no tangent reaches mean, var, r_max or d_max."""
     x, scale, offset, mean, var, r_max, d_max, mask = primals
     dx, dscale, doffset = tangents[:3]
-    outputs, (centred, count, g, r, d, sigma, inverse_t) = _renorm_forward(
+    outputs, (centre, count, g, r, d, sigma, inverse_t) = _renorm_forward(
         x, scale, offset, mean, var, r_max, d_max, mask, layout, eps, axis_name
     )
-    zeros = jnp.zeros(layout.keep_shape, centred.dtype)
-    dy, slope, shift, dmean_b, dvar_b = jnp.zeros_like(centred), zeros, zeros, zeros, zeros
+    dtype = g.dtype
+    xc = x.astype(dtype)
+    zeros = jnp.zeros(layout.keep_shape, dtype)
+    dy, slope, shift, dmean_b, dvar_b = jnp.zeros_like(xc), zeros, zeros, zeros, zeros
     if not isinstance(dx, SymbolicZero):
-        dx = dx.astype(centred.dtype)
+        dx = dx.astype(dtype)
         a = _total(_masked(dx, mask), layout, axis_name)  # sum m Zdot
-        b = _total(_masked(dx * centred, mask), layout, axis_name)  # sum m (Z - mu_B) Zdot
+        b = _total(_masked(_times_centred(dx, xc, centre), mask), layout, axis_name)  # sum m (Z - mu_B) Zdot
         gain = g * r * inverse_t
         q = d * eps * r * _safe_inverse(sigma) * inverse_t  # 0 for a constant feature
         dy = gain * dx
@@ -163,12 +166,12 @@ def _renormalize_jvp(layout, eps, axis_name, primals, tangents):
         shift = shift - gain * (a - q * b * inverse_t) / count
         dmean_b, dvar_b = a / count, 2 * b / count
     if not isinstance(dscale, SymbolicZero):
-        dscale = jnp.reshape(dscale, layout.keep_shape).astype(centred.dtype)
+        dscale = jnp.reshape(dscale, layout.keep_shape).astype(dtype)
         slope = slope + dscale * r * inverse_t
         shift = shift + dscale * d * sigma * inverse_t
     if not isinstance(doffset, SymbolicZero):
-        shift = shift + jnp.reshape(doffset, layout.keep_shape).astype(centred.dtype)
-    dy = dy + centred * slope + shift
+        shift = shift + jnp.reshape(doffset, layout.keep_shape).astype(dtype)
+    dy = dy + _times_centred(slope, xc, centre) + shift
     y, mean_b, var_b = outputs
     tangent_out = (
         dy.astype(y.dtype),
