@@ -257,6 +257,7 @@ def renorm_rows(repeats: int) -> list[list[str]] | None:
         residuals = {name: residual_bytes(f, x, scale, offset) for name, f in contenders.items()}
         steps = {name: training_step(f) for name, f in contenders.items()}
         carries = {name: inputs(shape) for name in steps}
+        accessed = {name: compiled_figures(step, *carries[name])[1] for name, step in steps.items()}
         medians = interleaved_medians(steps, carries, repeats)
         rows += [
             [
@@ -265,6 +266,7 @@ def renorm_rows(repeats: int) -> list[list[str]] | None:
                 f"{medians[name] * 1e3:.2f}",
                 f"{medians[name] / medians['sbx']:.2f}",
                 f"{medians[name] / medians['autodiff']:.2f}",
+                "n/a" if accessed[name] is None else f"{accessed[name] / (np.prod(shape) * 4):.1f}",
                 f"{residuals[name] / 2**20:.1f}",
             ]
             for name in steps
@@ -339,7 +341,7 @@ def main() -> None:
         print("\nbatch renorm: skipped, sbx-rl is not installed (pip install --no-deps sbx-rl==0.28.0)")
         return
     print("\nBatch renormalization after the warm-up (r_max 3, d_max 5), the same training step:")
-    header = ["NHWC shape", "contender", "ms (median)", "vs sbx", "vs autodiff", "residual MiB"]
+    header = ["NHWC shape", "contender", "ms (median)", "vs sbx", "vs autodiff", "HLO passes", "residual MiB"]
     print(format_table(header, renorm, text_columns=2))
     print(
         "jstep: jstep.linen.BatchRenorm; sbx: Stable-Baselines-JAX's BatchRenorm (sbx-rl 0.28); both update batch_stats"

@@ -54,10 +54,11 @@ the two per-feature sums a = sum_k m_k Zdot_k and b = sum_k m_k (Z_k - mu_B) Zdo
 
 Transposed, the activation-sized terms give the input gradient above (the cotangent times
 G r / t, and the sums sum_k dZhat_k and sum_k dZhat_k (Z_k - mu_B) against m_j and
-m_j (Z_j - mu_B)); the per-feature ones give dL/dG and dL/dB. Reverse mode keeps Z itself (Z - mu_B is
-recomputed where it is used, by batch norm's checkpointed product), the mask and per-feature
-vectors; second derivatives are autodiff of the
-tangent map, with r and d under ``stop_gradient`` so that they stay constant at every order.
+m_j (Z_j - mu_B)); the per-feature ones give dL/dG and dL/dB. Reverse mode keeps Z itself
+(Z - mu_B is recomputed where it is used, by batch norm's checkpointed product), the mask and
+per-feature vectors, and a training step reads and writes 8 activation-sized arrays, as batch
+norm's. Second derivatives are autodiff of the tangent map, with r and d under
+``stop_gradient`` so that they stay constant at every order.
 
 A constant feature (sigma_B = 0) with d != 0: there d sigma_B / t moves like |Z - mu_B|, so no
 derivative exists; the backward and the tangent map take the q term as 0 there (u_j = 0 for
@@ -230,7 +231,8 @@ def batch_renorm(
 
     Stable-Baselines-JAX's ``BatchRenorm`` after its warm-up computes exactly this; as eps -> 0
     it is Ioffe's (2017) Algorithm 1, G ((Z - mu_B) / sigma_B r + d) + B. r and d are held
-    constant in the gradient, which is hand-derived (the module docstring):
+    constant in the gradient, which is hand-derived (the docstring of
+    `jstep.normalization.renorm`):
 
         dL/dZ = (G r / t) (dZhat - mean(dZhat) - u mean(dZhat (u - q))),
         u = (Z - mu_B) / t, q = d eps r / (sigma_B t),
