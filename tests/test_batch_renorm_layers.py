@@ -8,6 +8,7 @@ norm, renormalization after it, the running statistics, the gradients and evalua
 import functools
 import importlib.metadata
 import importlib.util
+import sys
 
 import equinox as eqx
 import flax.linen as nn
@@ -40,6 +41,8 @@ def load_sbx_layers():
     spec = importlib.util.spec_from_file_location("sbx_jax_layers", str(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # The file needs Flax and JAX only: neither Stable-Baselines3 nor sbx's own package came in.
+    assert not {"stable_baselines3", "sbx"} & set(sys.modules), sorted(set(sys.modules) & {"stable_baselines3", "sbx"})
     return module
 
 
