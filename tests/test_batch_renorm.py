@@ -398,3 +398,17 @@ def test_it_is_exported_from_jstep_normalization():
     import jstep.normalization
 
     assert jstep.batch_renorm is jstep.normalization.batch_renorm
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_one_value_per_feature_gives_the_offset_and_no_input_gradient(eps):
+    """K = 1: sigma_B = 0, so Zhat = B whatever Z, and dL/dZ = dL/dG = 0, as batch_norm's."""
+    x = np.array([[2.0, -1.0, 7.0]], np.float32)
+    scale, offset, mean, var = np.full(3, 2.0), np.array([0.5, -0.5, 0.0]), np.zeros(3), np.ones(3)
+    dy = np.array([[1.0, -2.0, 3.0]], np.float32)
+    y, vjp = jax.vjp(lambda x, g, b: jstep.batch_renorm(x, g, b, mean, var, eps=eps), x, scale, offset)
+    dx, dscale, doffset = vjp(dy)
+    np.testing.assert_array_equal(y, offset[None].astype(np.float32))
+    np.testing.assert_array_equal(dx, 0)
+    np.testing.assert_array_equal(dscale, 0)
+    np.testing.assert_array_equal(doffset, dy[0])

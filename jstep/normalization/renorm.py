@@ -63,6 +63,10 @@ norm's. Second derivatives are autodiff of the tangent map, with r and d under
 A constant feature (sigma_B = 0) with d != 0: there d sigma_B / t moves like |Z - mu_B|, so no
 derivative exists; the backward and the tangent map take the q term as 0 there (u_j = 0 for
 every j), the symmetric choice, and with d = 0 (warm-up) this is batch norm's exact gradient.
+With eps = 0 as well, t = 0: the output is B (1/t taken as 0, the eps -> 0+ limit, as in
+`batch_norm`) and so is every derivative through Z, where none exists (`batch_norm` gives inf
+or NaN there); use eps > 0 when constant features can occur. One value per feature (K = 1) is
+such a feature: Zhat = B and dL/dZ = 0, as in `batch_norm`.
 """
 
 from __future__ import annotations
