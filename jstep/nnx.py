@@ -227,18 +227,15 @@ class BatchRenorm(BatchNorm):
     Stable-Baselines-JAX's) numbers, with NNX's defaults for the arguments NNX's BatchNorm has
     (epsilon 1e-5; Stable-Baselines-JAX's layer takes 1e-3).
 
+    Every argument of `BatchNorm` (and ``flax.nnx.BatchNorm``) means the same here. The
+    variables: `scale`, `bias` (`nnx.Param`), and `mean`, `var` (float32) and `steps` (the
+    training calls so far, int32) as `nnx.BatchStat`.
+
     Args:
-      num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
-      use_scale, bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-      promote_dtype, rngs, bias_metadata, scale_metadata: as in `BatchNorm` (and
-        ``flax.nnx.BatchNorm``).
       warmup_steps: the training calls that run batch norm before renormalization starts (an
         integer >= 0; 100_000 as Stable-Baselines-JAX).
       r_max: r's bound, >= 1.
       d_max: d's bound, >= 0.
-
-    The variables: `scale`, `bias` (`nnx.Param`), and `mean`, `var` (float32) and `steps` (the
-    training calls so far, int32) as `nnx.BatchStat`.
 
     Example:
       With no warm-up the first training call renormalizes towards the initial running

@@ -402,7 +402,7 @@ def batch_stats(
     `mask` (booleans broadcastable to `x`) the sums take the True values only, and K is their
     count per feature (see `batch_norm`). With `virtual_batch_size` V, the statistics of each
     virtual batch (N/V consecutive groups along the batch axis, see `batch_norm`), shaped
-    (N/V, *feature shape), this shard's groups only.
+    ``(N/V, *feature_shape)``, this shard's groups only.
 
     Example:
       >>> import jax.numpy as jnp
