@@ -412,11 +412,8 @@ def batch_stats(
       >>> print(mean, var)
       [ 3. 30.] [  3.5 350. ]
       >>> mean, var = jstep.batch_stats(x, virtual_batch_size=2)  # rows 0-1, then rows 2-3
-      >>> print(mean, var, sep="\n")
-      [[ 1.5 15. ]
-       [ 4.5 45. ]]
-      [[  0.25  25.  ]
-       [  2.25 225.  ]]
+      >>> print(mean.tolist(), var.tolist())
+      [[1.5, 15.0], [4.5, 45.0]] [[0.25, 25.0], [2.25, 225.0]]
     """
     axis_name = _check_axis_name(axis_name)
     size = _check_virtual_batch_size(virtual_batch_size)
