@@ -96,6 +96,35 @@ SCRIPT = textwrap.dedent(
                   jstep.batch_renorm(xg, scale, offset, mean, var, **kw))
             close(f"pmap, groups {groups}: input gradient of group {group}", dx[np.array(group)].reshape(-1, 3, 5),
                   grads(xg, scale, offset, wg)[0])
+    # The Linen layer under pmap, batch split over 8 devices, after a warm-up of one call: equal to
+    # Stable-Baselines-JAX's layer under the same pmap and to jstep's on the whole batch.
+    import importlib.metadata, importlib.util
+    import jstep.linen
+    path = importlib.metadata.distribution("sbx-rl").locate_file("sbx/common/jax_layers.py")
+    spec = importlib.util.spec_from_file_location("sbx_jax_layers", str(path))
+    sbx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sbx)
+    xs = x.reshape(8, 2, 3, 5)
+    def train(layer_class, axis_name, batches):
+        layer = layer_class(use_running_average=False, warmup_steps=1, momentum=0.5, axis_name=axis_name)
+        variables = layer.init(jax.random.key(0), batches[0][0] if axis_name else batches[0])
+        apply = lambda v, b: layer.apply(v, b, mutable=["batch_stats"])
+        apply = jax.pmap(apply, axis_name=axis_name, in_axes=(None, 0)) if axis_name else apply
+        for b in batches:
+            y, updates = apply(variables, b)
+            stats = jax.tree.map(lambda a: a[0], updates["batch_stats"]) if axis_name else updates["batch_stats"]
+            variables = {"params": variables["params"], "batch_stats": stats}
+        return y, variables["batch_stats"]
+    batches = [xs, xs * 2.0 + 1.0, xs - 3.0]
+    y, stats = train(jstep.linen.BatchRenorm, "batch", batches)
+    y_sbx, stats_sbx = train(sbx.BatchRenorm, "batch", batches)
+    y_one, stats_one = train(jstep.linen.BatchRenorm, None, [b.reshape(16, 3, 5) for b in batches])
+    # sbx-rl stores the float64 statistics into its float32 variables, jstep keeps them float32:
+    # float32 rounding of the running statistics is what separates the two.
+    close("pmap Linen layer: output against sbx-rl's", y.reshape(16, 3, 5), y_sbx.reshape(16, 3, 5), tol=1e-6)
+    close("pmap Linen layer: output against one device", y.reshape(16, 3, 5), y_one)
+    close("pmap Linen layer: running var against one device", stats["var"], stats_one["var"])
+    close("pmap Linen layer: running var against sbx-rl's", stats["var"], stats_sbx["var"], tol=1e-6)
     print("ALL OK")
     """
 )
@@ -113,5 +142,6 @@ def test_eight_devices_give_the_single_device_values_and_gradients():
     checks += ["shard_map scale gradient, summed over devices", "eager shard_map offset gradient, summed over devices"]
     checks += ["shard_map forward-mode tangent", "vmap output", "vmap input gradient", "vmap scale gradient"]
     checks += ["pmap, groups [[0, 2, 4, 6], [1, 3, 5, 7]]: input gradient of group [1, 3, 5, 7]"]
+    checks += ["pmap Linen layer: output against sbx-rl's", "pmap Linen layer: output against one device"]
     for check in checks:
         assert f"{check}: ok" in run.stdout, run.stdout
