@@ -193,13 +193,14 @@ def core_layer(
     feature_axis: FeatureAxis,
     axis_name: Any,
     axis_index_groups: Any,
+    virtual_batch_size: Any = None,
 ) -> BatchNorm:
     """The `jstep.BatchNorm` that does a layer's arithmetic; raises on invalid settings.
 
     momentum must lie in [0, 1), epsilon >= 0, and axis_index_groups, if given, needs axis_name
     and must be a list of equal-sized lists of indices (`jstep.BatchNorm`'s checks, named as the
     frameworks name them). `axis_name` is one name or a tuple or list of them, as
-    ``jax.lax.psum`` takes.
+    ``jax.lax.psum`` takes. `virtual_batch_size` (ghost batch norm) is None or a positive int.
     """
     return BatchNorm(
         momentum=momentum,
@@ -208,6 +209,7 @@ def core_layer(
         feature_axis=feature_axis,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        virtual_batch_size=virtual_batch_size,
     )
 
 

@@ -194,3 +194,66 @@ def test_bad_virtual_batch_sizes_are_refused_naming_what_is_allowed():
         jstep.BatchNorm(axis_name="i", axis_index_groups=[[0, 1]], virtual_batch_size=2)
     with pytest.raises(ValueError, match="scale has shape \\(3,\\)"):
         jstep.batch_norm(x, scale[:3], offset, virtual_batch_size=2)
+
+
+# ------------------------------------------------------------------ the framework layers
+
+
+def flax_per_group(x, scale, bias, size, momentum):
+    """Flax's BatchNorm on each group of `size` examples (jax.vmap over the groups, the
+    variables shared): (y, the groups' running means and variances after one step)."""
+    nn = pytest.importorskip("flax.linen")
+    layer = nn.BatchNorm(use_running_average=False, momentum=momentum, use_fast_variance=False)
+    stats = {"mean": jnp.zeros(x.shape[-1]), "var": jnp.ones(x.shape[-1])}
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
+
+    def one_group(x):
+        y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+        return y, updates["batch_stats"]["mean"], updates["batch_stats"]["var"]
+
+    y, means, variances = jax.vmap(one_group)(x.reshape(-1, size, *x.shape[1:]))
+    return y.reshape(x.shape), means, variances
+
+
+def test_linen_layer_with_virtual_batches_is_flax_batch_norm_vmapped_over_the_groups():
+    pytest.importorskip("flax.linen")
+    import jstep.linen
+
+    with jax.enable_x64(True):
+        x, scale, bias = inputs((12, 3, 4), -1, seed=10)
+        layer = jstep.linen.BatchNorm(use_running_average=False, momentum=0.8, virtual_batch_size=4)
+        variables = layer.init(jax.random.key(0), x[:1])  # init takes a batch of any size
+        variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": variables["batch_stats"]}
+
+        def ours(x, scale):
+            params = {"scale": scale, "bias": bias}
+            return layer.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+
+        (y, updates) = ours(x, scale)
+        want_y, means, variances = flax_per_group(x, scale, bias, 4, 0.8)
+        assert max_rel(y, want_y) < 1e-13
+        # The running statistics (kept in float32, as Flax's): the mean of the groups' updates.
+        np.testing.assert_allclose(updates["batch_stats"]["mean"], means.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(updates["batch_stats"]["var"], variances.mean(axis=0), rtol=1e-6)
+        w = np.random.default_rng(11).normal(size=x.shape)
+        got = jax.grad(lambda x, s: jnp.sum(ours(x, s)[0] * w), argnums=(0, 1))(x, scale)
+        want = jax.grad(lambda x, s: jnp.sum(flax_per_group(x, s, bias, 4, 0.8)[0] * w), argnums=(0, 1))(x, scale)
+        for g, v in zip(got, want, strict=True):
+            assert max_rel(g, v) < 1e-12
+
+
+def test_nnx_layer_with_virtual_batches_is_flax_batch_norm_vmapped_over_the_groups():
+    nnx = pytest.importorskip("flax.nnx")
+    import jstep.nnx
+
+    with jax.enable_x64(True):
+        x, scale, bias = inputs((12, 4), -1, seed=12)
+        layer = jstep.nnx.BatchNorm(4, momentum=0.8, virtual_batch_size=3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        layer.scale[...], layer.bias[...] = scale, bias
+        y = layer(x)
+        want_y, means, variances = flax_per_group(x, scale, bias, 3, 0.8)
+        assert max_rel(y, want_y) < 1e-13
+        np.testing.assert_allclose(layer.mean[...], means.mean(axis=0), rtol=1e-6)  # float32 statistics
+        np.testing.assert_allclose(layer.var[...], variances.mean(axis=0), rtol=1e-6)
+        with pytest.raises(ValueError, match="virtual_batch_size=5 does not divide"):
+            jstep.nnx.BatchNorm(4, virtual_batch_size=5, rngs=nnx.Rngs(0))(x)
