@@ -4,7 +4,8 @@
 holds `scale` and `bias`, `batch_stats` holds `mean` and `var`), and initializes as Flax's
 does, so a model switches by changing the import and its variables load into either layer.
 What differs is inside: two-pass statistics, and the notes' derivation as the gradient
-(`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+(`jstep.batch_norm`'s hand-derived derivatives, forward mode included) instead of autodiff
+through the normalization.
 
 Needs Flax: ``pip install "jstep[flax]"``. Not imported by ``import jstep``.
 """

@@ -4,7 +4,8 @@
 `bias` as `nnx.Param`, `mean` and `var` as `nnx.BatchStat`), so a model switches by changing
 the import and its weights and checkpoints load into either layer. What differs is inside:
 the statistics are two-pass (no E[x^2] - E[x]^2), and the gradient is the notes' derivation
-(`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+(`jstep.batch_norm`'s hand-derived derivatives, forward mode included) instead of autodiff
+through the normalization.
 
 Needs Flax: ``pip install "jstep[flax]"``. Not imported by ``import jstep``.
 """
