@@ -328,31 +328,17 @@ def adagrad(
     return _core.descent(scaled, learning_rate)
 
 
-def adadelta(
-    learning_rate: _core.ScalarOrSchedule = 1.0,
+def scale_by_adadelta(
     rho: Any = 0.9,
     eps: Any = 1e-6,
     *,
     accumulator_dtype: Any = None,
     rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Zeiler's ADADELTA (2012), the method the name usually means (for completeness).
-
-        E[g^2]_t  = rho E[g^2]_{t-1} + (1 - rho) g_t^2
-        d_t       = sqrt(E[dx^2]_{t-1} + eps) / sqrt(E[g^2]_t + eps) g_t
-        E[dx^2]_t = rho E[dx^2]_{t-1} + (1 - rho) d_t^2
-        W_t       = W_{t-1} - eta_t d_t
-
-    Zeiler uses eta = 1; ``optax.adadelta`` keeps the same rule and state.
+    """Zeiler's ADADELTA direction d_t (see `adadelta`), without the learning rate.
 
     Args:
-      learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
-      rho: the decay of both averages, in [0, 1).
-      eps: > 0 in practice (with eps = 0 the first step is 0 and so is every later one).
-      accumulator_dtype: dtype of both averages (default: each parameter's real dtype, float32
-        for float16 params, whose range cannot hold small squares).
-      rounding_seed: None (round-to-nearest), or an int: averages narrower than float32 are
-        stored by stochastic rounding, keys from (seed, t, leaf). No key is kept in the state.
+      rho, eps, accumulator_dtype, rounding_seed: as in `adadelta`.
     """
     _core.check_decay("rho", rho)
     _core.check_number("eps", eps)
@@ -384,4 +370,34 @@ def adadelta(
         stored = AdadeltaState(count, store(e_g, state.e_g, e_g_key), store(e_x, state.e_x, e_x_key))
         return _core.cast_like(steps, updates), stored
 
-    return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def adadelta(
+    learning_rate: _core.ScalarOrSchedule = 1.0,
+    rho: Any = 0.9,
+    eps: Any = 1e-6,
+    *,
+    accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Zeiler's ADADELTA (2012), the method the name usually means (for completeness).
+
+        E[g^2]_t  = rho E[g^2]_{t-1} + (1 - rho) g_t^2
+        d_t       = sqrt(E[dx^2]_{t-1} + eps) / sqrt(E[g^2]_t + eps) g_t
+        E[dx^2]_t = rho E[dx^2]_{t-1} + (1 - rho) d_t^2
+        W_t       = W_{t-1} - eta_t d_t
+
+    Zeiler uses eta = 1; ``optax.adadelta`` keeps the same rule and state.
+
+    Args:
+      learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
+      rho: the decay of both averages, in [0, 1).
+      eps: > 0 in practice (with eps = 0 the first step is 0 and so is every later one).
+      accumulator_dtype: dtype of both averages (default: each parameter's real dtype, float32
+        for float16 params, whose range cannot hold small squares).
+      rounding_seed: None (round-to-nearest), or an int: averages narrower than float32 are
+        stored by stochastic rounding, keys from (seed, t, leaf). No key is kept in the state.
+    """
+    direction = scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)
+    return _core.descent(direction, learning_rate)
