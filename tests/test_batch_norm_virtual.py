@@ -179,6 +179,23 @@ def test_under_a_vmap_axis_each_shard_splits_its_own_batch_and_running_statistic
             assert max_rel(shares[d], want_share) < 1e-12
 
 
+def test_under_vmap_scan_and_checkpoint():
+    with jax.enable_x64(True):
+        x, scale, offset = inputs((3, 8, 2), -1, seed=13)  # 3 problems of 8 examples, V = 4
+        dy = np.random.default_rng(14).normal(size=x.shape)
+
+        def grad(x, dy):
+            return jax.grad(lambda x: jnp.sum(jstep.batch_norm(x, scale, offset, virtual_batch_size=4) * dy))(x)
+
+        def reference(x, dy):
+            return jax.grad(lambda x: jnp.sum(ghost_reference(x, scale, offset, -1, 4, True)[0] * dy))(x)
+
+        want = np.stack([reference(x[i], dy[i]) for i in range(3)])
+        assert max_rel(jax.jit(jax.vmap(grad))(x, dy), want) < 1e-12
+        assert max_rel(jax.lax.scan(lambda c, a: (c, grad(*a)), None, (x, dy))[1], want) < 1e-12
+        assert max_rel(jax.checkpoint(grad)(x[0], dy[0]), want[0]) < 1e-12
+
+
 def test_bad_virtual_batch_sizes_are_refused_naming_what_is_allowed():
     x, scale, offset = inputs((6, 4), -1, seed=9)
     with pytest.raises(ValueError, match=r"virtual_batch_size=4 does not divide the batch axis 0 .* \(length 6\)"):
