@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jstep import _core
 from jstep.averages import running_average_update
@@ -211,13 +212,14 @@ def core_layer(
     feature_axis: FeatureAxis,
     axis_name: Any,
     axis_index_groups: Any,
+    virtual_batch_size: Any = None,
 ) -> BatchNorm:
     """The `jstep.BatchNorm` that does a layer's arithmetic; raises on invalid settings.
 
     momentum must lie in [0, 1), epsilon >= 0, and axis_index_groups, if given, needs axis_name
     and must be a list of equal-sized lists of indices (`jstep.BatchNorm`'s checks, named as the
     frameworks name them). `axis_name` is one name or a tuple or list of them, as
-    ``jax.lax.psum`` takes.
+    ``jax.lax.psum`` takes. `virtual_batch_size` (ghost batch norm) is None or a positive int.
     """
     return BatchNorm(
         momentum=momentum,
@@ -226,6 +228,7 @@ def core_layer(
         feature_axis=feature_axis,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        virtual_batch_size=virtual_batch_size,
     )
 
 
@@ -303,7 +306,7 @@ def normalize_with_average(
         (m, v) = gamma C + (1 - gamma) c      (`running_average_update`; c itself where `first`)
         Zhat   = G (Z - m) / s + B,           s = sqrt(v + eps), or sqrt(v) + eps
 
-    and (m, v) is the new C. The gradient is derived by hand (`_averaged_bwd`); the new running
+    and (m, v) is the new C. The derivatives are derived by hand (`_averaged_jvp`); the new running
     statistics carry none (they are state, as in `jstep.BatchNorm.apply`). An empty batch's error
     names `evaluation`, the framework's switch to the running statistics.
     """
@@ -318,7 +321,7 @@ def normalize_with_average(
         value = jnp.full(layout.keep_shape, default, dtype) if value is None else value
         return jnp.reshape(value, layout.keep_shape).astype(dtype)
 
-    # c, held constant: `_averaged`'s backward differentiates through it by hand. (Autodiff through
+    # c, held constant: `_averaged`'s tangent map differentiates through it by hand. (Autodiff through
     # `batch_stats` fails under a vmap inside shard_map in jax 0.10: JAX cannot transpose its
     # sum over the vmap axis there.)
     statistics = batch_stats(x, feature_axis=layer.feature_axis, axis_name=axis_name, axis_index_groups=layout.groups)
@@ -352,68 +355,87 @@ class _Averaging(NamedTuple):
     axis_name: Any
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def _averaged(x, scale, offset, running, batch, first, settings: _Averaging):
     """Zhat = G (Z - m) / s + B with (m, v) = `_average_in(running, batch, first)`, where `batch`
     holds the statistics of `x` (per-feature arrays shaped to broadcast against x)."""
-    return _averaged_fwd(x, scale, offset, running, batch, first, settings)[0]
-
-
-def _averaged_fwd(x, scale, offset, running, batch, first, settings):
     mean, var = _average_in(running, batch, first, settings.momentum)
     _, s = _denominator(var, settings.eps, settings.eps_in_sqrt)
     y = (x.astype(var.dtype) - mean) * (scale * _safe_inverse(s)) + offset
-    # The one activation-sized residual is x itself, as in `batch_norm`.
-    return y.astype(x.dtype), (x, scale, batch.mean, mean, var, first)
+    return y.astype(x.dtype)
 
 
-def _averaged_bwd(settings, residuals, dy):
-    """The gradient of Zhat = G (Z - m) / s + B, through Z and the batch's share of (m, v).
+def _averaged_jvp(settings, primals, tangents):
+    """The tangent map of Zhat = G (Z - m) / s + B, through Z and the batch's share of (m, v).
 
-    With T1 = sum_j dZhat_j and T2 = sum_j dZhat_j (Z_j - m) (over the whole batch, all-reduced
-    across `axis_name`), dL/dm = -G T1 / s and dL/dv = -G r T2 / (2 s^3), where r = 2 s ds/dv is
-    1 for s = sqrt(v + eps) and s / sqrt(v) for s = sqrt(v) + eps (0 at v = 0, its limit, as in
-    `batch_norm`). The batch's statistics enter (m, v) with weight w = 1 - gamma (w = 1 where
-    `first`), and d mu/dZ_j = 1/K, d sigma^2/dZ_j = 2 (Z_j - mu)/K, so
+    The batch's statistics enter (m, v) with weight w = 1 - gamma (w = 1 where `first`), and
+    d mu = (1/K) sum_j dZ_j, d sigma^2 = (2/K) sum_j (Z_j - mu) dZ_j (sums over the whole batch,
+    all-reduced across `axis_name`), so with the running statistics' tangents dM, dV
 
-        dL/dZ_j = G dZhat_j / s + (w/K) (dL/dm + 2 (Z_j - mu) dL/dv)
+        dm = w d mu + (1 - w) dM,   dv = w d sigma^2 + (1 - w) dV,   ds = r dv / (2 s)
+        dZhat_j = (G/s)(dZ_j - dm) - G (Z_j - m) ds / s^2 + dG (Z_j - m)/s + dB
 
-    (with w = 1: `batch_norm`'s, the notes' formula). dL/dG and dL/dB are `batch_norm`'s, and
-    the running statistics get (1 - w) dL/dm and (1 - w) dL/dv; these are this device's (or
-    example's) shares, summed by the map's transpose as for `batch_norm`'s scale.
+    where r = 2 s ds/dv is 1 for s = sqrt(v + eps) and s / sqrt(v) for s = sqrt(v) + eps (0 at
+    v = 0, its limit, as in `batch_norm`). With w = 1 it is `batch_norm`'s tangent map. Its
+    transpose, which reverse mode takes, is the hand-derived backward: the reductions
+    T1 = sum_j dZhat_j and T2 = sum_j dZhat_j (Z_j - m), then dL/dm = -G T1 / s,
+    dL/dv = -G r T2 / (2 s^3) and dL/dZ_j = G dZhat_j / s + (w/K)(dL/dm + 2 (Z_j - mu) dL/dv);
+    dL/dG and dL/dB are `batch_norm`'s, and the running statistics get (1 - w) dL/dm and
+    (1 - w) dL/dv, this device's (or example's) shares, summed by the map's transpose.
     """
-    x, scale, batch_mean, mean, var, first = residuals
-    x = _first_derivative_only(x)
+    x, scale, offset, running, batch, first = primals
+    dx, dscale, doffset, drunning, _, _ = tangents  # `batch` is held constant: its tangent is 0
     layout = settings.layout
+    y = _averaged(x, scale, offset, running, batch, first, settings)
+    mean, var = _average_in(running, batch, first, settings.momentum)
     root_v, s = _denominator(var, settings.eps, settings.eps_in_sqrt)
     inverse_s = _safe_inverse(s)
     r = 1 if settings.eps_in_sqrt else jnp.where(root_v > 0, s * _safe_inverse(root_v), 0)
-    xc, dy = x.astype(var.dtype), dy.astype(var.dtype)
-    sums = (
-        jnp.sum(dy, axis=layout.reduce_axes, keepdims=True),
-        jnp.sum(dy * (xc - mean), axis=layout.reduce_axes, keepdims=True),
-    )
-    totals = sums if settings.axis_name is None else _all_reduce(sums, settings.axis_name, layout.groups)
-
-    def d_statistics(sum_dy, sum_dy_centred):
-        """(dL/dm, dL/dv) from the two sums."""
-        return -scale * inverse_s * sum_dy, -scale * inverse_s**3 * r * sum_dy_centred / 2
-
-    d_mean, d_var = d_statistics(*totals)
     take = jnp.where(first, 1, 1 - settings.momentum).astype(var.dtype)  # w
-    dx = scale * inverse_s * dy + (take / layout.size) * (d_mean + 2 * (xc - batch_mean) * d_var)
-    d_running = BatchNormState(*((1 - take) * d for d in d_statistics(*sums)))
-    return dx.astype(x.dtype), sums[1] * inverse_s, sums[0], d_running, None, None
+    xc = _first_derivative_only(x).astype(var.dtype)
+
+    def given(tangent):
+        return not isinstance(tangent, SymbolicZero)
+
+    zero = jnp.zeros(layout.keep_shape, var.dtype)
+    d_mean = (1 - take) * drunning.mean if given(drunning.mean) else zero
+    d_var = (1 - take) * drunning.var if given(drunning.var) else zero
+    direct = None
+    if given(dx):
+        dz = dx.astype(var.dtype)
+        sums = (
+            jnp.sum(dz, axis=layout.reduce_axes, keepdims=True),
+            jnp.sum(_times_difference(dz, xc, batch.mean), axis=layout.reduce_axes, keepdims=True),
+        )
+        if settings.axis_name is not None:
+            sums = _all_reduce(sums, settings.axis_name, layout.groups)
+        sum_dz, sum_dz_centred = sums
+        d_mean = d_mean + take * sum_dz / layout.size
+        d_var = d_var + take * 2 * sum_dz_centred / layout.size
+        direct = scale * inverse_s * dz
+    d_s = r * d_var * inverse_s / 2
+    slope = -scale * d_s * inverse_s * inverse_s + (dscale * inverse_s if given(dscale) else 0)
+    shift = -scale * inverse_s * d_mean + (doffset if given(doffset) else 0)
+    dy = _times_difference(slope, xc, mean) + shift
+    dy = dy if direct is None else direct + dy
+    return y, jnp.broadcast_to(dy, y.shape).astype(y.dtype)
 
 
-_averaged.defvjp(_averaged_fwd, _averaged_bwd)
+_averaged.defjvp(_averaged_jvp, symbolic_zeros=True)
+
+
+@jax.checkpoint
+def _times_difference(tangent, x, centre):
+    """tangent (Z - c), with Z - c computed where it is used: linearizing keeps Z, not Z - c
+    (see `jstep.normalization.batchnorm`'s `_times_centred`)."""
+    return tangent * (x - centre)
 
 
 @jax.custom_jvp
 def _first_derivative_only(x: jax.Array) -> jax.Array:
-    """x itself, in `_averaged_bwd`, where the batch's statistics are held constant: its derivative
-    in x (a second derivative of the layer through x) would miss their dependence on x, so it
-    is refused rather than given wrong."""
+    """x itself, in `_averaged_jvp`'s tangent map, where the batch's statistics are held constant:
+    its derivative in x (a second derivative of the layer through x) would miss their
+    dependence on x, so it is refused rather than given wrong."""
     return x
 
 

@@ -9,7 +9,8 @@ layer. As in Equinox it normalizes one example of shape ``(input_size, ...)`` an
 batch statistics across ``jax.vmap(..., axis_name=...)`` (or ``pmap``, or a ``shard_map``
 axis, or a tuple of names). The numbers are Equinox's, to float32 rounding, in both modes;
 what differs is inside: two-pass statistics in at least float32, and in ``mode="batch"`` the
-notes' derivation as the gradient (`jstep.batch_norm`'s custom VJP).
+notes' derivation as the gradient (`jstep.batch_norm`'s hand-derived derivatives, forward
+mode included).
 
 Needs Equinox: ``pip install "jstep[equinox]"``. Not imported by ``import jstep``.
 """

@@ -4,7 +4,8 @@
 holds `scale` and `bias`, `batch_stats` holds `mean` and `var`), and initializes as Flax's
 does, so a model switches by changing the import and its variables load into either layer.
 What differs is inside: two-pass statistics, and the notes' derivation as the gradient
-(`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+(`jstep.batch_norm`'s hand-derived derivatives, forward mode included) instead of autodiff
+through the normalization.
 
 Needs Flax: ``pip install "jstep[flax]"``. Not imported by ``import jstep``.
 """
@@ -68,6 +69,11 @@ class BatchNorm(nn.Module):
       force_float32_reductions: as in Flax, the dtype of the running statistics (float32, or
         `param_dtype` when False). jstep's reductions are at least float32 either way.
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+      virtual_batch_size: jstep's own option (ghost batch norm): None, or V dividing the batch
+        axis (the first non-feature axis): each group of V consecutive examples is normalized
+        with its own statistics, and the running statistics take the mean of the groups' (see
+        `jstep.batch_norm` and `jstep.BatchNorm`; Keras's groups are strided, jstep's consecutive).
+        ``init`` normalizes its batch as one group, so it takes a batch of any size.
 
     Example:
       Flax's variables; a training call with ``batch_stats`` mutable moves the running
@@ -101,6 +107,7 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     eps_in_sqrt: bool = True
+    virtual_batch_size: int | None = None
 
     def __post_init__(self):
         # Checks every setting when the module is built (a wrong type fails here, naming it).
@@ -132,6 +139,7 @@ class BatchNorm(nn.Module):
             feature_axis=self.axis,
             axis_name=self.axis_name if mapped else None,
             axis_index_groups=self.axis_index_groups if mapped else None,
+            virtual_batch_size=self.virtual_batch_size if mapped else None,  # init: any batch
         )
 
     @nn.compact

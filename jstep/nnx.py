@@ -4,7 +4,8 @@
 `bias` as `nnx.Param`, `mean` and `var` as `nnx.BatchStat`), so a model switches by changing
 the import and its weights and checkpoints load into either layer. What differs is inside:
 the statistics are two-pass (no E[x^2] - E[x]^2), and the gradient is the notes' derivation
-(`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+(`jstep.batch_norm`'s hand-derived derivatives, forward mode included) instead of autodiff
+through the normalization.
 
 Needs Flax: ``pip install "jstep[flax]"``. Not imported by ``import jstep``.
 """
@@ -79,6 +80,10 @@ class BatchNorm(nnx.Module):
       bias_metadata: metadata of the `bias` parameter (e.g. its sharding).
       scale_metadata: metadata of the `scale` parameter.
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+      virtual_batch_size: jstep's own option (ghost batch norm): None, or V dividing the batch
+        axis (the first non-feature axis): each group of V consecutive examples is normalized
+        with its own statistics, and the running statistics take the mean of the groups' (see
+        `jstep.batch_norm` and `jstep.BatchNorm`; Keras's groups are strided, jstep's consecutive).
 
     Example:
       A training call on a batch whose columns have means [3, 30] and variances [3.5, 350]
@@ -116,6 +121,7 @@ class BatchNorm(nnx.Module):
         bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
         scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
         eps_in_sqrt: bool = True,
+        virtual_batch_size: int | None = None,
     ):
         settings = _layers.check_settings(
             num_features=num_features,
@@ -160,6 +166,7 @@ class BatchNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.eps_in_sqrt = eps_in_sqrt
+        self.virtual_batch_size = virtual_batch_size
         self._core()  # checks the settings now
 
     def _core(self):
@@ -171,6 +178,7 @@ class BatchNorm(nnx.Module):
             feature_axis=self.axis,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     def __call__(

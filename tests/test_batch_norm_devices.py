@@ -491,6 +491,33 @@ FORWARD_SCRIPT = textwrap.dedent(
         return jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"), P("batch")), out_specs=P("batch"),
                              check_vma=False)(x, dx)
 
+    # Ghost batch norm under shard_map: each device's 2 examples are one virtual batch (V = 2),
+    # normalized alone; the gradient of the summed loss and the layer's running statistics (the
+    # mean over all 8 devices' groups) against the plain batch norm of each device's examples.
+    bn = jstep.BatchNorm(momentum=0.5, eps=EPS, axis_name="batch", virtual_batch_size=2)
+    params = jstep.BatchNormParams(scale, offset)
+    state = jstep.BatchNormState(jnp.zeros(5), jnp.ones(5))
+
+    def ghost_loss(params, x):
+        def per_device(params, x, w):
+            y, new_state = bn.apply(params, state, x)
+            return jax.lax.psum(jnp.sum(jnp.sin(y) * w), "batch"), (y, new_state)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                             out_specs=(P(), (P("batch"), P())))(params, x, w)
+
+    (_, (y, new_state)), (dparams, dx_ghost) = jax.jit(jax.value_and_grad(ghost_loss, argnums=(0, 1), has_aux=True))(
+        params, x)
+    pieces = [jax.value_and_grad(lambda x, s, o: jnp.sum(jnp.sin(plain(x, s, o, True)) * w[2 * d:2 * d + 2]),
+                                 argnums=(0, 1, 2))(x[2 * d:2 * d + 2], scale, offset) for d in range(8)]
+    close("ghost shard_map: output", y, jnp.concatenate([plain(x[2 * d:2 * d + 2], scale, offset, True)
+                                                        for d in range(8)]))
+    close("ghost shard_map: input gradient", dx_ghost, jnp.concatenate([g[0] for _, g in pieces]))
+    close("ghost shard_map: scale gradient", dparams.scale, sum(g[1] for _, g in pieces))
+    close("ghost shard_map: offset gradient", dparams.offset, sum(g[2] for _, g in pieces))
+    groups_x = np.asarray(x).reshape(8, 2, 3, 5)
+    close("ghost shard_map: running mean", new_state.mean, 0.5 * groups_x.mean(axis=(1, 2)).mean(0))
+    close("ghost shard_map: running var", new_state.var, 0.5 + 0.5 * groups_x.var(axis=(1, 2)).mean(0))
+
     tangent = jax.jit(unchecked_tangent)(x, dx)
     for devices in groups:
         xg, dxg = (shards(a)[devices].reshape(-1, *a.shape[1:]) for a in (x, dx))
@@ -518,6 +545,7 @@ def test_forward_mode_on_eight_devices_equals_the_whole_batch():
             for what in ["jvp", "forward over reverse, x", "forward over reverse, scale", "jacfwd in scale"]:
                 assert f"{mapping}, {options}: {what}: ok" in run.stdout
     assert run.stdout.count("groups, group") >= 2 and run.stdout.count("eager shard_map") == 4
+    assert run.stdout.count("ghost shard_map") == 6
 
 
 @pytest.fixture(scope="module")

@@ -401,8 +401,8 @@ def batch_stats(
     statistics of the whole batch (with `axis_index_groups`, those of its group's batch). With
     `mask` (booleans broadcastable to `x`) the sums take the True values only, and K is their
     count per feature (see `batch_norm`). With `virtual_batch_size` V, the statistics of each
-    virtual batch (N/V consecutive groups along the batch axis, see `batch_norm`), shaped
-    ``(N/V, *feature_shape)``, this shard's groups only.
+    virtual batch (N/V consecutive groups along the batch axis, see `batch_norm`), with the
+    groups on a first axis of length N/V before the feature axes, this shard's groups only.
 
     Example:
       >>> import jax.numpy as jnp
@@ -412,8 +412,8 @@ def batch_stats(
       >>> print(mean, var)
       [ 3. 30.] [  3.5 350. ]
       >>> mean, var = jstep.batch_stats(x, virtual_batch_size=2)  # rows 0-1, then rows 2-3
-      >>> print(mean.tolist(), var.tolist())
-      [[1.5, 15.0], [4.5, 45.0]] [[0.25, 25.0], [2.25, 225.0]]
+      >>> print(mean.shape, mean[1], var[1])  # the second group's: rows 2 and 3
+      (2, 2) [ 4.5 45. ] [  2.25 225.  ]
     """
     axis_name = _check_axis_name(axis_name)
     size = _check_virtual_batch_size(virtual_batch_size)

@@ -32,7 +32,7 @@ def _per_device(value: Any, axis_name: Any) -> Any:
     Under ``shard_map`` a replicated `scale` is cast to varying here, so its gradient is this
     device's share; the transpose of that cast sums the per-device gradients, exactly as for a
     parameter used by ordinary jnp code. The vmap axes are left alone: there an unbatched
-    `scale`'s per-example gradients are summed by vmap's own rule for ``custom_vjp``.
+    `scale`'s per-example gradients are summed by vmap's transpose of its broadcast.
     """
     if axis_name is None:
         return value
