@@ -10,6 +10,11 @@ and offset), all buffers donated. The contenders:
   backward);
 - ``flax``: ``flax.linen.BatchNorm(use_running_average=False)`` (its batch-stats update included);
 - ``autodiff``: a plain jnp batch norm (two-pass statistics) differentiated by JAX;
+- ``jstep ghost`` and ``flax ghost``: ghost batch norm, each group of ``--virtual-batch-size``
+  consecutive examples normalized with its own statistics: `jstep.batch_norm(...,
+  virtual_batch_size=V)` against the best JAX alternative, Flax's BatchNorm under ``jax.vmap``
+  over the groups (``x.reshape(N // V, V, ...)``, the variables shared). Their ``vs flax``
+  column compares them with each other;
 - ``torch`` (when PyTorch imports; ``--no-torch`` leaves it out): PyTorch's native
   ``torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True)`` on the same data
   as an NCHW tensor in ``torch.channels_last`` memory format (the NHWC bytes, permuted), the loss
@@ -35,6 +40,12 @@ forward keeps for the backward (the leaves of ``jax.vjp``'s closure).
     python benchmarks/batch_norm.py               # both shapes, 30 repeats
     python benchmarks/batch_norm.py --repeats 5   # a quick look
     python benchmarks/batch_norm.py --no-torch    # without PyTorch
+    python benchmarks/batch_norm.py --virtual-batch-size 32  # ghost batches of 32 (default 16)
+
+A second table times batch renormalization (after the warm-up) the same way: `jstep.linen.BatchRenorm`
+against Stable-Baselines-JAX's ``BatchRenorm`` (sbx-rl, installed with ``pip install --no-deps
+sbx-rl==0.28.0``; its layer is loaded from its file, without importing Stable-Baselines3) and
+autodiff through a plain jnp version; both layers include their batch_stats update.
 """
 
 from __future__ import annotations
@@ -91,6 +102,31 @@ def flax_batch_norm():
         return y
 
     return apply
+
+
+def flax_ghost_batch_norm(size):
+    """Flax's layer on each group of `size` examples: jax.vmap over the groups, shared variables."""
+    flax = flax_batch_norm()
+
+    def apply(x, scale, offset):
+        groups = jax.vmap(flax, in_axes=(0, None, None))(x.reshape(-1, size, *x.shape[1:]), scale, offset)
+        return groups.reshape(x.shape)
+
+    return apply
+
+
+def jstep_ghost_batch_norm(size):
+    def apply(x, scale, offset):
+        return jstep.batch_norm(x, scale, offset, virtual_batch_size=size)
+
+    return apply
+
+
+def check_ghost_gradient(jstep_ghost, flax_ghost, x, scale, offset, w) -> None:
+    """Both ghost batch norms give the same input gradient, to 1e-4 of its largest entry."""
+    grads = [jax.grad(lambda x, f=f: jnp.sum(f(x, scale, offset) * w))(x) for f in (jstep_ghost, flax_ghost)]
+    got, want = map(np.asarray, grads)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
 
 
 def training_step(normalize):
@@ -172,6 +208,103 @@ def check_torch_gradient(input_gradient, x, scale, offset, w) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
 
 
+# ---------------------------------------------------------------- batch renormalization
+
+RENORM_STATS = 0.5, 2.0  # running mean and var: r and d inside their bounds for inputs()'s N(1, 2^2)
+
+
+def sbx_layers_module():
+    """Stable-Baselines-JAX's ``sbx/common/jax_layers.py`` (sbx-rl), loaded from its file: ``import sbx``
+    would import Stable-Baselines3, which the layer does not need. None when sbx-rl is not installed."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        path = importlib.metadata.distribution("sbx-rl").locate_file("sbx/common/jax_layers.py")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    spec = importlib.util.spec_from_file_location("sbx_jax_layers", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def renorm_layer(layer_class):
+    """A BatchRenorm layer after its warm-up as (x, scale, offset) -> y, its running-stats update included."""
+    layer = layer_class(use_running_average=False, warmup_steps=0, epsilon=EPS)
+
+    def apply(x, scale, offset):
+        mean, var = RENORM_STATS
+        stats = {
+            "mean": jnp.full(x.shape[-1:], mean, x.dtype),
+            "var": jnp.full(x.shape[-1:], var, x.dtype),
+            "r_max": 3,
+            "d_max": 5,
+            "steps": 1,
+        }
+        y, _ = layer.apply(
+            {"params": {"scale": scale, "bias": offset}, "batch_stats": stats}, x, mutable=["batch_stats"]
+        )
+        return y
+
+    return apply
+
+
+def plain_batch_renorm(x, scale, offset):
+    """The same function as jstep.batch_renorm after the warm-up (r_max 3, d_max 5), left to autodiff."""
+    axes = tuple(range(x.ndim - 1))
+    mean, var = RENORM_STATS
+    mu_b = jnp.mean(x, axis=axes, keepdims=True)
+    var_b = jnp.mean(jnp.square(x - mu_b), axis=axes, keepdims=True)
+    s = jnp.sqrt(var + EPS)
+    r = jax.lax.stop_gradient(jnp.clip(jnp.sqrt(var_b + EPS) / s, 1 / 3, 3))
+    d = jax.lax.stop_gradient(jnp.clip((mu_b - mean) / s, -5, 5))
+    return scale * (r * (x - mu_b) + d * jnp.sqrt(var_b)) / jnp.sqrt(var_b + EPS * r**2) + offset
+
+
+def check_renorm_gradient(ours, theirs, x, scale, offset, w) -> None:
+    """jstep's input gradient agrees with Stable-Baselines-JAX's to 1e-4 of its largest entry."""
+    want = jax.grad(lambda x: jnp.sum(theirs(x, scale, offset) * w))(x)
+    got = jax.grad(lambda x: jnp.sum(ours(x, scale, offset) * w))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def renorm_rows(repeats: int) -> list[list[str]] | None:
+    """Batch renorm's training step: jstep.linen.BatchRenorm against Stable-Baselines-JAX's layer."""
+    sbx = sbx_layers_module()
+    if sbx is None:
+        return None
+    import jstep.linen
+
+    contenders = {
+        "jstep": renorm_layer(jstep.linen.BatchRenorm),
+        "sbx": renorm_layer(sbx.BatchRenorm),
+        "autodiff": plain_batch_renorm,
+    }
+    rows = []
+    for shape in SHAPES:
+        x, scale, offset, w = inputs(shape)
+        check_renorm_gradient(contenders["jstep"], contenders["sbx"], x, scale, offset, w)
+        residuals = {name: residual_bytes(f, x, scale, offset) for name, f in contenders.items()}
+        steps = {name: training_step(f) for name, f in contenders.items()}
+        carries = {name: inputs(shape) for name in steps}
+        accessed = {name: compiled_figures(step, *carries[name])[1] for name, step in steps.items()}
+        medians = interleaved_medians(steps, carries, repeats)
+        rows += [
+            [
+                "x".join(map(str, shape)),
+                name,
+                f"{medians[name] * 1e3:.2f}",
+                f"{medians[name] / medians['sbx']:.2f}",
+                f"{medians[name] / medians['autodiff']:.2f}",
+                "n/a" if accessed[name] is None else f"{accessed[name] / (np.prod(shape) * 4):.1f}",
+                f"{residuals[name] / 2**20:.1f}",
+            ]
+            for name in steps
+        ]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -179,10 +312,19 @@ def main() -> None:
         "--torch", action=argparse.BooleanOptionalAction, default=None,
         help="also time PyTorch's native batch norm (default: when torch imports)",
     )  # fmt: skip
+    parser.add_argument("--virtual-batch-size", type=int, default=16, help="ghost batch norm's group size")
     args = parser.parse_args()
 
     torch = load_torch(args.torch)
-    contenders = {"jstep": jstep.batch_norm, "flax": flax_batch_norm(), "autodiff": plain_batch_norm}
+    size = args.virtual_batch_size
+    contenders = {
+        "jstep": jstep.batch_norm,
+        "flax": flax_batch_norm(),
+        "autodiff": plain_batch_norm,
+        "jstep ghost": jstep_ghost_batch_norm(size),
+        "flax ghost": flax_ghost_batch_norm(size),
+    }
+    baseline = {"jstep ghost": "flax ghost", "flax ghost": "flax ghost"}  # the ghost rows compare with each other
     print(machine_report())
     if torch:
         device = torch_device(torch)
@@ -198,6 +340,7 @@ def main() -> None:
     rows = []
     for shape in SHAPES:
         probe = inputs(shape)
+        check_ghost_gradient(contenders["jstep ghost"], contenders["flax ghost"], *probe)
         residuals = {name: residual_bytes(f, *probe[:3]) for name, f in contenders.items()}
         steps = {name: training_step(f) for name, f in contenders.items()}
         carries = {name: inputs(shape) for name in steps}
@@ -213,8 +356,8 @@ def main() -> None:
                 "x".join(map(str, shape)),
                 name,
                 f"{medians[name] * 1e3:.2f}",
-                f"{medians[name] / medians['flax']:.2f}",
-                f"{medians[name] / medians['autodiff']:.2f}",
+                f"{medians[name] / medians[baseline.get(name, 'flax')]:.2f}",
+                "n/a" if name in baseline else f"{medians[name] / medians['autodiff']:.2f}",
             ]
             if torch:
                 row.append(f"{medians[name] / medians['torch']:.2f}")
@@ -230,9 +373,21 @@ def main() -> None:
     print(format_table(header, rows, text_columns=2))
     targets = "jstep <= 0.6x flax, <= 0.3x autodiff" + (", <= 1x torch" if torch else "")
     print(f"\n{args.repeats} repeats, forward + backward per call; targets: {targets}")
+    print(f"ghost rows: groups of {size} examples; their vs flax is against flax ghost (Flax vmapped over the groups)")
     if torch:
         print("of copy BW counts the 8 passes of the jitted step for every contender, torch included")
     print("HLO passes: activation-sized arrays the compiled step's kernels read and write (XLA's cost analysis)")
+
+    renorm = renorm_rows(args.repeats)
+    if renorm is None:
+        print("\nbatch renorm: skipped, sbx-rl is not installed (pip install --no-deps sbx-rl==0.28.0)")
+        return
+    print("\nBatch renormalization after the warm-up (r_max 3, d_max 5), the same training step:")
+    header = ["NHWC shape", "contender", "ms (median)", "vs sbx", "vs autodiff", "HLO passes", "residual MiB"]
+    print(format_table(header, renorm, text_columns=2))
+    print(
+        "jstep: jstep.linen.BatchRenorm; sbx: Stable-Baselines-JAX's BatchRenorm (sbx-rl 0.28); both update batch_stats"
+    )
 
 
 if __name__ == "__main__":

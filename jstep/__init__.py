@@ -29,7 +29,7 @@ from jstep.averages import (
 )
 from jstep.grouping import grouped
 from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
-from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_stats
+from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_renorm, batch_stats
 from jstep.precision import apply_updates, stochastic_round
 from jstep.testing import check_vjp
 
@@ -53,6 +53,7 @@ __all__ = [
     "adamw",
     "apply_updates",
     "batch_norm",
+    "batch_renorm",
     "batch_stats",
     "check_vjp",
     "cumulative_average",

@@ -1,6 +1,7 @@
 """What jstep's framework layers (`jstep.nnx`, `jstep.linen`, `jstep.equinox`) share.
 
-Each layer is a thin shell around `jstep.BatchNorm`: the numbers (batch statistics, the
+Each layer is a thin shell around `jstep.BatchNorm` (the BatchRenorm layers around
+`jstep.batch_renorm`, by `renormalize`): the numbers (batch statistics, the
 normalization and its hand-derived gradient, the running average of the statistics, the
 evaluation with running statistics) all come from there; a layer only keeps its framework's
 variables, names, dtype policy and train/eval switch. Nothing here imports a framework.
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jstep import _core
 from jstep.averages import running_average_update
@@ -36,6 +38,7 @@ from jstep.normalization import (
     _safe_inverse,
     batch_stats,
 )
+from jstep.normalization.renorm import _renormalize_checked
 
 
 def missing_framework(module: str, framework: str, extra: str) -> ImportError:
@@ -156,6 +159,19 @@ def check_axis_name(name: str, value: Any, *, required: bool = False) -> Any:
     return value
 
 
+def check_count(name: str, value: Any) -> int:
+    """A number of steps: a non-negative Python or NumPy integer, as an int."""
+    try:
+        count = None if _is_bool(value) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None:
+        raise TypeError(f"{name} must be an integer >= 0 (a Python or NumPy int), got {_core._shown(value)}")
+    if count < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return count
+
+
 _FLAGS = ["use_bias", "use_scale", "use_fast_variance", "force_float32_reductions", "channelwise_affine", "inference"]
 
 # Each setting's rule, by the name the frameworks give it.
@@ -173,6 +189,9 @@ _CHECKS: dict[str, Any] = {
     **dict.fromkeys(["bias_init", "scale_init", "promote_dtype"], check_callable),
     **dict.fromkeys(["bias_metadata", "scale_metadata"], check_mapping),
     "axis_name": check_axis_name,
+    "warmup_steps": check_count,
+    "r_max": functools.partial(check_static_number, low=1.0),
+    "d_max": check_static_number,
 }
 
 
@@ -193,13 +212,14 @@ def core_layer(
     feature_axis: FeatureAxis,
     axis_name: Any,
     axis_index_groups: Any,
+    virtual_batch_size: Any = None,
 ) -> BatchNorm:
     """The `jstep.BatchNorm` that does a layer's arithmetic; raises on invalid settings.
 
     momentum must lie in [0, 1), epsilon >= 0, and axis_index_groups, if given, needs axis_name
     and must be a list of equal-sized lists of indices (`jstep.BatchNorm`'s checks, named as the
     frameworks name them). `axis_name` is one name or a tuple or list of them, as
-    ``jax.lax.psum`` takes.
+    ``jax.lax.psum`` takes. `virtual_batch_size` (ghost batch norm) is None or a positive int.
     """
     return BatchNorm(
         momentum=momentum,
@@ -208,6 +228,7 @@ def core_layer(
         feature_axis=feature_axis,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        virtual_batch_size=virtual_batch_size,
     )
 
 
@@ -285,7 +306,7 @@ def normalize_with_average(
         (m, v) = gamma C + (1 - gamma) c      (`running_average_update`; c itself where `first`)
         Zhat   = G (Z - m) / s + B,           s = sqrt(v + eps), or sqrt(v) + eps
 
-    and (m, v) is the new C. The gradient is derived by hand (`_averaged_bwd`); the new running
+    and (m, v) is the new C. The derivatives are derived by hand (`_averaged_jvp`); the new running
     statistics carry none (they are state, as in `jstep.BatchNorm.apply`). An empty batch's error
     names `evaluation`, the framework's switch to the running statistics.
     """
@@ -300,7 +321,7 @@ def normalize_with_average(
         value = jnp.full(layout.keep_shape, default, dtype) if value is None else value
         return jnp.reshape(value, layout.keep_shape).astype(dtype)
 
-    # c, held constant: `_averaged`'s backward differentiates through it by hand. (Autodiff through
+    # c, held constant: `_averaged`'s tangent map differentiates through it by hand. (Autodiff through
     # `batch_stats` fails under a vmap inside shard_map in jax 0.10: JAX cannot transpose its
     # sum over the vmap axis there.)
     statistics = batch_stats(x, feature_axis=layer.feature_axis, axis_name=axis_name, axis_index_groups=layout.groups)
@@ -334,68 +355,87 @@ class _Averaging(NamedTuple):
     axis_name: Any
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def _averaged(x, scale, offset, running, batch, first, settings: _Averaging):
     """Zhat = G (Z - m) / s + B with (m, v) = `_average_in(running, batch, first)`, where `batch`
     holds the statistics of `x` (per-feature arrays shaped to broadcast against x)."""
-    return _averaged_fwd(x, scale, offset, running, batch, first, settings)[0]
-
-
-def _averaged_fwd(x, scale, offset, running, batch, first, settings):
     mean, var = _average_in(running, batch, first, settings.momentum)
     _, s = _denominator(var, settings.eps, settings.eps_in_sqrt)
     y = (x.astype(var.dtype) - mean) * (scale * _safe_inverse(s)) + offset
-    # The one activation-sized residual is x itself, as in `batch_norm`.
-    return y.astype(x.dtype), (x, scale, batch.mean, mean, var, first)
+    return y.astype(x.dtype)
 
 
-def _averaged_bwd(settings, residuals, dy):
-    """The gradient of Zhat = G (Z - m) / s + B, through Z and the batch's share of (m, v).
+def _averaged_jvp(settings, primals, tangents):
+    """The tangent map of Zhat = G (Z - m) / s + B, through Z and the batch's share of (m, v).
 
-    With T1 = sum_j dZhat_j and T2 = sum_j dZhat_j (Z_j - m) (over the whole batch, all-reduced
-    across `axis_name`), dL/dm = -G T1 / s and dL/dv = -G r T2 / (2 s^3), where r = 2 s ds/dv is
-    1 for s = sqrt(v + eps) and s / sqrt(v) for s = sqrt(v) + eps (0 at v = 0, its limit, as in
-    `batch_norm`). The batch's statistics enter (m, v) with weight w = 1 - gamma (w = 1 where
-    `first`), and d mu/dZ_j = 1/K, d sigma^2/dZ_j = 2 (Z_j - mu)/K, so
+    The batch's statistics enter (m, v) with weight w = 1 - gamma (w = 1 where `first`), and
+    d mu = (1/K) sum_j dZ_j, d sigma^2 = (2/K) sum_j (Z_j - mu) dZ_j (sums over the whole batch,
+    all-reduced across `axis_name`), so with the running statistics' tangents dM, dV
 
-        dL/dZ_j = G dZhat_j / s + (w/K) (dL/dm + 2 (Z_j - mu) dL/dv)
+        dm = w d mu + (1 - w) dM,   dv = w d sigma^2 + (1 - w) dV,   ds = r dv / (2 s)
+        dZhat_j = (G/s)(dZ_j - dm) - G (Z_j - m) ds / s^2 + dG (Z_j - m)/s + dB
 
-    (with w = 1: `batch_norm`'s, the notes' formula). dL/dG and dL/dB are `batch_norm`'s, and
-    the running statistics get (1 - w) dL/dm and (1 - w) dL/dv; these are this device's (or
-    example's) shares, summed by the map's transpose as for `batch_norm`'s scale.
+    where r = 2 s ds/dv is 1 for s = sqrt(v + eps) and s / sqrt(v) for s = sqrt(v) + eps (0 at
+    v = 0, its limit, as in `batch_norm`). With w = 1 it is `batch_norm`'s tangent map. Its
+    transpose, which reverse mode takes, is the hand-derived backward: the reductions
+    T1 = sum_j dZhat_j and T2 = sum_j dZhat_j (Z_j - m), then dL/dm = -G T1 / s,
+    dL/dv = -G r T2 / (2 s^3) and dL/dZ_j = G dZhat_j / s + (w/K)(dL/dm + 2 (Z_j - mu) dL/dv);
+    dL/dG and dL/dB are `batch_norm`'s, and the running statistics get (1 - w) dL/dm and
+    (1 - w) dL/dv, this device's (or example's) shares, summed by the map's transpose.
     """
-    x, scale, batch_mean, mean, var, first = residuals
-    x = _first_derivative_only(x)
+    x, scale, offset, running, batch, first = primals
+    dx, dscale, doffset, drunning, _, _ = tangents  # `batch` is held constant: its tangent is 0
     layout = settings.layout
+    y = _averaged(x, scale, offset, running, batch, first, settings)
+    mean, var = _average_in(running, batch, first, settings.momentum)
     root_v, s = _denominator(var, settings.eps, settings.eps_in_sqrt)
     inverse_s = _safe_inverse(s)
     r = 1 if settings.eps_in_sqrt else jnp.where(root_v > 0, s * _safe_inverse(root_v), 0)
-    xc, dy = x.astype(var.dtype), dy.astype(var.dtype)
-    sums = (
-        jnp.sum(dy, axis=layout.reduce_axes, keepdims=True),
-        jnp.sum(dy * (xc - mean), axis=layout.reduce_axes, keepdims=True),
-    )
-    totals = sums if settings.axis_name is None else _all_reduce(sums, settings.axis_name, layout.groups)
-
-    def d_statistics(sum_dy, sum_dy_centred):
-        """(dL/dm, dL/dv) from the two sums."""
-        return -scale * inverse_s * sum_dy, -scale * inverse_s**3 * r * sum_dy_centred / 2
-
-    d_mean, d_var = d_statistics(*totals)
     take = jnp.where(first, 1, 1 - settings.momentum).astype(var.dtype)  # w
-    dx = scale * inverse_s * dy + (take / layout.size) * (d_mean + 2 * (xc - batch_mean) * d_var)
-    d_running = BatchNormState(*((1 - take) * d for d in d_statistics(*sums)))
-    return dx.astype(x.dtype), sums[1] * inverse_s, sums[0], d_running, None, None
+    xc = _first_derivative_only(x).astype(var.dtype)
+
+    def given(tangent):
+        return not isinstance(tangent, SymbolicZero)
+
+    zero = jnp.zeros(layout.keep_shape, var.dtype)
+    d_mean = (1 - take) * drunning.mean if given(drunning.mean) else zero
+    d_var = (1 - take) * drunning.var if given(drunning.var) else zero
+    direct = None
+    if given(dx):
+        dz = dx.astype(var.dtype)
+        sums = (
+            jnp.sum(dz, axis=layout.reduce_axes, keepdims=True),
+            jnp.sum(_times_difference(dz, xc, batch.mean), axis=layout.reduce_axes, keepdims=True),
+        )
+        if settings.axis_name is not None:
+            sums = _all_reduce(sums, settings.axis_name, layout.groups)
+        sum_dz, sum_dz_centred = sums
+        d_mean = d_mean + take * sum_dz / layout.size
+        d_var = d_var + take * 2 * sum_dz_centred / layout.size
+        direct = scale * inverse_s * dz
+    d_s = r * d_var * inverse_s / 2
+    slope = -scale * d_s * inverse_s * inverse_s + (dscale * inverse_s if given(dscale) else 0)
+    shift = -scale * inverse_s * d_mean + (doffset if given(doffset) else 0)
+    dy = _times_difference(slope, xc, mean) + shift
+    dy = dy if direct is None else direct + dy
+    return y, jnp.broadcast_to(dy, y.shape).astype(y.dtype)
 
 
-_averaged.defvjp(_averaged_fwd, _averaged_bwd)
+_averaged.defjvp(_averaged_jvp, symbolic_zeros=True)
+
+
+@jax.checkpoint
+def _times_difference(tangent, x, centre):
+    """tangent (Z - c), with Z - c computed where it is used: linearizing keeps Z, not Z - c
+    (see `jstep.normalization.batchnorm`'s `_times_centred`)."""
+    return tangent * (x - centre)
 
 
 @jax.custom_jvp
 def _first_derivative_only(x: jax.Array) -> jax.Array:
-    """x itself, in `_averaged_bwd`, where the batch's statistics are held constant: its derivative
-    in x (a second derivative of the layer through x) would miss their dependence on x, so it
-    is refused rather than given wrong."""
+    """x itself, in `_averaged_jvp`'s tangent map, where the batch's statistics are held constant:
+    its derivative in x (a second derivative of the layer through x) would miss their
+    dependence on x, so it is refused rather than given wrong."""
     return x
 
 
@@ -407,3 +447,78 @@ def _first_derivative_only_jvp(primals, tangents):
         'derivatives in the weights and running statistics. mode="batch" (jstep.batch_norm) gives '
         "exact second derivatives in x too."
     )
+
+
+# ----------------------------------------------------------------- batch renormalization
+
+
+def renormalize(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mean: jax.Array,
+    var: jax.Array,
+    steps: Any,
+    r_max: Any,
+    d_max: Any,
+    *,
+    warmup_steps: int,
+    momentum: Any,
+    epsilon: float,
+    feature_axis: FeatureAxis,
+    axis_name: Any,
+    axis_index_groups: Any,
+    mask: Any = None,
+    evaluation: str = "use_running_average=True",
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(y, new running mean, new running var, steps + 1) of a BatchRenorm layer's training call.
+
+    y is `jstep.batch_renorm` of x towards the running `mean` and `var`; while
+    ``steps < warmup_steps`` the bounds are r_max = 1 and d_max = 0, so r = 1, d = 0 and y is
+    batch norm, G (x - mu_B) / sqrt(sigma_B^2 + eps) + B, gradient included. Either way the
+    running statistics become C <- momentum C + (1 - momentum) c with the batch's
+    c = (mu_B, sigma_B^2) (`running_average_update`), and the step count saturates instead of
+    wrapping around. `scale` or `bias` None means G = 1 or B = 0; the per-feature arrays keep
+    their own shapes; an empty batch's error names `evaluation`.
+    """
+    shape = feature_shape(x, feature_axis)
+    dtype = jnp.result_type(x)
+    scale = jnp.ones(shape, dtype) if scale is None else jnp.reshape(scale, shape)
+    bias = jnp.zeros(shape, dtype) if bias is None else jnp.reshape(bias, shape)
+    steps = jnp.asarray(steps)
+    warm = steps >= warmup_steps
+    try:
+        y, batch_mean, batch_var = _renormalize_checked(
+            x,
+            scale,
+            bias,
+            jnp.reshape(mean, shape),
+            jnp.reshape(var, shape),
+            jnp.where(warm, r_max, 1),
+            jnp.where(warm, d_max, 0),
+            feature_axis,
+            epsilon,
+            axis_name,
+            mask,
+            axis_index_groups,
+        )
+    except _EmptyBatchError as error:
+        raise error.naming(evaluation) from None
+    batch = jax.lax.stop_gradient((jnp.reshape(batch_mean, jnp.shape(mean)), jnp.reshape(batch_var, jnp.shape(var))))
+    new_mean, new_var = running_average_update((mean, var), batch, momentum)
+    return y, new_mean, new_var, _core.increment(steps)
+
+
+def evaluate(
+    x: jax.Array, scale: Any, bias: Any, mean: Any, var: Any, *, epsilon: float, feature_axis: Any
+) -> jax.Array:
+    """G (x - mean) / sqrt(var + eps) + B with the running statistics (a BatchRenorm layer's evaluation)."""
+    layer = core_layer(
+        momentum=0.0,
+        epsilon=epsilon,
+        eps_in_sqrt=True,
+        feature_axis=feature_axis,
+        axis_name=None,
+        axis_index_groups=None,
+    )
+    return normalize(layer, x, scale, bias, mean, var, training=False)[0]

@@ -9,7 +9,8 @@ layer. As in Equinox it normalizes one example of shape ``(input_size, ...)`` an
 batch statistics across ``jax.vmap(..., axis_name=...)`` (or ``pmap``, or a ``shard_map``
 axis, or a tuple of names). The numbers are Equinox's, to float32 rounding, in both modes;
 what differs is inside: two-pass statistics in at least float32, and in ``mode="batch"`` the
-notes' derivation as the gradient (`jstep.batch_norm`'s custom VJP).
+notes' derivation as the gradient (`jstep.batch_norm`'s hand-derived derivatives, forward
+mode included).
 
 Needs Equinox: ``pip install "jstep[equinox]"``. Not imported by ``import jstep``.
 """
@@ -30,7 +31,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
     raise _layers.missing_framework("jstep.equinox", "Equinox", "equinox") from error
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchRenorm"]
 
 MODES = ("ema", "batch", "legacy")
 
@@ -208,3 +209,168 @@ class BatchNorm(eqx.nn.BatchNorm):
         # False typed as the stored flag (under shard_map a new constant's type would differ from it)
         state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
         return y, state.set(self.ema_state_index, (mean, var))
+
+
+class BatchRenorm(eqx.nn.StatefulLayer):
+    """Batch renormalization for Equinox, computed by `jstep.batch_renorm`: ``eqx.nn.BatchNorm``'s
+    arguments, call and state layout (``mode="batch"``'s), plus `warmup_steps`, `r_max`, `d_max`.
+
+    Called on one example ``x`` of shape ``(input_size, dim_1, ..., dim_N)`` inside a map with
+    `axis_name`, as Equinox's layer. Training: for the first `warmup_steps` calls batch norm,
+    Zhat = G (Z - mu_B) / sqrt(sigma_B^2 + eps) + B, over the whole batch; after them batch
+    renormalization towards the running statistics (mean, var),
+
+        r = clip(sqrt(sigma_B^2 + eps) / sqrt(var + eps), 1/r_max, r_max)
+        d = clip((mu_B - mean) / sqrt(var + eps), -d_max, d_max)
+        Zhat = G (r (Z - mu_B) + d sigma_B) / sqrt(sigma_B^2 + eps r^2) + B
+
+    with r and d held constant in the gradient. Either way the state's statistics become
+    ``momentum * (mean, var) + (1 - momentum) * (mu_B, sigma_B^2)`` from (0, 1) and its step count
+    grows by one. Inference normalizes with those statistics as they are,
+    Zhat = G (Z - mean) / sqrt(var + eps) + B: renormalization trains towards exactly what
+    inference uses, so, unlike ``eqx.nn.BatchNorm(mode="batch")``, nothing is debiased. These are
+    `jstep.linen.BatchRenorm`'s (and Stable-Baselines-JAX's) numbers, with Equinox's defaults
+    for the arguments Equinox's BatchNorm has (eps 1e-5; Stable-Baselines-JAX's layer takes 1e-3).
+
+    Args:
+      input_size: the number of channels (the first axis of each example).
+      axis_name: the name of the mapped batch axis, or a sequence of names.
+      eps: eps >= 0.
+      channelwise_affine: whether `weight` (G) and `bias` (B) are learned.
+      momentum: the running statistics' gamma, in [0, 1).
+      inference: the mode when the call does not give one; `eqx.nn.inference_mode` sets it.
+      dtype: the dtype of `weight`, `bias` and the running statistics (float32, or float64
+        under ``jax_enable_x64``, by default).
+      mode: "batch" only: batch renormalization trains with the batch's statistics (Equinox's
+        "ema" mode normalizes with an average of them instead).
+      warmup_steps: the training calls that run batch norm before renormalization starts (an
+        integer >= 0; 100_000 as Stable-Baselines-JAX).
+      r_max: r's bound, >= 1.
+      d_max: d's bound, >= 0.
+
+    Example:
+      With no warm-up the first training call renormalizes towards the initial statistics
+      (0, 1), within r_max and d_max, and counts the step:
+
+      >>> import equinox as eqx
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jstep.equinox import BatchRenorm
+      >>> layer, state = eqx.nn.make_with_state(BatchRenorm)(2, "batch", momentum=0.5, warmup_steps=0)
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> train = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> y, state = train(x, state)
+      >>> mean, var = state.get(layer.batch_state_index)
+      >>> print(mean, state.get(layer.batch_counter))
+      [ 1.5 15. ] 1
+    """
+
+    weight: jax.Array | None
+    bias: jax.Array | None
+    batch_counter: eqx.nn.StateIndex
+    batch_state_index: eqx.nn.StateIndex
+    axis_name: Hashable | Sequence[Hashable]
+    inference: bool
+    input_size: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+    warmup_steps: int = eqx.field(static=True)
+    r_max: float = eqx.field(static=True)
+    d_max: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: Hashable | Sequence[Hashable],
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        momentum: float = 0.99,
+        inference: bool = False,
+        dtype: Any = None,
+        mode: str = "batch",
+        *,
+        warmup_steps: int = 100_000,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+    ):
+        if mode != "batch":
+            raise ValueError(
+                f"mode={mode!r}: jstep.equinox.BatchRenorm has mode='batch' only; batch renormalization "
+                "trains with the batch's statistics, where Equinox's 'ema' mode (and 'legacy') normalizes "
+                "with an average of them"
+            )
+        settings = _layers.check_settings(
+            input_size=input_size,
+            eps=eps,
+            channelwise_affine=channelwise_affine,
+            momentum=momentum,
+            inference=inference,
+            dtype=dtype,
+            warmup_steps=warmup_steps,
+            r_max=r_max,
+            d_max=d_max,
+        )
+        self.axis_name = _layers.check_axis_name("axis_name", axis_name, required=True)
+        dtype = _core.default_float() if dtype is None else dtype
+        shape = (settings["input_size"],)
+        self.weight = jnp.ones(shape, dtype) if channelwise_affine else None
+        self.bias = jnp.zeros(shape, dtype) if channelwise_affine else None
+        self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
+        self.batch_state_index = eqx.nn.StateIndex((jnp.zeros(shape, dtype), jnp.ones(shape, dtype)))
+        self.inference = settings["inference"]
+        self.input_size = settings["input_size"]
+        self.eps = settings["eps"]
+        self.channelwise_affine = settings["channelwise_affine"]
+        self.momentum = settings["momentum"]
+        self.mode = mode
+        self.warmup_steps = settings["warmup_steps"]
+        self.r_max = settings["r_max"]
+        self.d_max = settings["d_max"]
+        _layers.core_layer(  # the checks of the settings together
+            momentum=self.momentum,
+            epsilon=self.eps,
+            eps_in_sqrt=True,
+            feature_axis=0,
+            axis_name=self.axis_name,
+            axis_index_groups=None,
+        )
+
+    def __call__(
+        self, x: jax.Array, state: eqx.nn.State, *, key: Any = None, inference: bool | None = None
+    ) -> tuple[jax.Array, eqx.nn.State]:
+        """(the normalized example, the new state); `key` is ignored, as in Equinox.
+
+        Args:
+          x: one example, shape ``(input_size, dim_1, ..., dim_N)``.
+          state: the `eqx.nn.State` holding this layer's statistics and step count.
+          inference: overrides the layer's mode for this call.
+        """
+        del key
+        inference = self.inference if inference is None else inference
+        _layers.check_feature_count(x, 0, self.input_size, "input_size")
+        mean, var = state.get(self.batch_state_index)
+        # Equinox's result dtype: the input promoted with the statistics and weights.
+        x = jnp.asarray(x, jnp.result_type(x, mean, *([] if self.weight is None else [self.weight])))
+        if inference:
+            return _layers.evaluate(x, self.weight, self.bias, mean, var, epsilon=self.eps, feature_axis=0), state
+        y, mean, var, steps = _layers.renormalize(
+            x,
+            self.weight,
+            self.bias,
+            mean,
+            var,
+            state.get(self.batch_counter),
+            self.r_max,
+            self.d_max,
+            warmup_steps=self.warmup_steps,
+            momentum=self.momentum,
+            epsilon=self.eps,
+            feature_axis=0,
+            axis_name=self.axis_name,
+            axis_index_groups=None,
+            evaluation="inference=True",
+        )
+        state = state.set(self.batch_counter, steps)
+        return y, state.set(self.batch_state_index, (mean, var))

@@ -4,7 +4,8 @@
 `bias` as `nnx.Param`, `mean` and `var` as `nnx.BatchStat`), so a model switches by changing
 the import and its weights and checkpoints load into either layer. What differs is inside:
 the statistics are two-pass (no E[x^2] - E[x]^2), and the gradient is the notes' derivation
-(`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+(`jstep.batch_norm`'s hand-derived derivatives, forward mode included) instead of autodiff
+through the normalization.
 
 Needs Flax: ``pip install "jstep[flax]"``. Not imported by ``import jstep``.
 """
@@ -25,7 +26,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
     raise _layers.missing_framework("jstep.nnx", "Flax", "flax") from error
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchRenorm"]
 
 _NO_MODE = (
     "No use_running_average was given to jstep.nnx.BatchNorm. Pass it to the constructor "
@@ -79,6 +80,10 @@ class BatchNorm(nnx.Module):
       bias_metadata: metadata of the `bias` parameter (e.g. its sharding).
       scale_metadata: metadata of the `scale` parameter.
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+      virtual_batch_size: jstep's own option (ghost batch norm): None, or V dividing the batch
+        axis (the first non-feature axis): each group of V consecutive examples is normalized
+        with its own statistics, and the running statistics take the mean of the groups' (see
+        `jstep.batch_norm` and `jstep.BatchNorm`; Keras's groups are strided, jstep's consecutive).
 
     Example:
       A training call on a batch whose columns have means [3, 30] and variances [3.5, 350]
@@ -116,6 +121,7 @@ class BatchNorm(nnx.Module):
         bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
         scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
         eps_in_sqrt: bool = True,
+        virtual_batch_size: int | None = None,
     ):
         settings = _layers.check_settings(
             num_features=num_features,
@@ -160,6 +166,7 @@ class BatchNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.eps_in_sqrt = eps_in_sqrt
+        self.virtual_batch_size = virtual_batch_size
         self._core()  # checks the settings now
 
     def _core(self):
@@ -171,6 +178,7 @@ class BatchNorm(nnx.Module):
             feature_axis=self.axis,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     def __call__(
@@ -205,3 +213,140 @@ class BatchNorm(nnx.Module):
         """Used by ``nnx.view(model, use_running_average=...)``, as in Flax."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization for NNX, computed by `jstep.batch_renorm`: `BatchNorm`'s arguments,
+    variables and train/eval switch (``model.train()``, ``model.eval()``, ``nnx.view``), plus
+    `warmup_steps`, `r_max` and `d_max`, and a step count `steps`.
+
+    Training (``use_running_average=False``): for the first `warmup_steps` calls batch norm,
+    Zhat = G (Z - mu_B) / sqrt(sigma_B^2 + eps) + B; after them batch renormalization towards the
+    running `mean` and `var`,
+
+        r = clip(sqrt(sigma_B^2 + eps) / sqrt(var + eps), 1/r_max, r_max)
+        d = clip((mu_B - mean) / sqrt(var + eps), -d_max, d_max)
+        Zhat = G (r (Z - mu_B) + d sigma_B) / sqrt(sigma_B^2 + eps r^2) + B
+
+    with r and d held constant in the gradient. Either way ``mean <- momentum * mean +
+    (1 - momentum) * mu_B`` (the same for `var`) and `steps` grows by one (saturating).
+    Evaluation (``use_running_average=True``) is batch norm's with the running statistics,
+    Zhat = G (Z - mean) / sqrt(var + eps) + B. These are `jstep.linen.BatchRenorm`'s (and
+    Stable-Baselines-JAX's) numbers, with NNX's defaults for the arguments NNX's BatchNorm has
+    (epsilon 1e-5; Stable-Baselines-JAX's layer takes 1e-3).
+
+    Every argument of `BatchNorm` (and ``flax.nnx.BatchNorm``) means the same here. The
+    variables: `scale`, `bias` (`nnx.Param`), and `mean`, `var` (float32) and `steps` (the
+    training calls so far, int32) as `nnx.BatchStat`.
+
+    Args:
+      warmup_steps: the training calls that run batch norm before renormalization starts (an
+        integer >= 0; 100_000 as Stable-Baselines-JAX).
+      r_max: r's bound, >= 1.
+      d_max: d's bound, >= 0.
+
+    Example:
+      With no warm-up the first training call renormalizes towards the initial running
+      statistics (0, 1), within r_max and d_max, and counts the step:
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jstep.nnx import BatchRenorm
+      >>> layer = BatchRenorm(2, warmup_steps=0, momentum=0.5, rngs=nnx.Rngs(0))
+      >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
+      >>> y = layer(x)
+      >>> print(layer.mean[...], layer.steps[...])
+      [ 1.5 15. ] 1
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: tp.Any = None,
+        param_dtype: tp.Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: tp.Callable = initializers.zeros_init(),
+        scale_init: tp.Callable = initializers.ones_init(),
+        axis_name: tp.Any = None,
+        axis_index_groups: tp.Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: tp.Callable = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        warmup_steps: int = 100_000,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+    ):
+        settings = _layers.check_settings(warmup_steps=warmup_steps, r_max=r_max, d_max=d_max)
+        super().__init__(
+            num_features,
+            use_running_average=use_running_average,
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            bias_init=bias_init,
+            scale_init=scale_init,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            rngs=rngs,
+            bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata,
+        )
+        self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.warmup_steps = settings["warmup_steps"]
+        self.r_max = settings["r_max"]
+        self.d_max = settings["d_max"]
+
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalize `x`; in training also update `mean`, `var` and `steps`.
+
+        Args:
+          x: the input, with `num_features` features on `axis`.
+          use_running_average: overrides the layer's mode for this call.
+          mask: booleans broadcastable to `x`: the batch statistics are taken over the True
+            positions only; every position is normalized.
+        """
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        if use_running_average is None:
+            raise ValueError(_NO_MODE)
+        _layers.check_feature_count(x, self.axis, self.num_features, "num_features")
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+        )
+        if use_running_average:
+            return _layers.evaluate(x, scale, bias, mean, var, epsilon=self.epsilon, feature_axis=self.axis)
+        y, self.mean[...], self.var[...], self.steps[...] = _layers.renormalize(
+            x,
+            scale,
+            bias,
+            self.mean[...],
+            self.var[...],
+            self.steps[...],
+            self.r_max,
+            self.d_max,
+            warmup_steps=self.warmup_steps,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            feature_axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+        )
+        return y

@@ -92,7 +92,8 @@ def check_vjp(
 
     Args:
       f: the function under test, taking pytrees of floating arrays and returning a pytree of
-        floating arrays (typically one with a `jax.custom_vjp`).
+        floating arrays (typically one with a hand-derived derivative, `jax.custom_vjp` or
+        `jax.custom_jvp`).
       *args: where to check it.
       reference: an independent implementation of the same function, differentiated by JAX.
       order: 1 checks the VJP; 2 also checks the VJP of the VJP (second derivatives).

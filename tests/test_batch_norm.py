@@ -280,7 +280,7 @@ def test_backward_keeps_one_activation_sized_residual_and_per_feature_vectors():
         jax.ad_checkpoint.print_saved_residuals(jstep.batch_norm, x, scale, offset)
     lines = out.getvalue().strip().splitlines()
     activation = [line for line in lines if "[8,6,6,16]" in line]
-    assert len(activation) == 1, lines  # x - mu, the one activation-sized residual
+    assert len(activation) == 1, lines  # x, the one activation-sized residual
     others = [line for line in lines if line not in activation]
     assert all(
         "[8,6,6,16]" not in line and ("[16]" in line or "[1,1,1,16]" in line or "[]" in line) for line in others

@@ -379,6 +379,175 @@ SCRIPT = textwrap.dedent(
 )
 
 
+FORWARD_SCRIPT = textwrap.dedent(
+    r"""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    import jstep
+
+    assert jax.device_count() == 8, jax.devices()
+    jax.config.update("jax_enable_x64", True)
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 3.0, (16, 3, 5))
+    scale, offset = rng.normal(1.0, 0.3, 5), rng.normal(0.0, 0.3, 5)
+    dx, dscale, doffset = rng.normal(size=x.shape), rng.normal(size=5), rng.normal(size=5)
+    w = rng.normal(size=x.shape)
+    mask = rng.random((16, 3, 1)) < 0.6
+    mask[:2] = True
+    x, scale, offset, dx, dscale, doffset, w, mask = map(jnp.asarray, (x, scale, offset, dx, dscale, doffset, w, mask))
+    EPS = 1e-3
+
+    def close(name, got, want, tol=1e-12):
+        err = float(np.max(np.abs(np.asarray(got) - np.asarray(want))) / np.max(np.abs(np.asarray(want))))
+        assert err <= tol, f"{name}: relative error {err:.3e}"
+        print(f"{name}: ok ({err:.1e})")
+
+    def plain(x, scale, offset, eps_in_sqrt, mask=None):  # one device, the whole batch, autodiff
+        m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
+        count = m.sum(axis=(0, 1))
+        mean = jnp.where(m, x, 0).sum(axis=(0, 1)) / count
+        var = jnp.where(m, (x - mean) ** 2, 0).sum(axis=(0, 1)) / count
+        s = jnp.sqrt(var + EPS) if eps_in_sqrt else jnp.sqrt(var) + EPS
+        return (x - mean) / s * scale + offset
+
+    def forward_figures(normalize):
+        # The output's tangent, and forward over reverse: the tangent of the gradient of
+        # sum(sin(y) w) with respect to x and scale, for the tangents (dx, dscale, doffset).
+        def loss(x, scale, offset):
+            return jnp.sum(jnp.sin(normalize(x, scale, offset)) * w)
+        tangent = jax.jvp(normalize, (x, scale, offset), (dx, dscale, doffset))[1]
+        hvp = jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, scale, offset), (dx, dscale, doffset))[1]
+        jacobian = jax.jacfwd(normalize, argnums=1)(x, scale, offset)
+        return tangent, hvp, jacobian
+
+    for eps_in_sqrt in (True, False):
+        for masked in (False, True):
+            m = mask if masked else None
+            label = f"{'sqrt' if eps_in_sqrt else 'sigma+eps'}{', masked' if masked else ''}"
+            want = forward_figures(lambda x, s, o: plain(x, s, o, eps_in_sqrt, m))
+            kw = dict(eps=EPS, eps_in_sqrt=eps_in_sqrt)
+
+            def sharded(x, scale, offset, m=m, kw=kw):
+                def per_device(x, scale, offset, m):
+                    return jstep.batch_norm(x, scale, offset, axis_name="batch", mask=m, **kw)
+                specs = (P("batch"), P(), P(), None if m is None else P("batch"))
+                return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P("batch"))(x, scale, offset, m)
+
+            def by_vmap(x, scale, offset, m=m, kw=kw):  # one example per vmapped call
+                def one(x, m):
+                    return jstep.batch_norm(x, scale, offset, axis_name="examples", mask=m, **kw)
+                return jax.vmap(one, axis_name="examples", in_axes=(0, None if m is None else 0))(x, m)
+
+            def vmap_in_shard_map(x, scale, offset, m=m, kw=kw):  # 8 devices x 2 examples
+                def per_device(x, scale, offset, m):
+                    def one(x, m):
+                        return jstep.batch_norm(x, scale, offset, axis_name=("batch", "examples"), mask=m, **kw)
+                    return jax.vmap(one, axis_name="examples", in_axes=(0, None if m is None else 0))(x, m)
+                specs = (P("batch"), P(), P(), None if m is None else P("batch"))
+                return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P("batch"))(x, scale, offset, m)
+
+            mappings = [("shard_map", sharded), ("vmap", by_vmap), ("vmap inside shard_map", vmap_in_shard_map)]
+            for name, mapped in mappings:
+                got = jax.jit(lambda mapped=mapped: forward_figures(mapped))()
+                for what, g, v in zip(["jvp", "forward over reverse, x", "forward over reverse, scale"],
+                                      [got[0], *got[1]], [want[0], *want[1]]):
+                    close(f"{name}, {label}: {what}", g, v, tol=1e-11)
+                close(f"{name}, {label}: jacfwd in scale", got[2], want[2])
+            got = forward_figures(sharded)  # eagerly, op by op
+            close(f"eager shard_map, {label}: jvp", got[0], want[0])
+
+    # axis_index_groups (pmap; shard_map with check_vma=False): each group of devices is a
+    # batch of its own, so every group equals the plain batch norm of its examples.
+    groups = [[0, 2, 4, 6], [1, 3, 5, 7]]
+    shards = lambda a: np.asarray(a).reshape(8, 2, *a.shape[1:])
+
+    def grouped(x, scale, offset):
+        return jstep.batch_norm(x, scale, offset, eps=EPS, axis_name="i", axis_index_groups=groups)
+
+    def grouped_figures(x, dx):
+        def tangent_and_hvp(x, dx, w):
+            loss = lambda x: jnp.sum(jnp.sin(grouped(x, scale, offset)) * w)
+            return (jax.jvp(lambda x: grouped(x, scale, offset), (x,), (dx,))[1],
+                    jax.jvp(jax.grad(loss), (x,), (dx,))[1])
+        return map(np.asarray, jax.pmap(tangent_and_hvp, axis_name="i")(shards(x), shards(dx), shards(w)))
+
+    tangent, hvp = grouped_figures(x, dx)
+    for devices in groups:
+        xg, dxg, wg = (shards(a)[devices].reshape(-1, *a.shape[1:]) for a in (x, dx, w))
+        tangent_ref = jax.jvp(lambda x: plain(x, scale, offset, True), (xg,), (dxg,))[1]
+        hvp_ref = jax.jvp(jax.grad(lambda x: jnp.sum(jnp.sin(plain(x, scale, offset, True)) * wg)), (xg,), (dxg,))[1]
+        close(f"pmap, groups {groups}, group {devices}: jvp", tangent[devices].reshape(xg.shape), tangent_ref)
+        close(f"pmap, groups {groups}, group {devices}: forward over reverse", hvp[devices].reshape(xg.shape),
+              hvp_ref, tol=1e-11)
+
+    def unchecked_tangent(x, dx):
+        def per_device(x, dx):
+            f = lambda x: jstep.batch_norm(x, scale, offset, eps=EPS, axis_name="batch", axis_index_groups=groups)
+            return jax.jvp(f, (x,), (dx,))[1]
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"), P("batch")), out_specs=P("batch"),
+                             check_vma=False)(x, dx)
+
+    # Ghost batch norm under shard_map: each device's 2 examples are one virtual batch (V = 2),
+    # normalized alone; the gradient of the summed loss and the layer's running statistics (the
+    # mean over all 8 devices' groups) against the plain batch norm of each device's examples.
+    bn = jstep.BatchNorm(momentum=0.5, eps=EPS, axis_name="batch", virtual_batch_size=2)
+    params = jstep.BatchNormParams(scale, offset)
+    state = jstep.BatchNormState(jnp.zeros(5), jnp.ones(5))
+
+    def ghost_loss(params, x):
+        def per_device(params, x, w):
+            y, new_state = bn.apply(params, state, x)
+            return jax.lax.psum(jnp.sum(jnp.sin(y) * w), "batch"), (y, new_state)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                             out_specs=(P(), (P("batch"), P())))(params, x, w)
+
+    (_, (y, new_state)), (dparams, dx_ghost) = jax.jit(jax.value_and_grad(ghost_loss, argnums=(0, 1), has_aux=True))(
+        params, x)
+    pieces = [jax.value_and_grad(lambda x, s, o: jnp.sum(jnp.sin(plain(x, s, o, True)) * w[2 * d:2 * d + 2]),
+                                 argnums=(0, 1, 2))(x[2 * d:2 * d + 2], scale, offset) for d in range(8)]
+    close("ghost shard_map: output", y, jnp.concatenate([plain(x[2 * d:2 * d + 2], scale, offset, True)
+                                                        for d in range(8)]))
+    close("ghost shard_map: input gradient", dx_ghost, jnp.concatenate([g[0] for _, g in pieces]))
+    close("ghost shard_map: scale gradient", dparams.scale, sum(g[1] for _, g in pieces))
+    close("ghost shard_map: offset gradient", dparams.offset, sum(g[2] for _, g in pieces))
+    groups_x = np.asarray(x).reshape(8, 2, 3, 5)
+    close("ghost shard_map: running mean", new_state.mean, 0.5 * groups_x.mean(axis=(1, 2)).mean(0))
+    close("ghost shard_map: running var", new_state.var, 0.5 + 0.5 * groups_x.var(axis=(1, 2)).mean(0))
+
+    tangent = jax.jit(unchecked_tangent)(x, dx)
+    for devices in groups:
+        xg, dxg = (shards(a)[devices].reshape(-1, *a.shape[1:]) for a in (x, dx))
+        tangent_ref = jax.jvp(lambda x: plain(x, scale, offset, True), (xg,), (dxg,))[1]
+        close(f"shard_map check_vma=False, groups, group {devices}: jvp",
+              shards(tangent)[devices].reshape(xg.shape), tangent_ref)
+    print("ALL OK")
+    """
+)
+
+
+def test_forward_mode_on_eight_devices_equals_the_whole_batch():
+    """jvp, jacfwd and forward over reverse under shard_map, vmap, both, eager shard_map, pmap
+    and unchecked shard_map with index groups, with and without a mask, for both eps forms,
+    against autodiff of a plain jnp batch norm of the whole batch (or group) in float64."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", FORWARD_SCRIPT], env=env, capture_output=True, text=True, timeout=400, check=False
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ALL OK" in run.stdout
+    for mapping in ["shard_map", "vmap", "vmap inside shard_map"]:
+        for options in ["sqrt", "sigma+eps", "sqrt, masked", "sigma+eps, masked"]:
+            for what in ["jvp", "forward over reverse, x", "forward over reverse, scale", "jacfwd in scale"]:
+                assert f"{mapping}, {options}: {what}: ok" in run.stdout
+    assert run.stdout.count("groups, group") >= 2 and run.stdout.count("eager shard_map") == 4
+    assert run.stdout.count("ghost shard_map") == 6
+
+
 @pytest.fixture(scope="module")
 def eight_device_run():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

@@ -17,6 +17,7 @@ NAMES = [
     "04_batch_norm",
     "05_flax_and_equinox",
     "06_low_precision",
+    "07_batch_renorm",
 ]
 
 
