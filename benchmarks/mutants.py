@@ -1,0 +1,207 @@
+"""Mutation testing: plant small bugs in a copy of jstep, one at a time, and see which the tests catch.
+
+Each mutant replaces one exact piece of text in one file of a copy of the repository (jstep/,
+tests/, docs/, pyproject.toml, README.md) and runs the tests that guard that code. A mutant is
+*killed* when those tests fail, and *survives* when they pass; a mutant whose text is no longer
+in the file is reported as *stale* (the code moved: update the list). The list starts from the
+bugs the tests once missed and from the equations of the notes: a constant off by 1%, a wrong
+dtype, a dropped option. A mutant marked `claim` plants a bug that a README claim rules out:
+it must be killed.
+
+Run by hand, like the benchmarks (it is not part of the test suite):
+
+    .venv/bin/python benchmarks/mutants.py            # every mutant, one after the other
+    .venv/bin/python benchmarks/mutants.py adam_v     # the mutants whose name contains "adam_v"
+    .venv/bin/python benchmarks/mutants.py --list     # names, files and test selections
+
+Each mutant runs only its own test selection with `-x`, so a run of the whole list takes
+minutes, not hours; the score is printed at the end, and CONTRIBUTING.md reports the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COPIED = ["jstep", "tests", "docs", "pyproject.toml", "README.md"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # exact text, present once
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    claim: bool = True  # a README claim rules this bug out: it must be killed
+    why: str = ""
+
+
+M = Mutant
+MUTANTS = [
+    # ------------------------------------------------------------- the bugs of the audit
+    M(
+        "gamma_rounded_before_one_minus",
+        "jstep/averages.py",
+        "weight_of_new = 1 - gamma\n",
+        "weight_of_new = 1 - jnp.asarray(gamma, jnp.float32)\n",
+        ("tests/test_adam.py", "-k", "optax_parity"),
+        why="1 - gamma formed after rounding gamma to float32: 7e-6 per update, over the 4e-7 claimed",
+    ),
+    M(
+        "adam_v_divided_by_correction_squared",
+        "jstep/adam.py",
+        "/ correction2.astype(real)",
+        "/ correction2.astype(real) ** 2",
+        ("jstep/adam.py",),
+        why="the docstring example must show it",
+    ),
+    M(
+        "stochastic_round_probability_1pct_high",
+        "jstep/precision.py",
+        "count = below + (_uniform(bits, work) < units - below).astype(work)",
+        "count = below + (_uniform(bits, work) < (units - below) * 1.01).astype(work)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="E[round(x)] = x: a 1% bias in the probability (float16, float64 -> float32, float8)",
+    ),
+    M(
+        "stochastic_round_probability_half_pct_high",
+        "jstep/precision.py",
+        "count = below + (_uniform(bits, work) < units - below).astype(work)",
+        "count = below + (_uniform(bits, work) < (units - below) * 1.005).astype(work)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="a 0.5% relative bias",
+    ),
+    M(
+        "stochastic_round_probability_half_pct_absolute",
+        "jstep/precision.py",
+        "count = below + (_uniform(bits, work) < units - below).astype(work)",
+        "count = below + (_uniform(bits, work) < units - below + 0.005).astype(work)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="a bias of 0.005 in the probability",
+    ),
+    M(
+        "stochastic_round_float32_uniform_half_pct_wide",
+        "jstep/precision.py",
+        "return (bits[0] >> 9).astype(dtype) * np.float32(2.0**-23)",
+        "return (bits[0] >> 9).astype(dtype) * np.float32(1.005 * 2.0**-23)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="the float32 uniform stretched by 0.5%: the float32 -> float16/float8 probability 0.5% low",
+    ),
+    M(
+        "stochastic_round_float64_uniform_half_pct_wide",
+        "jstep/precision.py",
+        "return (high.astype(dtype) * 2.0**26 + low.astype(dtype)) * 2.0**-52",
+        "return (high.astype(dtype) * 2.0**26 + low.astype(dtype)) * (1.005 * 2.0**-52)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="the float64 uniform stretched by 0.5%: every float64 source 0.5% low",
+    ),
+    M(
+        "stochastic_round_bfloat16_bits_half_pct_high",
+        "jstep/precision.py",
+        "rounded = ((word + (bits >> 16)) >> 16).astype(jnp.uint16)",
+        "rounded = ((word + (bits >> 16) + 328) >> 16).astype(jnp.uint16)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="float32 -> bfloat16 rounds up 0.5% too often",
+    ),
+    M(
+        "apply_updates_float16_to_nearest",
+        "jstep/precision.py",
+        "if seed is None or not _is_low_precision(p.dtype):",
+        "if seed is None or p.dtype != jnp.bfloat16:",
+        ("tests/test_precision.py", "-k", "apply_updates"),
+        why="apply_updates(key=) rounds float16 leaves stochastically",
+    ),
+]
+
+
+def run_tests(copy: pathlib.Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    """(pytest's exit code, its output's tail), run in `copy` so that it imports the copy's jstep."""
+    env = dict(os.environ, PYTHONPATH=str(copy), JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    try:
+        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    return done.returncode, (done.stdout + done.stderr)[-2000:]
+
+
+def fresh_copy(into: pathlib.Path) -> pathlib.Path:
+    copy = into / "repo"
+    if copy.exists():
+        shutil.rmtree(copy)
+    copy.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "_build", "*.egg-info")
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=ignore)
+        else:
+            shutil.copy2(source, copy / name)
+    return copy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only the mutants whose name contains one of these")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (default 900)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:52s} {m.path:24s} {' '.join(m.tests)}")
+        return 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jstep-mutants-") as tmp:
+        tmp_path = pathlib.Path(tmp)
+        if not args.no_baseline:
+            copy = fresh_copy(tmp_path)
+            for tests in dict.fromkeys(m.tests for m in chosen):
+                code, tail = run_tests(copy, tests, args.timeout)
+                if code != 0:
+                    print(f"baseline FAILS for {' '.join(tests)}:\n{tail}")
+                    return 2
+            print(f"baseline: {len({m.tests for m in chosen})} test selections pass unmutated", flush=True)
+        for m in chosen:
+            copy = fresh_copy(tmp_path)
+            target = copy / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                results.append((m, "stale", 0.0))
+                print(f"{'stale':9s} {m.name} ({m.path}: the text is there {text.count(m.old)} times)", flush=True)
+                continue
+            target.write_text(text.replace(m.old, m.new))
+            start = time.perf_counter()
+            code, tail = run_tests(copy, m.tests, args.timeout)
+            seconds = time.perf_counter() - start
+            outcome = "killed" if code == 1 else "survived" if code == 0 else f"error {code}"
+            results.append((m, outcome, seconds))
+            print(f"{outcome:9s} {m.name} ({seconds:.0f} s)", flush=True)
+            if outcome.startswith("error"):
+                print(tail)
+
+    applicable = [r for r in results if r[1] != "stale"]
+    killed = [r for r in applicable if r[1] == "killed"]
+    print(f"\nscore: {len(killed)} of {len(applicable)} mutants killed ({len(results) - len(applicable)} stale)")
+    missed = [r[0].name for r in applicable if r[1] != "killed" and r[0].claim]
+    if missed:
+        print("NOT KILLED, though a README claim rules them out: " + ", ".join(missed))
+    others = [r[0].name for r in applicable if r[1] != "killed" and not r[0].claim]
+    if others:
+        print("survived (no README claim): " + ", ".join(others))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
