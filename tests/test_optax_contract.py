@@ -380,3 +380,98 @@ def test_adamw_errors():
     wrong = jstep.adamw(0.1, mask={"v": True})
     with pytest.raises(ValueError, match="tree structure"):
         wrong.update(params, wrong.init(params), params)
+
+
+# ------------------------------------------------------------- every factory in Optax's wrappers
+
+# Every factory with keyword hyperparameters, for optax.inject_hyperparams.
+FACTORIES = {
+    "sgd": (jstep.sgd, {"learning_rate": 0.05}),
+    "momentum": (jstep.momentum, {"learning_rate": 0.05, "gamma": 0.9, "nesterov": True}),
+    "ema_momentum": (jstep.ema_momentum, {"learning_rate": 0.5, "gamma": 0.9}),
+    "rmsprop": (jstep.rmsprop, {"learning_rate": 0.01, "gamma": 0.9, "centered": True, "momentum": 0.5}),
+    "scale_by_rms": (jstep.scale_by_rms, {"gamma": 0.8}),
+    "adagrad": (jstep.adagrad, {"learning_rate": 0.1}),
+    "scale_by_rss": (jstep.scale_by_rss, {"initial_accumulator_value": 0.1}),
+    "adadelta": (jstep.adadelta, {"learning_rate": 1.0, "rho": 0.9}),
+    "adam": (jstep.adam, {"learning_rate": 0.01, "b1": 0.8}),
+    "scale_by_adam": (jstep.scale_by_adam, {"b2": 0.99}),
+    "adamw": (jstep.adamw, {"learning_rate": 0.01, "weight_decay": 0.1}),
+    "running_average": (jstep.running_average, {"gamma": 0.9}),
+    "moving_average": (jstep.moving_average, {"decay": 0.9, "debias": True}),
+    "cumulative_average": (jstep.cumulative_average, {}),
+}
+
+
+def eager_updates(opt, grads, params):
+    state = opt.init(params)
+    out = []
+    for g in grads:
+        updates, state = opt.update(g, state, params)
+        out.append(leaves64(updates))
+    return out
+
+
+def contract_grads(steps=3):
+    return [jax.tree.map(jnp.asarray, g) for g in gradient_sequence(8, steps, np.float32)]
+
+
+def test_every_factory_is_listed():
+    """FACTORIES and every_transformation cover every optimizer factory jstep exports."""
+    factories = {jstep.__dict__[n] for n in FACTORIES}
+    assert {jstep.sgd, jstep.momentum, jstep.adadelta, jstep.adamw, jstep.moving_average} <= factories
+    assert len(FACTORIES) == 14
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_inject_hyperparams_gives_the_factorys_updates(name):
+    """optax.inject_hyperparams(factory)(**hyperparameters) steps as factory(**hyperparameters):
+    the numbers become float32 arrays in the state, so they agree to float32 rounding."""
+    factory, hyperparameters = FACTORIES[name]
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads()
+    injected = optax.inject_hyperparams(factory)(**hyperparameters)
+    got = eager_updates(injected, grads, params)
+    want = eager_updates(factory(**hyperparameters), grads, params)
+    numeric = {k for k, v in hyperparameters.items() if not isinstance(v, bool)}
+    assert numeric <= set(injected.init(params).hyperparams)
+    for step_got, step_want in zip(got, want, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_if_finite_skips_a_nan_step_of_every_factory(name):
+    """A NaN gradient gives zero updates and leaves the inner state as it was: the steps after it
+    are those of the optimizer that never saw it (to float32 rounding: apply_if_finite's
+    lax.cond compiles the step, which rounds in another order than the eager one)."""
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads(3)
+    poisoned = [grads[0], jax.tree.map(lambda g: g * jnp.nan, grads[1]), grads[1], grads[2]]
+    got = eager_updates(optax.apply_if_finite(every_transformation()[name], max_consecutive_errors=2), poisoned, params)
+    want = eager_updates(every_transformation()[name], grads, params)
+    assert all(np.all(u == 0) for u in got[1])
+    for step_got, step_want in zip([got[0], *got[2:]], want, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_applies_every_factory_to_the_masked_leaves_only(name):
+    """optax.masked: the masked-in leaves get the optimizer's updates for that sub-tree alone,
+    the others pass their gradients through unchanged."""
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads()
+    mask = {"conv": [True], "dense": {"b": False, "w": True}, "scale": False}
+    got = eager_updates(optax.masked(every_transformation()[name], mask), grads, params)
+
+    def sub(tree):
+        return {"conv": tree["conv"], "w": tree["dense"]["w"]}
+
+    want = eager_updates(every_transformation()[name], [sub(g) for g in grads], sub(params))
+    for t, (step_got, step_want) in enumerate(zip(got, want, strict=True)):
+        conv, b, w, scale = step_got  # leaves sort by key: conv[0], dense.b, dense.w, scale
+        np.testing.assert_array_equal(conv, step_want[0])
+        np.testing.assert_array_equal(w, step_want[1])
+        np.testing.assert_array_equal(b, np.asarray(grads[t]["dense"]["b"], np.float64))
+        np.testing.assert_array_equal(scale, np.asarray(grads[t]["scale"], np.float64))
