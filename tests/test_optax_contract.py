@@ -158,7 +158,9 @@ SHARDED_SCRIPT = textwrap.dedent(
         concrete = {k: jax.device_put(jnp.ones(shapes[k]), shardings[k]) for k in shapes}
         for name, opt in [("adam", jstep.adam(0.1)), ("adamw", jstep.adamw(0.1)),
                           ("rmsprop", jstep.rmsprop(0.1, centered=True, momentum=0.9)),
-                          ("adagrad", jstep.adagrad(0.1)), ("momentum", jstep.momentum(0.1))]:
+                          ("adagrad", jstep.adagrad(0.1)), ("momentum", jstep.momentum(0.1)),
+                          ("ema_momentum", jstep.ema_momentum(0.1)), ("adadelta", jstep.adadelta()),
+                          ("scale_by_rss", jstep.scale_by_rss()), ("moving_average", jstep.moving_average(0.9))]:
             for how, state in [("abstract", opt.init(abstract)), ("jit", jax.jit(opt.init)(concrete))]:
                 is_dict = lambda t: isinstance(t, dict)
                 trees = [t for t in jax.tree.leaves(state, is_leaf=is_dict) if is_dict(t)]
