@@ -405,11 +405,14 @@ FACTORIES = {
 }
 
 
-def eager_updates(opt, grads, params):
+def eager_updates(opt, grads, params, *, jit=False):
+    """The updates of `opt` over `grads` as float64 leaves, stepped eagerly or by one jitted update
+    (a wrapper whose lax.cond would compile the step on every eager call is cheaper jitted)."""
     state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
     out = []
     for g in grads:
-        updates, state = opt.update(g, state, params)
+        updates, state = update(g, state, params)
         out.append(leaves64(updates))
     return out
 
@@ -445,13 +448,14 @@ def test_inject_hyperparams_gives_the_factorys_updates(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_apply_if_finite_skips_a_nan_step_of_every_factory(name):
     """A NaN gradient gives zero updates and leaves the inner state as it was: the steps after it
-    are those of the optimizer that never saw it (to float32 rounding: apply_if_finite's
-    lax.cond compiles the step, which rounds in another order than the eager one)."""
+    are those of the optimizer that never saw it (to float32 rounding: the step inside
+    apply_if_finite's lax.cond may be compiled differently)."""
     params = jax.tree.map(jnp.asarray, initial_params(np.float32))
     grads = contract_grads(3)
     poisoned = [grads[0], jax.tree.map(lambda g: g * jnp.nan, grads[1]), grads[1], grads[2]]
-    got = eager_updates(optax.apply_if_finite(every_transformation()[name], max_consecutive_errors=2), poisoned, params)
-    want = eager_updates(every_transformation()[name], grads, params)
+    wrapped = optax.apply_if_finite(every_transformation()[name], max_consecutive_errors=2)
+    got = eager_updates(wrapped, poisoned, params, jit=True)
+    want = eager_updates(every_transformation()[name], grads, params, jit=True)
     assert all(np.all(u == 0) for u in got[1])
     for step_got, step_want in zip([got[0], *got[2:]], want, strict=True):
         for a, b in zip(step_got, step_want, strict=True):
@@ -477,3 +481,19 @@ def test_masked_applies_every_factory_to_the_masked_leaves_only(name):
         np.testing.assert_array_equal(w, step_want[1])
         np.testing.assert_array_equal(b, np.asarray(grads[t]["dense"]["b"], np.float64))
         np.testing.assert_array_equal(scale, np.asarray(grads[t]["scale"], np.float64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multi_steps_of_every_factory_steps_on_the_mean_gradient(name):
+    """optax.MultiSteps(k=2) on each gradient given twice: a zero update, then the optimizer's own
+    step on their mean (the gradient itself), to float32 rounding (its lax.cond may compile the
+    step differently)."""
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads(3)
+    wrapped = optax.MultiSteps(every_transformation()[name], every_k_schedule=2)
+    got = eager_updates(wrapped, [g for g in grads for _ in range(2)], params, jit=True)
+    want = eager_updates(every_transformation()[name], grads, params, jit=True)
+    assert all(np.all(u == 0) for step in got[0::2] for u in step)
+    for step_got, step_want in zip(got[1::2], want, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
