@@ -169,7 +169,7 @@ def test_eps_in_sqrt_against_a_float64_transcription(eps_in_sqrt):
     import layer_reference as ref
 
     model, state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(
-        CHANNELS, "batch", eps=0.1, momentum=0.8, eps_in_sqrt=eps_in_sqrt
+        CHANNELS, "batch", eps=0.1, momentum=0.8, mode="batch", eps_in_sqrt=eps_in_sqrt
     )
     model = eqx.tree_at(lambda m: m.weight, model, jnp.linspace(0.5, 2.0, CHANNELS))
     scale = np.asarray(model.weight)[None, :, None]
