@@ -4,6 +4,9 @@ Every optimizer is an ``optax.GradientTransformationExtraArgs``; batch normaliza
 function whose gradient is the notes' hand derivation.
 """
 
+# The submodule `jstep.optax` (Optax's aliases, computed by jstep), reachable after `import jstep`.
+# Not in __all__: `from jstep import *` must not shadow the `optax` package.
+from jstep import optax as optax
 from jstep._core import CountState
 from jstep.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from jstep.adaptive import (

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -21,16 +22,42 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 # --------------------------------------------------------------------------- validation
 
 
-def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
-    """Check a hyperparameter given as a Python number lies in [low, high).
+def _shown(value: Any) -> str:
+    """The type and repr of `value` for an error message, the repr cut at 80 characters."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
 
-    Arrays (and tracers, as `optax.inject_hyperparams` passes them) and callables are not
-    checked: their values are not known when the transformation is built.
+
+def _is_real_scalar_array(value: Any) -> bool:
+    """A 0-d JAX or NumPy array (a tracer included) of an integer or real floating dtype."""
+    if not isinstance(value, (jax.Array, np.ndarray)) or jnp.shape(value) != ():
+        return False
+    dtype = value.dtype  # not jnp.result_type: that refuses string and object arrays
+    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None, schedule: bool = False) -> None:
+    """Check a hyperparameter: a Python number in [low, high), a scalar array, or (with
+    `schedule`) a callable.
+
+    A Python (or NumPy scalar) number is checked against [low, high). A 0-d JAX or NumPy
+    array of a real dtype (as `optax.inject_hyperparams` passes every hyperparameter, a
+    tracer under `jit`) and, where the argument takes one, a schedule ``count -> value``
+    are accepted unchecked: their values are not known when the transformation is built.
+    Anything else (a string from a config file, None, a list, a bool, a complex number,
+    an array of another shape) is a TypeError naming `name`, the value and what is allowed.
     """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got the bool {value!r}")
-    if not isinstance(value, numbers.Real):
+    if schedule and callable(value):
         return
+    if _is_real_scalar_array(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        array = "a scalar JAX/NumPy array (as optax.inject_hyperparams passes it)"
+        if schedule:
+            allowed = f"a Python number, {array} or a schedule (a callable count -> value)"
+        else:
+            allowed = f"a Python number or {array}"
+        raise TypeError(f"{name} must be {allowed}, got {_shown(value)}")
     allowed = f"[{low:g}, {high:g})" if high is not None else f"[{low:g}, inf)"
     number = float(value)
     in_range = math.isfinite(number) and number >= low and (high is None or number < high)
@@ -38,15 +65,14 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
 
 
-def check_decay(name: str, value: Any) -> None:
+def check_decay(name: str, value: Any, *, schedule: bool = False) -> None:
     """A decay rate (gamma, b1, b2, rho, momentum) must lie in [0, 1)."""
-    check_number(name, value, low=0.0, high=1.0)
+    check_number(name, value, low=0.0, high=1.0, schedule=schedule)
 
 
 def check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
-    """A learning rate is a schedule (not checked) or a number >= 0."""
-    if not callable(learning_rate):
-        check_number("learning_rate", learning_rate, low=0.0)
+    """A learning rate is a schedule (not checked), a scalar array or a number >= 0."""
+    check_number("learning_rate", learning_rate, low=0.0, schedule=True)
 
 
 def check_rounding_seed(rounding_seed: Any) -> None:
@@ -71,15 +97,34 @@ def check_rounding_seed(rounding_seed: Any) -> None:
 
 
 def check_state_dtype(name: str, dtype: Any) -> None:
-    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype."""
+    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype.
+
+    An array in its place is what ``optax.inject_hyperparams`` passes for a dtype given as
+    ``jnp.bfloat16``: that is callable, so it is taken for a schedule and called with the
+    step count. The TypeError then says how to keep the dtype a dtype.
+    """
     if dtype is None:
         return
+    if isinstance(dtype, (jax.Array, np.ndarray)):
+        raise TypeError(
+            f"{name} must be None or a floating dtype such as jnp.bfloat16, got {_shown(dtype)}. "
+            "optax.inject_hyperparams takes a dtype class such as jnp.bfloat16 for a schedule (it is "
+            f"callable) and passes its value: name it static, optax.inject_hyperparams(factory, "
+            f"static_args=('{name}',)), or pass {name}=jnp.dtype(jnp.bfloat16)"
+        )
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:
         raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {dtype!r}") from None
     if not jnp.issubdtype(resolved, jnp.inexact):
         raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {resolved}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """A switch (nesterov, centered, debias, ...) is True or False: a string from a config
+    file ("false" is truthy) or None is a TypeError, not silently read as its truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {_shown(value)}")
 
 
 def check_floating_leaves(tree: Any) -> None:
@@ -94,27 +139,33 @@ def check_floating_leaves(tree: Any) -> None:
             )
 
 
-def check_same_shapes(updates: Any, state_tree: Any, *, holds_values: bool = False) -> None:
+def check_same_shapes(
+    updates: Any, state_tree: Any, *, holds_values: bool = False, name: str = "updates", against: str | None = None
+) -> None:
     """Raise ValueError when `updates` is not shaped like the state `init` built.
 
     With `holds_values` (a state that stores the updates themselves: a velocity, Adam's m, an
     average) also raise TypeError where a complex update meets a real state dtype. `init`
     builds the dtype asked for, as Optax's does; Optax would then keep only the real part.
+    `name` is what the messages call `updates`; `against` what they call `state_tree`, when
+    it is not the state built by init (e.g. "the params").
     """
     expected = jax.tree.structure(state_tree)
     got = jax.tree.structure(updates)
     if got != expected:  # type: ignore[operator]  # PyTreeDef's comparison is untyped
+        reference_name = against or "the optimizer state built by init"
         raise ValueError(
-            "the updates tree does not match the optimizer state built by init:\n"
-            f"  updates: {got}\n  state:   {expected}"
+            f"the {name} tree does not match {reference_name}:\n"
+            f"  {name}: {got}\n  {'state' if against is None else 'params'}:   {expected}"
         )
     for (path, leaf), reference in zip(
         jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree), strict=True
     ):
         if jnp.shape(leaf) != jnp.shape(reference):
+            built = "init built the state for" if against is None else f"{against} have"
             raise ValueError(
-                f"updates leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
-                f"{jnp.shape(leaf)}, but init built the state for shape {jnp.shape(reference)}"
+                f"{name} leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+                f"{jnp.shape(leaf)}, but {built} shape {jnp.shape(reference)}"
             )
         if holds_values and _is_complex(jnp.result_type(leaf)) and not _is_complex(jnp.result_type(reference)):
             raise TypeError(
@@ -149,8 +200,21 @@ def _is_complex(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.complexfloating)
 
 
-def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
-    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex.
+def squares_dtype(dtype: Any) -> jnp.dtype:
+    """The default dtype of a state of squared gradients for params of `dtype`.
+
+    The params' dtype, except float16: its range cannot hold the squares of small gradients
+    (its smallest number is 6e-8, so Adam's (1 - B2) g^2 with B2 = 0.999 is 0 for |g| under
+    about 8e-3, and the step g / sqrt(v) grows without bound), so that state is float32, as
+    mixed-precision training keeps it. bfloat16 has float32's range: its state stays
+    bfloat16 (its rounding is what ``rounding_seed`` is for).
+    """
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
+def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
+    """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex,
+    `squares` (a state of squared gradients, when `dtype` is None) takes `squares_dtype`.
 
     A leaf may be a ``jax.ShapeDtypeStruct`` (abstract params): its zeros are placed with its
     sharding when it has one, so ``init`` of abstract params gives the state that
@@ -159,6 +223,8 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
 
     def zeros(leaf):
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
+        if squares and dtype is None:
+            leaf_dtype = squares_dtype(leaf_dtype)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
         if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -172,9 +238,10 @@ def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False) -> Any:
     return jax.tree.map(zeros, tree)
 
 
-def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False) -> Any:
+def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
     """`zeros_like_tree` filled with `value` (initial accumulators)."""
-    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros_like_tree(tree, dtype, real=real))
+    zeros = zeros_like_tree(tree, dtype, real=real, squares=squares)
+    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros)
 
 
 def _positive_number(value: Any) -> bool:
@@ -257,5 +324,11 @@ def cast_like(tree: Any, like: Any) -> Any:
 
 
 def unzip_pairs(pairs: Any, like: Any) -> tuple[Any, Any]:
-    """Split a tree of (a, b) tuples, shaped like `like`, into a tree of a's and a tree of b's."""
-    return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0, 0)), pairs)
+    """Split a tree of (a, b) tuples, shaped like `like`, into a tree of a's and a tree of b's.
+
+    A tree with no leaves (what ``optax.masked`` and ``optax.multi_transform`` hand a group
+    with no parameters) gives two empty trees of its structure.
+    """
+    outer: Any = jax.tree.structure(like)  # PyTreeDef: its methods are untyped
+    firsts, seconds = zip(*outer.flatten_up_to(pairs), strict=True) if outer.num_leaves else ((), ())
+    return jax.tree.unflatten(outer, firsts), jax.tree.unflatten(outer, seconds)

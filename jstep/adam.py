@@ -27,11 +27,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jstep import _core
 from jstep.averages import running_average_value
+from jstep.grouping import Packed
 from jstep.precision import step_keys, store
 
 
@@ -63,7 +65,9 @@ def scale_by_adam(
       eps_root: >= 0, added inside the square root (the notes' form).
       mu_dtype: dtype of m (default: each parameter's dtype); e.g. ``jnp.bfloat16`` halves
         its memory. Arithmetic runs in at least float32 whatever the dtypes.
-      nu_dtype: dtype of v (default: the parameter's real dtype).
+      nu_dtype: dtype of v (default: the parameter's real dtype, but float32 for float16
+        params: float16's range cannot hold (1 - B2) g^2 for |g| under about 8e-3, and the
+        step would grow 25x in 1000 steps of g = 1e-4). An explicit dtype is kept as given.
       nesterov: use Nesterov's look-ahead (NAdam, Dozat 2016), as ``optax.adam(nesterov=True)``:
         m_hat_t = B1 m_t / (1 - B1^(t+1)) + (1 - B1) g_t / (1 - B1^t).
       rounding_seed: None (store m and v by round-to-nearest), or an int: m and v, where
@@ -79,6 +83,7 @@ def scale_by_adam(
     _core.check_decay("b2", b2)
     _core.check_number("eps", eps)
     _core.check_number("eps_root", eps_root)
+    _core.check_flag("nesterov", nesterov)
     _core.check_state_dtype("mu_dtype", mu_dtype)
     _core.check_state_dtype("nu_dtype", nu_dtype)
     _core.check_rounding_seed(rounding_seed)
@@ -88,7 +93,7 @@ def scale_by_adam(
         return ScaleByAdamState(
             _core.new_count(),
             _core.zeros_like_tree(params, mu_dtype),
-            _core.zeros_like_tree(params, nu_dtype, real=True),
+            _core.zeros_like_tree(params, nu_dtype, real=True, squares=True),
         )
 
     def update(updates, state, params=None, **extra_args):
@@ -163,19 +168,32 @@ def adam(
 Mask = Any | Callable[[Any], Any]
 
 
-def _decay_mask(mask: Mask, params: Any) -> Any:
-    """A bool per leaf of `params`: `mask` (a tree of bools shaped like `params` or a prefix
-    of it, or a callable ``params -> such a tree``) broadcast over the params, as in
-    ``optax.masked``."""
-    if mask is None:
-        return jax.tree.map(lambda _: True, params)
-    tree = mask(params) if callable(mask) else mask
+def _check_mask_tree(tree: Any) -> None:
+    """Raise TypeError naming the first leaf of a weight-decay mask that is not a bool."""
     for path, keep in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not isinstance(keep, (bool, np.bool_)):
             raise TypeError(
-                f"mask leaf {jax.tree_util.keystr(path) or '<root>'} is {keep!r}; a weight-decay mask "
-                "holds Python bools (True: decay this leaf), shaped like the params or a prefix of them"
+                "mask must be None, a tree of Python bools (True: decay this leaf) shaped like the "
+                f"params or a prefix of them, or a callable params -> such a tree; got {_core._shown(tree)}, "
+                f"whose leaf {jax.tree_util.keystr(path) or '<root>'} is {keep!r}"
             )
+
+
+def _decay_mask(mask: Mask, params: Any) -> Any:
+    """A bool per leaf of `params`: `mask` (a tree of bools shaped like `params` or a prefix
+    of it, or a callable ``params -> such a tree``) broadcast over the params, as in
+    ``optax.masked``.
+
+    Inside `jstep.grouped` the params are packed into a few buffers: the mask is then resolved
+    on the params' own tree (as ``jax.ShapeDtypeStruct`` leaves: their shapes and dtypes) and
+    spread over the buffers, element by element, so that the same weights decay.
+    """
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    if isinstance(params, Packed):
+        return params.spread(_decay_mask(mask, params.unpacked_shapes()))
+    tree = mask(params) if callable(mask) else mask
+    _check_mask_tree(tree)
     try:
         return jax.tree.map(lambda keep, subtree: jax.tree.map(lambda _: bool(keep), subtree), tree, params)
     except ValueError as error:
@@ -234,6 +252,8 @@ def adamw(
       [-0.25  0.5 ]
     """
     _core.check_number("weight_decay", weight_decay)
+    if not callable(mask):
+        _check_mask_tree(mask)
     direction = scale_by_adam(
         b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov, rounding_seed=rounding_seed
     )
@@ -244,11 +264,18 @@ def adamw(
         directions, state = direction.update(updates, state, params, **extra_args)
 
         def decayed(d, w, keep):
-            if not keep:
+            if keep is False:
                 return d
             dtype = _core.compute_dtype(d.dtype)
-            return (d.astype(dtype) + weight_decay * w.astype(dtype)).astype(d.dtype)
+            with_decay = d.astype(dtype) + weight_decay * w.astype(dtype)
+            if keep is not True:  # a buffer of several leaves (jstep.grouped): decay where it says
+                with_decay = jnp.where(keep, with_decay, d.astype(dtype))
+            return with_decay.astype(d.dtype)
 
         return jax.tree.map(decayed, directions, params, _decay_mask(mask, params)), state
 
-    return _core.descent(optax.GradientTransformationExtraArgs(direction.init, update), learning_rate)
+    def init(params):
+        _decay_mask(mask, params)  # a mask that does not fit the params fails here, not at the first update
+        return direction.init(params)
+
+    return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)

@@ -90,7 +90,8 @@ def scale_by_rms(
       bias_correction: divide G_t (and M_t) by 1 - gamma^t, as Adam does, before the root
         (``optax.scale_by_rms(bias_correction=True)``).
       accumulator_dtype: dtype of G (and M) (default: each parameter's real dtype for G, its
-        dtype for M). Arithmetic runs in at least float32 whatever the dtypes.
+        dtype for M; float32 for float16 params, whose range cannot hold small g^2). An
+        explicit dtype is kept as given. Arithmetic runs in at least float32 whatever the dtypes.
       rounding_seed: None (store G and M by round-to-nearest), or an int: where narrower than
         float32 they are stored by stochastic rounding, keys from (seed, t, leaf), so that
         E[G_t] follows the rule (in bfloat16 G cannot decay by round-to-nearest when
@@ -99,15 +100,19 @@ def scale_by_rms(
     _core.check_decay("gamma", gamma)
     _core.check_number("eps", eps)
     _core.check_number("initial_scale", initial_scale)
+    _core.check_flag("eps_in_sqrt", eps_in_sqrt)
+    _core.check_flag("centered", centered)
+    _core.check_flag("bias_correction", bias_correction)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)
 
     def init(params):
         _core.check_floating_leaves(params)
-        nu = _core.full_like_tree(params, initial_scale, accumulator_dtype, real=True)
-        if centered:
-            return ScaleByCenteredRmsState(_core.new_count(), _core.zeros_like_tree(params, accumulator_dtype), nu)
+        nu = _core.full_like_tree(params, initial_scale, accumulator_dtype, real=True, squares=True)
+        if centered:  # M in G's precision: G - M^2 is the variance
+            mu = _core.zeros_like_tree(params, accumulator_dtype, squares=True)
+            return ScaleByCenteredRmsState(_core.new_count(), mu, nu)
         return ScaleByRmsState(_core.new_count(), nu)
 
     def update(updates, state, params=None, **extra_args):
@@ -186,7 +191,8 @@ def rmsprop(
       momentum: beta in [0, 1), or None for no velocity.
       nesterov: Nesterov's look-ahead on the velocity; needs `momentum`.
       bias_correction: divide the averages by 1 - gamma^t (see `scale_by_rms`).
-      accumulator_dtype: dtype of G (and M, and the velocity V) (default: the parameters').
+      accumulator_dtype: dtype of G (and M, and the velocity V) (default: the parameters', but
+        float32 for G and M of float16 params; see `scale_by_rms`).
       rounding_seed: stochastic rounding of narrow state (see `scale_by_rms`); the velocity
         draws its bits from ``rounding_seed ^ 1`` (the last bit flipped), so that G and V
         round independently.
@@ -214,6 +220,7 @@ def rmsprop(
         accumulator_dtype=accumulator_dtype,
         rounding_seed=rounding_seed,
     )
+    _core.check_flag("nesterov", nesterov)
     if momentum is None:
         if nesterov:
             raise ValueError("nesterov=True needs a momentum: give momentum=beta in [0, 1), e.g. 0.9")
@@ -240,7 +247,8 @@ def scale_by_rss(
       eps: >= 0, added to the denominator.
       eps_in_sqrt: use g_t / sqrt(G_t + eps) instead.
       initial_accumulator_value: G_0, >= 0 (``optax.adagrad`` uses 0.1).
-      accumulator_dtype: dtype of G (default: each parameter's real dtype).
+      accumulator_dtype: dtype of G (default: each parameter's real dtype, float32 for float16
+        params, whose range cannot hold small g^2).
       rounding_seed: None (store G by round-to-nearest), or an int: where narrower than
         float32, G is stored by stochastic rounding, keys from (seed, t, leaf), so that
         E[G_t] = G_{t-1} + g_t^2 (in bfloat16 a g_t^2 under half an ulp of G is otherwise
@@ -248,13 +256,14 @@ def scale_by_rss(
     """
     _core.check_number("eps", eps)
     _core.check_number("initial_accumulator_value", initial_accumulator_value)
+    _core.check_flag("eps_in_sqrt", eps_in_sqrt)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
     placement = _eps_placement(eps, eps_in_sqrt)
 
     def init(params):
         _core.check_floating_leaves(params)
-        initial = _core.full_like_tree(params, initial_accumulator_value, accumulator_dtype, real=True)
+        initial = _core.full_like_tree(params, initial_accumulator_value, accumulator_dtype, real=True, squares=True)
         return ScaleByRssState(_core.new_count(), initial)
 
     def update(updates, state, params=None, **extra_args):
@@ -319,6 +328,51 @@ def adagrad(
     return _core.descent(scaled, learning_rate)
 
 
+def scale_by_adadelta(
+    rho: Any = 0.9,
+    eps: Any = 1e-6,
+    *,
+    accumulator_dtype: Any = None,
+    rounding_seed: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Zeiler's ADADELTA direction d_t (see `adadelta`), without the learning rate.
+
+    Args:
+      rho, eps, accumulator_dtype, rounding_seed: as in `adadelta`.
+    """
+    _core.check_decay("rho", rho)
+    _core.check_number("eps", eps)
+    _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
+    _core.check_rounding_seed(rounding_seed)
+
+    def init(params):
+        _core.check_floating_leaves(params)
+        return AdadeltaState(
+            _core.new_count(),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True),
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        _core.check_same_shapes(updates, state.e_g)
+        count = _core.increment(state.count)
+        e_g_key, e_x_key = step_keys(rounding_seed, count, 2)
+        # Steps are taken with E[g^2]_t as computed, then both averages are stored in their dtypes.
+        e_g = running_average_value(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
+
+        def step(g, Eg, Ex):
+            Ex = Ex.astype(_core.compute_dtype(Ex.dtype))
+            return _core.adaptive_step(g, Eg, eps=0.0, eps_root=eps) * jnp.sqrt(Ex + eps)
+
+        steps = jax.tree.map(step, updates, e_g, state.e_x)
+        e_x = running_average_value(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
+        stored = AdadeltaState(count, store(e_g, state.e_g, e_g_key), store(e_x, state.e_x, e_x_key))
+        return _core.cast_like(steps, updates), stored
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def adadelta(
     learning_rate: _core.ScalarOrSchedule = 1.0,
     rho: Any = 0.9,
@@ -340,38 +394,10 @@ def adadelta(
       learning_rate: eta, a number >= 0 or an Optax schedule ``count -> eta_t``.
       rho: the decay of both averages, in [0, 1).
       eps: > 0 in practice (with eps = 0 the first step is 0 and so is every later one).
-      accumulator_dtype: dtype of both averages (default: each parameter's real dtype).
+      accumulator_dtype: dtype of both averages (default: each parameter's real dtype, float32
+        for float16 params, whose range cannot hold small squares).
       rounding_seed: None (round-to-nearest), or an int: averages narrower than float32 are
         stored by stochastic rounding, keys from (seed, t, leaf). No key is kept in the state.
     """
-    _core.check_decay("rho", rho)
-    _core.check_number("eps", eps)
-    _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
-    _core.check_rounding_seed(rounding_seed)
-
-    def init(params):
-        _core.check_floating_leaves(params)
-        return AdadeltaState(
-            _core.new_count(),
-            _core.zeros_like_tree(params, accumulator_dtype, real=True),
-            _core.zeros_like_tree(params, accumulator_dtype, real=True),
-        )
-
-    def update(updates, state, params=None, **extra_args):
-        del params, extra_args
-        _core.check_same_shapes(updates, state.e_g)
-        count = _core.increment(state.count)
-        e_g_key, e_x_key = step_keys(rounding_seed, count, 2)
-        # Steps are taken with E[g^2]_t as computed, then both averages are stored in their dtypes.
-        e_g = running_average_value(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
-
-        def step(g, Eg, Ex):
-            Ex = Ex.astype(_core.compute_dtype(Ex.dtype))
-            return _core.adaptive_step(g, Eg, eps=0.0, eps_root=eps) * jnp.sqrt(Ex + eps)
-
-        steps = jax.tree.map(step, updates, e_g, state.e_x)
-        e_x = running_average_value(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
-        stored = AdadeltaState(count, store(e_g, state.e_g, e_g_key), store(e_x, state.e_x, e_x_key))
-        return _core.cast_like(steps, updates), stored
-
-    return _core.descent(optax.GradientTransformationExtraArgs(init, update), learning_rate)
+    direction = scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)
+    return _core.descent(direction, learning_rate)

@@ -104,8 +104,7 @@ def running_average(
       2.0
       5.0
     """
-    if not callable(gamma):
-        _core.check_decay("gamma", gamma)
+    _core.check_decay("gamma", gamma, schedule=True)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
 
@@ -157,6 +156,7 @@ def moving_average(
       0.813 3.0
     """
     _core.check_decay("decay", decay)
+    _core.check_flag("debias", debias)
     biased = running_average(decay, accumulator_dtype=accumulator_dtype, rounding_seed=rounding_seed)
     if not debias:
         return biased

@@ -5,8 +5,10 @@ from the same initialisation and the same batches (with ``--precision bfloat16``
 float32 and once in bfloat16 with stochastic rounding); shows a progress bar per run, then a
 table (optimizer, precision, settings, final training loss, test accuracy, bytes per
 parameter of params and optimizer state, steps per second); writes
-``loss_curves.png`` and ``loss_curves.json`` into ``--out``; and ends with `jstep.check_vjp`'s
-worst error for a batch-norm layer of the trained network.
+``loss_curves.png`` (one panel of every optimizer; with several precisions, a panel per
+optimizer), with several precisions ``precisions_against_float32.png`` (accuracy, loss and
+bytes per parameter against float32), and ``loss_curves.json`` into ``--out``; and ends with
+`jstep.check_vjp`'s worst error for a batch-norm layer of the trained network.
 
 This module parses and prints only. It touches no JAX backend before the arguments are
 read, so that ``--devices N`` can still ask XLA for N host devices.
@@ -17,14 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
-from typing import Any, NoReturn, TextIO
+from typing import Any, NamedTuple, NoReturn, TextIO
 
 OPTIMIZERS = ("sgd", "momentum", "ema_momentum", "rmsprop", "adagrad", "adadelta", "adam")
 PRECISIONS = ("float32", "bfloat16")
@@ -33,6 +37,7 @@ DEFAULT_STEPS = 1000
 DEFAULT_BATCH_SIZE = 128
 TRAINING_EXAMPLES = 1500
 PNG_NAME, JSON_NAME = "loss_curves.png", "loss_curves.json"
+AGAINST_FLOAT32_PNG_NAME = "precisions_against_float32.png"
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 _CHILD_MARK = "JSTEP_DEVICES_CHILD"
 
@@ -85,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a small MLP with batch normalization (64-128-BN-relu-64-BN-relu-10) on the "
             "8x8 handwritten digits that ship with jstep, once per optimizer of the notes, from "
             "the same initialisation and the same batches. Prints a table, writes "
-            f"{PNG_NAME} and {JSON_NAME}, and checks the batch-norm gradient with check_vjp."
+            f"{PNG_NAME} (with --precision bfloat16 also {AGAINST_FLOAT32_PNG_NAME}) and {JSON_NAME}, and checks "
+            "the batch-norm gradient with check_vjp."
         ),
     )
     parser.add_argument(
@@ -241,41 +247,6 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 
-def plot_curves(path: pathlib.Path, curves: dict[str, Any], smoothed: dict[str, Any], title: str) -> None:
-    """Training loss per step for each optimizer (thin: raw; thick: debiased moving average).
-
-    Curves named ``"adam (bfloat16 stochastic)"`` share their optimizer's colour; the second
-    precision of an optimizer is drawn dashed."""
-    import matplotlib
-    import numpy as np
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    names = list(curves)
-    optimizers = list(dict.fromkeys(name.split(" (")[0] for name in names))
-    for index, name in enumerate(names):
-        optimizer = name.split(" (")[0]
-        color = f"C{optimizers.index(optimizer)}"
-        steps = range(1, len(curves[name]) + 1)
-        # A curve that coincides with an earlier one (momentum's two forms) is dashed so both show.
-        twin = next((other for other in names[:index] if np.allclose(curves[other], curves[name], rtol=1e-3)), None)
-        second = any(other.split(" (")[0] == optimizer for other in names[:index])
-        ax.plot(steps, curves[name], color=color, alpha=0.25, linewidth=0.7)
-        ax.plot(steps, smoothed[name], color=color, linewidth=1.8, linestyle="--" if twin or second else "-",
-                label=f"{name} (same curve as {twin})" if twin else name)  # fmt: skip
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss on the batch (cross entropy, log scale)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def compare_precisions(rows: Sequence[dict]) -> list[str]:
     """One line per optimizer trained in float32 and in a narrower dtype: accuracy and bytes side by side."""
     lines = []
@@ -308,6 +279,212 @@ def check_record(check: Any) -> dict:
         "worst": _demo.worst_errors(check),
         "comparisons": [dataclasses.asdict(c) for c in check.report.comparisons],
     }
+
+
+# ------------------------------------------------------------------------------- pictures
+
+
+class Curve(NamedTuple):
+    """One run's training curve: its optimizer, the precision or state format it ran in
+    (``"float32"``, ``"bfloat16 stochastic"``, ...), the per-step batch losses and their
+    debiased moving average."""
+
+    optimizer: str
+    precision: str
+    loss: Any  # a sequence or array of floats
+    smoothed: Any
+
+
+def _new_figure(**options: Any) -> Any:
+    """A matplotlib Figure with an Agg canvas and constrained layout, outside pyplot (no global
+    state, nothing to close)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(layout="constrained", **options)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _suptitle(figure: Any, title: str) -> None:
+    """`title` above every panel, broken into lines that fit the figure's width (10 characters an inch)."""
+    figure.suptitle(textwrap.fill(title, width=int(10 * figure.get_figwidth())))
+
+
+def _in_order(values: Any) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def precision_styles(precisions: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """How each precision is drawn, the same in every panel and picture: colour ``C{i}``; the
+    first (float32, the baseline) wide and pale at the bottom, every later one narrower than
+    the one before and drawn above it, so that curves lying on one another all stay visible."""
+    narrow = len(precisions) - 1
+    styles = {}
+    for index, precision in enumerate(precisions):
+        if index == 0:
+            width, alpha = 6.0, 0.35
+        else:  # 3.6 points down to 1; a single narrow curve gets 1.5
+            width, alpha = (1.5 if narrow == 1 else 3.6 - 2.6 * (index - 1) / (narrow - 1)), 0.95
+        styles[precision] = {"color": f"C{index % 10}", "linewidth": width, "alpha": alpha, "zorder": 2 + index}
+    return styles
+
+
+def draw_curves(curves: Sequence[Curve], title: str) -> Any:
+    """The main picture: `draw_one_panel` when the curves have one precision, else `draw_panels`."""
+    one_precision = len(_in_order(curve.precision for curve in curves)) == 1
+    return draw_one_panel(curves, title) if one_precision else draw_panels(curves, title)
+
+
+def draw_one_panel(curves: Sequence[Curve], title: str) -> Any:
+    """Training loss per step of every optimizer in one panel, a colour each (thin and pale: the
+    raw losses; thick: their moving average), the legend to the right of the panel."""
+    import numpy as np
+
+    figure = _new_figure(figsize=(10, 5))
+    ax = figure.subplots()
+    for index, curve in enumerate(curves):
+        color = f"C{index % 10}"
+        steps = np.arange(1, len(curve.loss) + 1)
+        # A curve that coincides with an earlier one (momentum's two forms) is dashed so both show.
+        twin = next((other for other in curves[:index] if np.allclose(other.loss, curve.loss, rtol=1e-3)), None)
+        label = f"{curve.optimizer}\n(same curve as {twin.optimizer})" if twin else curve.optimizer
+        ax.plot(steps, curve.loss, color=color, alpha=0.25, linewidth=0.7)
+        ax.plot(steps, curve.smoothed, color=color, linewidth=1.8, linestyle="--" if twin else "-", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss on the batch (cross entropy, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    _suptitle(figure, title)
+    figure.legend(loc="outside right center")
+    return figure
+
+
+def draw_panels(curves: Sequence[Curve], title: str) -> Any:
+    """A panel per optimizer (at most 4 a row, shared axes) with the moving average of its
+    training loss in every precision, styled by `precision_styles`; the legend to the right of the panels."""
+    import numpy as np
+
+    optimizers = _in_order(curve.optimizer for curve in curves)
+    precisions = _in_order(curve.precision for curve in curves)
+    styles = precision_styles(precisions)
+    columns = min(4, len(optimizers))
+    rows = -(-len(optimizers) // columns)
+    figure = _new_figure(figsize=(2.9 * columns + 2.2, 2.4 * rows + 1.2))
+    grid = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+    for ax, optimizer in zip(grid.flat, optimizers, strict=False):
+        for curve in (c for c in curves if c.optimizer == optimizer):
+            steps = np.arange(1, len(curve.smoothed) + 1)
+            ax.plot(steps, curve.smoothed, label=curve.precision, **styles[curve.precision])
+        ax.set_title(optimizer)
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    for index, ax in enumerate(grid.flat):
+        if index >= len(optimizers):
+            figure.delaxes(ax)
+        elif index + columns >= len(optimizers):  # the lowest panel of its column shows the steps
+            ax.xaxis.set_tick_params(labelbottom=True)
+    _suptitle(figure, title)
+    figure.supxlabel("training step")
+    figure.supylabel("training loss on the batch\n(moving average, log scale)")
+    handles = [_legend_line(precision, styles[precision]) for precision in precisions]
+    figure.legend(handles=handles, loc="outside right center")
+    return figure
+
+
+def _legend_line(label: str, style: dict[str, Any]) -> Any:
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], label=label, **style)
+
+
+def _bars(ax: Any, groups: dict[str, tuple[str, list[float]]], text: str, bottom: float = 0.0) -> None:
+    """Grouped bars: position i holds, side by side, value i of each ``{name: (colour, values)}``,
+    the bar from `bottom` to the value and labelled ``text.format(value)``; NaN draws nothing."""
+    width = 0.8 / max(1, len(groups))
+    for slot, (name, (colour, values)) in enumerate(groups.items()):
+        positions = [i + (slot - (len(groups) - 1) / 2) * width for i in range(len(values))]
+        heights = [value - bottom for value in values]
+        bars = ax.bar(positions, heights, width, bottom=bottom, color=colour, label=name)
+        texts = ["" if math.isnan(value) else text.format(value) for value in values]
+        ax.bar_label(bars, labels=texts, fontsize=7, padding=2)
+
+
+def _symmetric_limits(values: Any, floor: float) -> tuple[float, float]:
+    """(-m, m) with m 1.35 times the largest |value| (NaN ignored), at least `floor`."""
+    finite = [abs(v) for v in values if not math.isnan(v)]
+    largest = max([floor, *(1.35 * v for v in finite)])
+    return -largest, largest
+
+
+def draw_against_baseline(rows: Sequence[dict], title: str) -> Any:
+    """What each precision changes, per optimizer, from the table's rows (`format_table`'s):
+    test accuracy minus the first precision's (float32's) in points, final training loss over
+    float32's (log scale), and bytes per parameter of params plus optimizer state. Colours as
+    in `precision_styles`; the legend below the panels."""
+    optimizers = _in_order(row["optimizer"] for row in rows)
+    precisions = _in_order(row["precision"] for row in rows)
+    baseline = precisions[0]
+    colours = {precision: style["color"] for precision, style in precision_styles(precisions).items()}
+    table = {(row["optimizer"], row["precision"]): row for row in rows}
+
+    def values(precision: str, value: Any) -> tuple[str, list[float]]:
+        """(colour, [value(row, baseline row) per optimizer]), NaN where either run is missing."""
+        pairs = [(table.get((o, precision)), table.get((o, baseline))) for o in optimizers]
+        return colours[precision], [value(row, base) if row and base else math.nan for row, base in pairs]
+
+    def points_gained(row: dict, base: dict) -> float:
+        return 100 * (row["test_accuracy"] - base["test_accuracy"])
+
+    def loss_ratio(row: dict, base: dict) -> float:
+        return row["final_train_loss"] / base["final_train_loss"] if base["final_train_loss"] > 0 else math.nan
+
+    others = precisions[1:]
+    accuracy = {p: values(p, points_gained) for p in others}
+    loss = {p: values(p, loss_ratio) for p in others}
+    held = {p: values(p, lambda row, base: row["bytes_per_parameter"]) for p in precisions}
+
+    figure = _new_figure(figsize=(max(6.5, 1.1 * len(optimizers) + 2.5), 8.5))
+    accuracy_ax, loss_ax, bytes_ax = figure.subplots(3, 1, sharex=True)
+    _bars(accuracy_ax, accuracy, "{:+.1f}")
+    accuracy_ax.axhline(0.0, color="black", linewidth=0.8)
+    accuracy_ax.set_ylim(*_symmetric_limits([v for _, vs in accuracy.values() for v in vs], 1.0))
+    accuracy_ax.set_title(f"test accuracy minus {baseline}'s (percentage points)", loc="left")
+    loss_ax.set_yscale("log")
+    _bars(loss_ax, loss, "{:.2f}", bottom=1.0)
+    loss_ax.axhline(1.0, color="black", linewidth=0.8)
+    logs = [math.log10(v) for _, vs in loss.values() for v in vs if v > 0]
+    low, high = _symmetric_limits(logs, math.log10(2.0))
+    loss_ax.set_ylim(10**low, 10**high)
+    ratios = [r for r in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if 10**low <= r <= 10**high]
+    loss_ax.set_yticks(ratios, [f"\N{MULTIPLICATION SIGN}{r:g}" for r in ratios])
+    loss_ax.minorticks_off()
+    loss_ax.set_title(f"final training loss divided by {baseline}'s (log scale)", loc="left")
+    _bars(bytes_ax, held, "{:.1f}")
+    bytes_ax.set_ylim(0, 1.2 * max(v for _, vs in held.values() for v in vs if not math.isnan(v)))
+    bytes_ax.set_title("bytes per parameter held by params and optimizer state", loc="left")
+    bytes_ax.set_xticks(range(len(optimizers)), optimizers)
+    for ax in (accuracy_ax, loss_ax, bytes_ax):
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    _suptitle(figure, title)
+    figure.legend(*bytes_ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(precisions))
+    return figure
+
+
+def write_pictures(
+    out: pathlib.Path, curves: Sequence[Curve], rows: Sequence[dict], batch_size: int
+) -> list[pathlib.Path]:
+    """`PNG_NAME` (`draw_curves`) into `out`, and with several precisions `AGAINST_FLOAT32_PNG_NAME`
+    (`draw_against_baseline`); returns their paths."""
+    title = f"The notes' optimizers on the 8x8 digits ({batch_size}-example batches, MLP with batch norm)"
+    pictures = [(out / PNG_NAME, draw_curves(curves, title))]
+    if len(_in_order(row["precision"] for row in rows)) > 1:
+        subtitle = f"What a narrower precision changes against float32 (8x8 digits, {batch_size}-example batches)"
+        pictures.append((out / AGAINST_FLOAT32_PNG_NAME, draw_against_baseline(rows, subtitle)))
+    for path, figure in pictures:
+        figure.savefig(path, dpi=120)
+    return [path for path, _ in pictures]
 
 
 # ----------------------------------------------------------------------------------- main
@@ -382,7 +559,6 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
         check, failure = _demo.check_batch_norm_layer(checked, data, batches[-1]), None
     except AssertionError as error:
         check, failure = None, str(error)
-    curves = {r.optimizer if len(precisions) == 1 else f"{r.optimizer} ({r.precision})": r.losses for r in results}
     record = {
         "dataset": "8x8 handwritten digits (UCI Optical Recognition of Handwritten Digits, CC BY 4.0)",
         "model": "64-128-BN-relu-64-BN-relu-10",
@@ -393,27 +569,29 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
         "precision": args.precision,
         "rounding": args.rounding,
         "runs": [
-            {**row, "settings": r.settings, "loss": r.losses.tolist()} for row, r in zip(rows, results, strict=True)
+            {
+                **row,
+                "dtype": dtype,
+                "state_format": dtype,
+                "rounding": None if dtype == "float32" else args.rounding,
+                "settings": r.settings,
+                "loss": r.losses.tolist(),
+            }
+            for row, r, (_, dtype) in zip(rows, results, runs, strict=True)
         ],
         "check_vjp": check_record(check) if check else {"passed": False, "report": failure},
     }
-    written = []
     json_path = args.out / JSON_NAME
     json_path.write_text(json.dumps(record, indent=1))
-    written.append(json_path)
+    decay = smoothing_decay(args.steps)
+    curves = [Curve(r.optimizer, r.precision, r.losses, _demo.smooth(r.losses, decay)) for r in results]
     try:
-        png_path = args.out / PNG_NAME
-        decay = smoothing_decay(args.steps)
-        plot_curves(
-            png_path,
-            curves,
-            {name: _demo.smooth(loss, decay) for name, loss in curves.items()},
-            f"The notes' optimizers on the 8x8 digits ({args.batch_size}-example batches, MLP with batch norm)",
-        )
-        written.insert(0, png_path)
+        pictures = write_pictures(args.out, curves, rows, args.batch_size)
     except ImportError:
+        pictures = []
         print(f"matplotlib is not installed, so {PNG_NAME} was not drawn: pip install 'jstep[demo]'", file=stderr)
-    print("\nwrote " + " and ".join(str(path) for path in written), file=stdout)
+    written = [str(path) for path in [*pictures, json_path]]
+    print("\nwrote " + ", ".join(written[:-1]) + " and " + written[-1], file=stdout)
     if check is None:
         print(f"check_vjp of the batch-norm layer FAILED:{failure}", file=stdout)
         return 1

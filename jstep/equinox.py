@@ -1,25 +1,29 @@
-"""Batch normalization for Equinox: the equivalent of ``equinox.nn.BatchNorm(mode="batch")``.
+"""Batch normalization for Equinox: a drop-in for ``equinox.nn.BatchNorm`` with jstep's numbers.
 
-``jstep.equinox.BatchNorm`` has Equinox's constructor, call, fields (`weight`, `bias`) and
-state (an `eqx.nn.StateIndex` for the step count and one for the running statistics, in
-`eqx.nn.State`), so a model switches by changing the import and its leaves and state load into
-either layer. As in Equinox it normalizes one example of shape ``(input_size, ...)`` and
-takes the batch statistics across ``jax.vmap(..., axis_name=...)`` (or ``pmap``, or a
-``shard_map`` axis, or a tuple of names). What differs is inside: the gradient is the notes'
-derivation (`jstep.batch_norm`'s custom VJP) instead of autodiff through the normalization.
+``jstep.equinox.BatchNorm`` is a subclass of ``eqx.nn.BatchNorm``, so code that looks for
+Equinox's layer (``isinstance(layer, eqx.nn.BatchNorm)``, as Equinox's examples do to thread
+the state) finds it. It has Equinox's constructor and defaults (``mode="legacy"``, which runs
+``"ema"``), call, fields (`weight`, `bias`, the same `eqx.nn.StateIndex` fields per mode) and
+state, so a model switches by changing the import, and its leaves and state load into either
+layer. As in Equinox it normalizes one example of shape ``(input_size, ...)`` and takes the
+batch statistics across ``jax.vmap(..., axis_name=...)`` (or ``pmap``, or a ``shard_map``
+axis, or a tuple of names). The numbers are Equinox's, to float32 rounding, in both modes;
+what differs is inside: two-pass statistics in at least float32, and in ``mode="batch"`` the
+notes' derivation as the gradient (`jstep.batch_norm`'s custom VJP).
 
 Needs Equinox: ``pip install "jstep[equinox]"``. Not imported by ``import jstep``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jstep import _layers
+from jstep import _core, _layers
 
 try:
     import equinox as eqx
@@ -28,23 +32,43 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess by 
 
 __all__ = ["BatchNorm"]
 
+MODES = ("ema", "batch", "legacy")
 
-class BatchNorm(eqx.nn.StatefulLayer):
-    """Batch normalization as ``equinox.nn.BatchNorm(mode="batch")``, computed by `jstep.batch_norm`.
+_LEGACY = (
+    "jstep.equinox.BatchNorm(..., mode=...) was left unspecified, so it runs mode='ema', as "
+    "eqx.nn.BatchNorm does by default (for backward compatibility; Equinox recommends 'batch' "
+    "for new code, see https://github.com/patrick-kidger/equinox/issues/659). Pass mode='ema' "
+    "or mode='batch' to choose, and to silence this warning."
+)
+
+
+class BatchNorm(eqx.nn.BatchNorm):
+    """Batch normalization as ``equinox.nn.BatchNorm``, computed by jstep's batch-norm core.
 
     Called on one example ``x`` of shape ``(input_size, dim_1, ..., dim_N)`` inside a map with
-    `axis_name`. Training: for each channel i, over the K values of the whole batch (the
-    example's positions and every example along `axis_name`),
+    `axis_name`. For each channel i, mu_i and sigma_i^2 are the mean and population variance
+    over the K values of the whole batch (the example's positions and every example along
+    `axis_name`), G = `weight`, B = `bias` (1 and 0 without `channelwise_affine`), and
 
-        Zhat_ij = G_i (Z_ij - mu_i) / sqrt(sigma_i^2 + eps) + B_i
+        Zhat_ij = G_i (Z_ij - m_i) / sqrt(v_i + eps) + B_i
 
-    with G = `weight`, B = `bias` (1 and 0 without `channelwise_affine`); the state's hidden
-    statistics become ``h <- momentum * h + (1 - momentum) * (mu, sigma^2)`` (the notes' running
-    average with gamma = `momentum`, from h_0 = (0, 1)) and its step count t grows by one.
-    Inference uses Equinox's debiased statistics ``h / (1 - momentum^t)`` (h itself at t = 0).
+    with (m, v) by `mode`, as in Equinox:
+
+    * ``"batch"``: training uses (m, v) = (mu, sigma^2); the state's hidden statistics become
+      ``h <- momentum * h + (1 - momentum) * (mu, sigma^2)`` (the notes' running average with
+      gamma = `momentum`, from h_0 = (0, 1)) and its step count t grows by one. Inference
+      uses Equinox's debiased ``h / (1 - momentum^t)`` (h itself at t = 0). The gradient is
+      the notes' derivation (`jstep.batch_norm`).
+    * ``"ema"``: training first averages the batch's statistics into the running ones,
+      ``C <- momentum * C + (1 - momentum) * (mu, sigma^2)`` (C = (mu, sigma^2) on the first
+      training call), then normalizes with (m, v) = C; inference uses C as it is (zeros before
+      any training call, as Equinox's). The gradient is autodiff through that formula, as
+      Equinox's: the batch's statistics enter with weight (1 - momentum).
+    * ``"legacy"`` (the default, as Equinox's): runs ``"ema"`` and warns that the mode was left
+      unspecified, as Equinox does; the layer's `mode` field is then ``"ema"``.
 
     Args:
-      input_size: the number of channels (the first axis of each example).
+      input_size: the number of channels (the first axis of each example); a Python or NumPy int.
       axis_name: the name of the mapped batch axis, or a sequence of names.
       eps: eps >= 0.
       channelwise_affine: whether `weight` and `bias` are learned.
@@ -52,40 +76,41 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference: the mode when the call does not give one; `eqx.nn.inference_mode` sets it.
       dtype: the dtype of `weight`, `bias` and the running statistics (float32, or float64
         under ``jax_enable_x64``, by default).
-      mode: only "batch" (Equinox's "ema" mode is not provided).
-      eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - mu) / (sigma + eps)``.
+      mode: ``"batch"``, ``"ema"`` or ``"legacy"`` (see above).
+      eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - m) / (sqrt(v) + eps)``.
+
+    Every setting is checked when the layer is built (a TypeError or ValueError naming it).
 
     Example:
       Each call sees one example; ``jax.vmap`` names the batch axis the statistics are taken
-      over. One training call moves the hidden statistics half way (momentum 0.5) from (0, 1)
-      to the batch's mean [3, 30] and variance [3.5, 350]:
+      over. With ``mode="batch"`` one training call moves the hidden statistics half way
+      (momentum 0.5) from (0, 1) to the batch's mean [3, 30] and variance [3.5, 350]:
 
       >>> import equinox as eqx
       >>> import jax
       >>> import jax.numpy as jnp
       >>> from jstep.equinox import BatchNorm
-      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, axis_name="batch", momentum=0.5)
+      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, axis_name="batch", momentum=0.5, mode="batch")
+      >>> isinstance(bn, eqx.nn.BatchNorm)
+      True
       >>> x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 60.0], [6.0, 30.0]])
       >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
       >>> y, state = train(x, state)
       >>> mean, var = state.get(bn.batch_state_index)
       >>> print(y.shape, mean, var)
       (4, 2) [ 1.5 15. ] [  2.25 175.5 ]
+
+      With ``mode="ema"`` the first training call sets the running statistics to the batch's,
+      and the next averages the new batch's in:
+
+      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, axis_name="batch", momentum=0.5, mode="ema")
+      >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> _, state = train(x, state)
+      >>> _, state = train(2 * x, state)  # batch mean [6, 60], variance [14, 1400]
+      >>> print(*state.get(bn.ema_state_index))
+      [ 4.5 45. ] [  8.75 875.  ]
     """
 
-    weight: jax.Array | None
-    bias: jax.Array | None
-    ema_first_time_index: None
-    ema_state_index: None
-    batch_counter: eqx.nn.StateIndex
-    batch_state_index: eqx.nn.StateIndex
-    axis_name: Hashable | Sequence[Hashable]
-    inference: bool
-    input_size: int = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
-    channelwise_affine: bool = eqx.field(static=True)
-    momentum: float = eqx.field(static=True)
-    mode: str = eqx.field(static=True)
     eps_in_sqrt: bool = eqx.field(static=True)
 
     def __init__(
@@ -97,37 +122,31 @@ class BatchNorm(eqx.nn.StatefulLayer):
         momentum: float = 0.99,
         inference: bool = False,
         dtype: Any = None,
-        mode: str = "batch",
+        mode: str = "legacy",
         *,
         eps_in_sqrt: bool = True,
     ):
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
-            raise ValueError(f"input_size must be a positive int, got {input_size!r}")
-        if mode != "batch":
-            raise ValueError(
-                f"mode={mode!r}: jstep.equinox.BatchNorm implements Equinox's mode='batch' only "
-                "(batch statistics in training, running averages at inference)"
-            )
-        if axis_name is None:
-            raise ValueError(
-                "axis_name is None: give the name of the mapped batch axis, as in jax.vmap(..., axis_name=...)"
-            )
-        dtype = jnp.result_type(float) if dtype is None else dtype
-        self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
-        self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
-        self.ema_first_time_index = None
-        self.ema_state_index = None
-        self.batch_counter = eqx.nn.StateIndex(jnp.array(0))
-        self.batch_state_index = eqx.nn.StateIndex((jnp.zeros((input_size,), dtype), jnp.ones((input_size,), dtype)))
-        self.axis_name = axis_name
-        self.inference = inference
-        self.input_size = input_size
-        self.eps = eps
-        self.channelwise_affine = channelwise_affine
-        self.momentum = momentum
-        self.mode = mode
+        if not isinstance(mode, str):
+            raise TypeError(f"mode must be one of the strings {MODES} (as in Equinox), got {_core._shown(mode)}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} (as in Equinox), got {mode!r}")
+        settings = _layers.check_settings(
+            input_size=input_size,
+            eps=eps,
+            channelwise_affine=channelwise_affine,
+            momentum=momentum,
+            inference=inference,
+            dtype=dtype,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+        eps_in_sqrt = settings.pop("eps_in_sqrt")
+        axis_name = _layers.check_axis_name("axis_name", axis_name, required=True)
+        # Equinox's own constructor builds the fields and the state indices of the mode.
+        super().__init__(axis_name=axis_name, mode="ema" if mode == "legacy" else mode, **settings)  # type: ignore[arg-type]
         self.eps_in_sqrt = eps_in_sqrt
-        self._core()  # checks the settings now
+        self._core()  # checks the settings together now
+        if mode == "legacy":  # the caller, above Equinox's two constructor frames
+            warnings.warn(_LEGACY, stacklevel=4)
 
     def _core(self):
         """The `jstep.BatchNorm` that does the arithmetic: channels on axis 0 of each example."""
@@ -153,15 +172,39 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         inference = self.inference if inference is None else inference
         _layers.check_feature_count(x, 0, self.input_size, "input_size")
-        layer = self._core()
-        count = state.get(self.batch_counter)
-        mean, var = state.get(self.batch_state_index)
+        index = self.ema_state_index if self.mode == "ema" else self.batch_state_index
+        assert index is not None  # Equinox's constructor built the mode's indices
+        mean, var = state.get(index)
         # Equinox's result dtype: the input promoted with the statistics and weights.
         x = jnp.asarray(x, jnp.result_type(x, mean, *([] if self.weight is None else [self.weight])))
+        if self.mode == "ema":
+            return self._ema(x, state, mean, var, inference=inference)
+        return self._batch(x, state, mean, var, inference=inference)
+
+    def _batch(self, x, state, mean, var, *, inference):
+        """``mode="batch"``: the batch's statistics, and the debiased hidden ones at inference."""
+        layer = self._core()
+        count = state.get(self.batch_counter)
         if inference:
             debias = jnp.where(count == 0, 1, 1 - self.momentum**count).astype(mean.dtype)
             y, _, _ = _layers.normalize(layer, x, self.weight, self.bias, mean / debias, var / debias, training=False)
             return y, state
-        y, mean, var = _layers.normalize(layer, x, self.weight, self.bias, mean, var, training=True)
+        y, mean, var = _layers.normalize(
+            layer, x, self.weight, self.bias, mean, var, training=True, evaluation="inference=True"
+        )
         state = state.set(self.batch_counter, count + 1)
         return y, state.set(self.batch_state_index, (mean, var))
+
+    def _ema(self, x, state, mean, var, *, inference):
+        """``mode="ema"``: the running statistics, after averaging the batch's in when training."""
+        layer = self._core()
+        if inference:
+            y, _, _ = _layers.normalize(layer, x, self.weight, self.bias, mean, var, training=False)
+            return y, state
+        first = state.get(self.ema_first_time_index)
+        y, mean, var = _layers.normalize_with_average(
+            layer, x, self.weight, self.bias, mean, var, first=first, evaluation="inference=True"
+        )
+        # False typed as the stored flag (under shard_map a new constant's type would differ from it)
+        state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
+        return y, state.set(self.ema_state_index, (mean, var))

@@ -14,8 +14,13 @@ and sharding, runs `transformation` on the packed tree, and unpacks its updates:
 
 The state is the inner transformation's state over the packed tree: Adam's m and v of all
 small float32 leaves are one buffer each. Use it with transformations that treat each
-element on its own (every jstep optimizer, Optax's scale_by_* and their aliases); one that
-needs the params' tree structure (a mask, per-leaf norms) sees the packed tree instead.
+element on its own (every jstep optimizer, Optax's scale_by_* and their aliases). The packed
+tree (`Packed`) remembers the tree it packs: `update` checks the gradients against it, with
+the plain optimizers' errors, and ``jstep.adamw``'s mask is resolved on it, so it decays the
+weights it decays unwrapped. A transformation that reads the tree's structure otherwise (a
+mask or labels of ``optax.masked``, ``optax.multi_transform``, ``optax.adamw``; per-leaf
+norms) would see the packed tree: compose it the other way round,
+``optax.masked(jstep.grouped(inner), mask)``. `init` refuses one whose state shows it.
 
 Shardings. A leaf's sharding is read from its type, `jax.typeof(leaf).sharding`, which is
 the same eagerly, under `jit` and for a `jax.ShapeDtypeStruct`, so `init` and `update` always
@@ -89,6 +94,109 @@ class Layout(NamedTuple):
     placements: tuple[Placement, ...]
     places: tuple[tuple[str, int], ...]  # ("large", index) or (group name, offset in its rows)
     groups: dict[str, Group]
+
+
+class Signature(NamedTuple):
+    """The tree a packed form packs (static): its structure, its leaves' shapes and places."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    places: tuple[tuple[str, int], ...]
+
+
+class _PackedFields(NamedTuple):
+    groups: dict[str, Any]
+    large: tuple[Any, ...]
+
+
+class Packed(_PackedFields):
+    """The packed form of a tree, ``{"groups": {name: buffer}, "large": (leaf, ...)}``, that
+    remembers the tree it packs.
+
+    Read like a dict (``packed["groups"]``). Its `signature` (the user's tree structure, leaf
+    shapes and places) is static pytree data: every tree the inner transformation derives
+    from it (Adam's m and v, its updates) carries it too, so `grouped` checks the updates
+    against the tree `init` saw, as the plain optimizers check them against their state, and
+    a structure-dependent rule (``jstep.adamw``'s mask) resolves itself on the user's tree
+    (`unpacked_shapes`) and spreads the per-leaf result over the buffers (`spread`).
+
+    A named tuple, so that ``flax.serialization`` writes and restores it as the dict
+    ``{"groups": ..., "large": ...}`` it always wrote; restored so, it has no signature until
+    the next update gives it one (`as_packed`).
+    """
+
+    signature: Signature | None
+
+    def __new__(cls, groups: dict[str, Any], large: tuple[Any, ...], signature: Signature | None = None) -> Packed:
+        packed = super().__new__(cls, groups, large)
+        packed.signature = signature
+        return packed
+
+    def __getitem__(self, key: Any) -> Any:  # packed["groups"], as a dict
+        return getattr(self, key) if isinstance(key, str) else super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._fields
+
+    def __repr__(self) -> str:
+        return repr({"groups": self.groups, "large": self.large})
+
+    def unpacked_shapes(self) -> Any:
+        """The user's tree as ``jax.ShapeDtypeStruct`` leaves (shapes and dtypes, no values)."""
+        assert self.signature is not None, "packed by grouped, so it has a signature"
+        leaves = []
+        for shape, (name, where) in zip(self.signature.shapes, self.signature.places, strict=True):
+            buffer = self.large[where] if name == "large" else self.groups[name]
+            leaves.append(jax.ShapeDtypeStruct(shape, jnp.result_type(buffer)))
+        return jax.tree.unflatten(self.signature.treedef, leaves)
+
+    def spread(self, per_leaf: Any) -> Packed:
+        """`per_leaf` (a Python scalar per leaf of the user's tree) in the packed form: each
+        group's buffer of the values of its members' elements (a scalar where they agree)."""
+        assert self.signature is not None, "packed by grouped, so it has a signature"
+        treedef: Any = self.signature.treedef  # PyTreeDef: its methods are untyped
+        values = treedef.flatten_up_to(per_leaf)
+        runs: dict[str, list[tuple[int, int, Any]]] = {name: [] for name in self.groups}
+        large = []
+        for value, shape, (name, where) in zip(values, self.signature.shapes, self.signature.places, strict=True):
+            if name == "large":
+                large.append(value)
+            else:
+                buffer = self.groups[name]
+                runs[name].append((where, math.prod(shape) // (buffer.shape[0] if buffer.ndim == 2 else 1), value))
+        groups = {name: _spread_runs(sorted(parts), self.groups[name]) for name, parts in runs.items()}
+        return Packed(groups, tuple(large), self.signature)
+
+
+def _spread_runs(parts: list[tuple[int, int, Any]], buffer: Any) -> Any:
+    """The values of a group's members (offset, length per row, value) over its buffer's rows:
+    one broadcast scalar per run of equal values, the value itself where all agree."""
+    runs: list[tuple[int, Any]] = []
+    for _, length, value in parts:
+        if runs and runs[-1][1] == value:
+            runs[-1] = (runs[-1][0] + length, value)
+        else:
+            runs.append((length, value))
+    if len(runs) == 1:
+        return runs[0][1]
+    row = jnp.concatenate([jnp.full((length,), value) for length, value in runs])
+    return row if buffer.ndim == 1 else row[None, :]
+
+
+def _unflatten_packed(signature: Signature | None, children: Any) -> Packed:
+    groups, large = children
+    return Packed(groups, large, signature)
+
+
+jax.tree_util.register_pytree_with_keys(
+    Packed,
+    lambda p: (
+        ((jax.tree_util.DictKey("groups"), p.groups), (jax.tree_util.DictKey("large"), p.large)),
+        p.signature,
+    ),
+    _unflatten_packed,
+    flatten_func=lambda p: ((p.groups, p.large), p.signature),
+)
 
 
 def placement_of(leaf: Any) -> Placement:
@@ -175,7 +283,7 @@ def join(members: list[Any], group: Group) -> Any:
     return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=-1)
 
 
-def pack(tree: Any, layout: Layout) -> dict[str, Any]:
+def pack(tree: Any, layout: Layout) -> Packed:
     """The packed form of `tree`: its small leaves concatenated per group, its large ones kept."""
     members: dict[str, list[Any]] = {name: [] for name in layout.groups}
     large = []
@@ -185,17 +293,17 @@ def pack(tree: Any, layout: Layout) -> dict[str, Any]:
         else:
             members[name].append(leaf)
     groups = {name: join(parts, layout.groups[name]) for name, parts in members.items()}
-    return {"groups": groups, "large": tuple(large)}
+    return Packed(groups, tuple(large), Signature(layout.treedef, layout.shapes, layout.places))
 
 
-def unpack(packed: dict[str, Any], layout: Layout) -> Any:
+def unpack(packed: Packed, layout: Layout) -> Any:
     """The tree that `pack` packed: slices of the groups reshaped, the large leaves as they are."""
     leaves = []
     for shape, (name, where) in zip(layout.shapes, layout.places, strict=True):
         if name == "large":
-            leaves.append(packed["large"][where])
+            leaves.append(packed.large[where])
             continue
-        group, buffer = layout.groups[name], packed["groups"][name]
+        group, buffer = layout.groups[name], packed.groups[name]
         n = math.prod(shape) // group.shards
         if not group.axes:
             leaves.append(jax.lax.slice(buffer, (where,), (where + n,)).reshape(shape))
@@ -236,12 +344,40 @@ def check_same_placements(updates: Any, layout: Layout) -> None:
 
 
 def is_packed(x: Any) -> bool:
-    return isinstance(x, dict) and set(x) == {"groups", "large"}
+    return isinstance(x, Packed) or (isinstance(x, dict) and set(x) == {"groups", "large"})
 
 
-def check_state_matches(state: Any, packed: dict[str, Any]) -> None:
+def check_same_tree(updates: Any, state: Any, params: Any) -> None:
+    """Raise the plain optimizers' errors when `updates` (or `params`) is not the tree that
+    `init` packed into `state`: another structure, or a leaf of another shape."""
+    for part in jax.tree.leaves(state, is_leaf=is_packed):
+        if isinstance(part, Packed) and part.signature is not None:
+            signature = part.signature
+            like = jax.tree.unflatten(
+                signature.treedef, [jax.ShapeDtypeStruct(s, jnp.float32) for s in signature.shapes]
+            )
+            _core.check_same_shapes(updates, like)
+            if params is not None:
+                _core.check_same_shapes(params, like, name="params")
+            return
+    if params is not None:
+        _core.check_same_shapes(updates, params, against="the params")
+
+
+def as_packed(state: Any, signature: Signature | None) -> Any:
+    """`state` with each packed part a `Packed` of `signature`: a state restored as plain dicts
+    (e.g. by flax.serialization, which keeps no pytree node types of its own) steps as before."""
+
+    def restore(part):
+        restored = is_packed(part) and getattr(part, "signature", None) is None
+        return Packed(part["groups"], part["large"], signature) if restored else part
+
+    return jax.tree.map(restore, state, is_leaf=is_packed)
+
+
+def check_state_matches(state: Any, packed: Packed) -> None:
     """Raise ValueError when `state` was built by init for another packing than `packed`."""
-    expected = (sorted(packed["groups"]), len(packed["large"]))
+    expected = (sorted(packed.groups), len(packed.large))
     for part in jax.tree.leaves(state, is_leaf=is_packed):
         if is_packed(part) and (sorted(part["groups"]), len(part["large"])) != expected:
             raise ValueError(
@@ -254,11 +390,68 @@ def check_state_matches(state: Any, packed: dict[str, Any]) -> None:
             )
 
 
+def structure_dependent(problem: str) -> ValueError:
+    """The error for a transformation that depends on the params' tree structure, with the fix."""
+    return ValueError(
+        "grouped runs its transformation on the packed tree ({'groups': {...}, 'large': (...)}), not "
+        "on the params, and this transformation depends on the params' tree structure (a mask or "
+        f"labels, as optax.masked and optax.multi_transform have): {problem}. Put grouped inside it "
+        "instead, e.g. optax.masked(jstep.grouped(inner), mask) or "
+        "optax.multi_transform({label: jstep.grouped(inner), ...}, labels). (jstep.adamw's mask works "
+        "inside grouped: it is resolved on the params' tree.)"
+    )
+
+
+def _elements_by_dtype(state: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for leaf in jax.tree.leaves(state):
+        dtype = jnp.result_type(leaf).name
+        counts[dtype] = counts.get(dtype, 0) + math.prod(np.shape(leaf))
+    return counts
+
+
+def check_leafwise(transformation: Any, params: Any, packed: Packed) -> None:
+    """Refuse a `transformation` whose state shows that it depends on the params' tree structure.
+
+    An elementwise rule keeps as many state elements of each dtype for the packed tree as for
+    the params (packing moves elements, it neither adds nor drops any). ``optax.masked``
+    keeps state only for the elements its mask selects, and a mask evaluated on the packed
+    buffers selects others (a mask dict does not even apply to the packed tree); so does
+    ``optax.multi_transform`` with its labels. Both states are compared abstractly
+    (``jax.eval_shape``), at no cost at run time. A structure-dependent transformation whose
+    state does not show it (a mask around a stateless rule) cannot be told apart here;
+    `grouped`'s docstring says to put grouped inside it.
+    """
+    try:
+        plain = jax.eval_shape(transformation.init, params)
+    except Exception:  # the params themselves are refused: init's own call says why
+        return
+    try:
+        packed_state = jax.eval_shape(transformation.init, packed)
+    except (TypeError, ValueError) as error:
+        problem = f"its init fails on the packed tree ({type(error).__name__}: {str(error).splitlines()[0]})"
+        raise structure_dependent(problem) from error
+    plain_counts, packed_counts = _elements_by_dtype(plain), _elements_by_dtype(packed_state)
+    if plain_counts != packed_counts:
+        problem = f"its state holds {plain_counts} elements for the params but {packed_counts} for the packed tree"
+        raise structure_dependent(problem)
+
+
 def check_max_leaf_size(value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_leaf_size must be an int >= 0 or None (every leaf), got {type(value).__name__} {value!r}")
+    if value < 0:
         raise ValueError(f"max_leaf_size must be an int >= 0 or None (every leaf), got {value!r}")
+
+
+def check_transformation(value: Any) -> None:
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(
+            "transformation must be an optax.GradientTransformation (init and update), e.g. "
+            f"jstep.adam(1e-3), got {type(value).__name__} {value!r}"
+        )
 
 
 def grouped(
@@ -297,7 +490,18 @@ def grouped(
     - inside ``shard_map``, leaves that vary over different manual axes are grouped apart.
 
     A state that ``init`` built for another packing, or updates placed otherwise than their
-    params, raise a ``ValueError`` that says so.
+    params, raise a ``ValueError`` that says so; so do updates (or params) of another tree
+    structure or leaf shapes than ``init`` packed, with the plain optimizers' messages.
+
+    Masks and labels. ``jstep.adamw``'s mask works inside: it is resolved on the params' tree
+    (its leaves as ``jax.ShapeDtypeStruct``, as under ``jax.eval_shape``) and spread over the
+    buffers. A transformation of another library that reads the tree's structure
+    (``optax.masked``, ``optax.multi_transform``, ``optax.adamw(mask=...)``) must go outside:
+    ``optax.masked(jstep.grouped(inner), mask)``, ``optax.multi_transform({label:
+    jstep.grouped(inner)}, labels)``. ``init`` refuses one whose state (compared abstractly
+    on the params and on the packed tree) shows it reads the structure, with that advice; one
+    whose state does not (a mask around a stateless rule, as in ``optax.adamw``) it cannot
+    tell apart.
 
     Example:
       The updates are Adam's; its m and v for the three small leaves live in one buffer each:
@@ -315,14 +519,18 @@ def grouped(
       >>> print(jax.tree.map(jnp.shape, state.mu))
       {'groups': {'float32': (10,)}, 'large': ()}
     """
+    check_transformation(transformation)
     check_max_leaf_size(max_leaf_size)
     inner = optax.with_extra_args_support(transformation)
 
     def init(params):
         _core.check_floating_leaves(params)
-        return inner.init(pack(params, layout_of(params, max_leaf_size)))
+        packed = pack(params, layout_of(params, max_leaf_size))
+        check_leafwise(inner, params, packed)
+        return inner.init(packed)
 
     def update(updates, state, params=None, **extra_args):
+        check_same_tree(updates, state, params)
         # Grouped as at init: by the params' dtypes and shardings where given (gradients may
         # differ in dtype, e.g. float32 gradients of bfloat16 params); each update keeps its own.
         layout = layout_of(updates if params is None else params, max_leaf_size)
@@ -330,6 +538,7 @@ def grouped(
             check_same_placements(updates, layout)
         packed_updates = pack(updates, layout)
         check_state_matches(state, packed_updates)
+        state = as_packed(state, packed_updates.signature)
         packed_params = None if params is None else pack(params, layout)
         packed_updates, state = inner.update(packed_updates, state, packed_params, **extra_args)
         return _core.cast_like(pin_to(unpack(packed_updates, layout), updates, layout), updates), state

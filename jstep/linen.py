@@ -103,7 +103,24 @@ class BatchNorm(nn.Module):
     eps_in_sqrt: bool = True
 
     def __post_init__(self):
-        self._core(mapped=True)  # checks the settings when the module is built
+        # Checks every setting when the module is built (a wrong type fails here, naming it).
+        _layers.check_settings(
+            use_running_average=self.use_running_average,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            use_bias=self.use_bias,
+            use_scale=self.use_scale,
+            bias_init=self.bias_init,
+            scale_init=self.scale_init,
+            axis_name=self.axis_name,
+            use_fast_variance=self.use_fast_variance,
+            force_float32_reductions=self.force_float32_reductions,
+            eps_in_sqrt=self.eps_in_sqrt,
+        )
+        self._core(mapped=True)
         super().__post_init__()
 
     def _core(self, *, mapped: bool):

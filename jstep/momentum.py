@@ -31,6 +31,20 @@ class MomentumState(NamedTuple):
     velocity: Any
 
 
+def velocity_step(velocity: jax.Array, gradient: jax.Array, gamma: Any, eta: Any, *, nesterov: bool = False):
+    """One leaf of the V form: V_t = gamma V_{t-1} + eta g_t, in at least float32.
+
+    Returns ``(direction, V_t)``: the direction is V_t, or gamma V_t + eta g_t with
+    `nesterov`; the update is its negative. With eta = 1 this is Optax's trace,
+    T_t = gamma T_{t-1} + g_t (``jstep.optax.sgd`` steps by that trace).
+    """
+    dtype = _core.compute_dtype(velocity.dtype)
+    g = gradient.astype(dtype)
+    v_new = gamma * velocity.astype(dtype) + eta * g
+    direction = gamma * v_new + eta * g if nesterov else v_new
+    return direction, v_new
+
+
 def sgd(learning_rate: _core.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     """Plain gradient descent: W_t = W_{t-1} - eta_t g_t.
 
@@ -95,6 +109,7 @@ def momentum(
     """
     _core.check_learning_rate(learning_rate)
     _core.check_decay("gamma", gamma)
+    _core.check_flag("nesterov", nesterov)
     _core.check_state_dtype("accumulator_dtype", accumulator_dtype)
     _core.check_rounding_seed(rounding_seed)
 
@@ -108,9 +123,7 @@ def momentum(
         eta = _core.learning_rate_at(learning_rate, state.count)
 
         def step(v, g):
-            dtype = _core.compute_dtype(v.dtype)
-            v_new = gamma * v.astype(dtype) + eta * g.astype(dtype)
-            direction = gamma * v_new + eta * g.astype(dtype) if nesterov else v_new
+            direction, v_new = velocity_step(v, g, gamma, eta, nesterov=nesterov)
             # -1 * V, the same bits as -V: XLA:CPU compiles W + (-V) after the fusion to a
             # slower kernel than W + c * V (about 10% of the step, benchmarks/optimizers.py).
             return (-1.0 * direction).astype(g.dtype), v_new

@@ -49,7 +49,8 @@ class BatchNorm(nnx.Module):
     running `mean` and `var` and leaves them unchanged.
 
     Args:
-      num_features: the number of features (the size of `axis` in the input).
+      num_features: the number of features (the size of `axis` in the input); a Python or
+        NumPy int.
       use_running_average: the mode when the call does not give one; ``model.train()`` and
         ``model.eval()`` set it.
       axis: the feature axis of the input (-1 for NHWC or (batch, features)).
@@ -116,8 +117,26 @@ class BatchNorm(nnx.Module):
         scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
         eps_in_sqrt: bool = True,
     ):
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        settings = _layers.check_settings(
+            num_features=num_features,
+            use_running_average=use_running_average,
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            bias_init=bias_init,
+            scale_init=scale_init,
+            axis_name=axis_name,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+        num_features = settings["num_features"]
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -128,10 +147,10 @@ class BatchNorm(nnx.Module):
             nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
         )
         self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
+        self.use_running_average = settings["use_running_average"]
+        self.axis = settings["axis"]
+        self.momentum = settings["momentum"]
+        self.epsilon = settings["epsilon"]
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.use_bias = use_bias

@@ -34,16 +34,21 @@ So the backward is two per-feature reductions and one elementwise pass. It keeps
 activation-sized array from the forward pass, the input Z itself (nothing is written out for
 the backward), plus per-feature vectors, and it is written with differentiable jnp
 operations, so second derivatives (grad of grad, Hessian-vector products) are exact too.
-The two reductions read only dZhat and Z, with no broadcast mean inside them:
+The centred values are taken with mu held as an unevaluated sum of fl(mu) and what its
+rounding left off (`low`), Z - mu = (Z - fl(mu)) - low: in the forward pass for sigma^2 and
+Zhat, in the backward for the input gradient and for
 
-    sum_j dZhat_ij Zbar_ij = (sum_j dZhat_ij Z_ij - mu_i sum_j dZhat_ij) / s_i
+    sum_j dZhat_ij Zbar_ij = sum_j dZhat_ij (Z_ij - mu_i) / s_i
 
-Rounding: this form's error in dL/dG_i is about u |mu_i| sum_j |dZhat_ij| / s_i (u the unit
-roundoff of the compute dtype), where summing dZhat_ij (Z_ij - mu_i) would give about
-u sum_j |dZhat_ij (Z_ij - mu_i)| / s_i: a factor |mu_i|/sigma_i more, immaterial unless a
-feature's mean is orders of magnitude larger than its spread (float32, |mu|/sigma = 1e4:
-about 1e-3 relative in dL/dG; the input gradient, where the sum is divided by K, keeps
-about 1e-5). The statistics themselves are always two-pass.
+And mu itself is summed about a value of the batch, c_i (this device's first value of the
+feature, averaged over the shards pooled): mu_i = c_i + (1/K) sum_j (Z_ij - c_i).
+Rounding: where |mu_i| >> sigma_i, Z_ij - c_i and Z_ij - fl(mu_i) are exact (Sterbenz), so
+no term loses a factor |mu_i|/sigma_i: with float32 at |mu|/sigma = 1e4 the gradients keep
+about 1e-7 of their size, where the one-pass sum_j dZhat_ij Z_ij - mu_i sum_j dZhat_ij (and
+autodiff through Z - fl(mu)) lose 1e-4 to 1e-2. Every subtraction is fused into the pass
+that reads Z, so no centred copy of Z is written. (Under a sharded ``jit`` whose mesh splits
+the batch axes with explicit axes, JAX cannot take one value of Z: there c = 0, and Z - fl(mu)
+loses that factor in Zhat and dL/dZ, as autodiff does; dL/dG stays two-pass.)
 
 With a mask (``mask=``, booleans broadcastable to Z; m_ij = 1 where Z_ij is masked in, else 0)
 the statistics are those of the masked-in values, and every value is normalized with them:
@@ -59,11 +64,16 @@ gives the input gradient with its two correction terms masked,
 
 while dL/dB_i and dL/dG_i still sum over every j (every Zhat_ij depends on G_i and B_i): a
 masked-out value, which moves no statistic, gets only the direct term (G_i/s_i) dZhat_ij.
-A feature needs K_i >= 2. A mask whose values are known when `batch_norm` is traced is
-checked (a clear error otherwise); a traced mask cannot be, and there K_i = 1 gives
+A feature needs K_i >= 1. A mask whose values are known when `batch_norm` is traced is
+checked (a clear error for K_i = 0); a traced mask cannot be, and there K_i = 0 gives
+mu_i = sigma_i = 0/0, so that feature's outputs and gradients are NaN. K_i = 1 gives
 sigma_i = 0, so the one masked-in value becomes B_i and the others G_i (Z_ij - mu_i)/s_i + B_i
-with s_i = sqrt(eps) or eps (with eps = 0, see below), and K_i = 0 gives mu_i = sigma_i = 0/0,
-so that feature's outputs and gradients are NaN.
+with s_i = sqrt(eps) or eps (with eps = 0, see below).
+
+One value per feature (K = 1, e.g. a batch of one example of a dense layer): the value is its
+own mean, sigma = 0 and Zhat = B, as in Flax (PyTorch refuses a training call with one value
+per channel). Zhat does not depend on Z at all then, so dL/dZ = 0 and
+dL/dG = 0 exactly, eps = 0 included; dL/dB = dZhat.
 
 With ``axis_index_groups`` (under ``pmap``, or ``shard_map(..., check_vma=False)``) the
 devices along ``axis_name`` are split into groups of equal size, and each group is a batch of
@@ -88,7 +98,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -103,6 +113,22 @@ FeatureAxis = int | Sequence[int]
 
 
 # ------------------------------------------------------------------------- validation
+
+
+class _EmptyBatchError(ValueError):
+    """A feature has no value to take batch statistics from (K = 0).
+
+    The message ends with the switch to the running statistics; a framework's layer names its
+    own (``use_running_average=True``, ``inference=True``) with `naming`.
+    """
+
+    def __init__(self, problem: str, switch: str = "BatchNorm.apply(..., training=False)"):
+        self.problem = problem
+        super().__init__(f"{problem} Give a non-empty batch, or normalize with the running statistics ({switch}).")
+
+    def naming(self, switch: str) -> _EmptyBatchError:
+        """The same error, naming `switch` as the way to the running statistics."""
+        return _EmptyBatchError(self.problem, switch)
 
 
 def _feature_axes(ndim: int, feature_axis: FeatureAxis) -> tuple[int, ...]:
@@ -152,6 +178,28 @@ def _check_features(name: str, value: Any, feature_shape: tuple[int, ...], x_sha
 
 
 Groups = tuple[tuple[int, ...], ...]
+
+
+def _check_axis_name(axis_name: Any) -> Any:
+    """`axis_name` as a hashable static setting: None, one axis name, or a tuple of names.
+
+    Takes what ``jax.lax.psum`` takes: one name (any hashable, typically a str), or a tuple or
+    list of names; a list becomes a tuple (the setting is a static argument of a jit, which
+    must be hashable), and an empty one None (no axis: this device's values only).
+    """
+    if axis_name is None:
+        return None
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    for name in names:
+        if name is None or isinstance(name, (tuple, list)) or not isinstance(name, Hashable):
+            raise TypeError(
+                f"axis_name={axis_name!r}: allowed is None, one axis name (a str, or another hashable "
+                "non-tuple value, as jax.lax.psum takes), or a tuple or list of them, e.g. "
+                "('devices', 'examples')"
+            )
+    if not isinstance(axis_name, (tuple, list)):
+        return axis_name
+    return names or None
 
 
 def _check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Groups | None:
@@ -251,7 +299,7 @@ def _across(axis_name: Any, groups: Groups | None) -> str:
 
 def _check_mask(mask: Any, x_shape: tuple[int, ...], layout: _Layout, axis_name: Any) -> Any:
     """`mask` as an array, after checking it: booleans broadcastable to x, and, where its values
-    are known at trace time, K_i >= 2 masked-in values for every feature."""
+    are known at trace time, K_i >= 1 masked-in value for every feature."""
     if mask is None:
         return None
     dtype = jnp.result_type(mask)
@@ -272,13 +320,12 @@ def _check_mask(mask: Any, x_shape: tuple[int, ...], layout: _Layout, axis_name:
         )
     if not isinstance(mask, jax.core.Tracer):  # known now, and the same on every device/example
         counts = np.sum(np.broadcast_to(np.asarray(mask), x_shape), axis=layout.reduce_axes) * layout.shards
-        if counts.min() < 2:
+        if counts.min() < 1:
             feature = tuple(int(i) for i in np.unravel_index(np.argmin(counts), counts.shape))
-            raise ValueError(
-                f"mask leaves K = {counts.min()} masked-in value(s) for feature {feature} of x of shape "
-                f"{tuple(x_shape)}{_across(axis_name, layout.groups)}; batch "
-                "statistics need K >= 2 masked-in values per feature. Mask in more values, or use "
-                "the running statistics (BatchNorm.apply(..., training=False))."
+            raise _EmptyBatchError(
+                f"mask leaves K = 0 masked-in values for feature {feature} of x of shape "
+                f"{tuple(x_shape)}{_across(axis_name, layout.groups)}; batch statistics need K >= 1 "
+                "masked-in value per feature (one gives sigma = 0, so Zhat = B)."
             )
     return jnp.asarray(mask)
 
@@ -295,7 +342,7 @@ class _Layout(NamedTuple):
 
 
 def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any, axis_index_groups: Any = None) -> _Layout:
-    """The layout of `x`'s batch; K = (the values per feature in `x`) x (the shards pooled) >= 2."""
+    """The layout of `x`'s batch; K = (the values per feature in `x`) x (the shards pooled) >= 1."""
     _check_x(x)
     shape = jnp.shape(x)
     features = _feature_axes(len(shape), feature_axis)
@@ -305,12 +352,11 @@ def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any, axis_index_groups
     groups = _check_axis_index_groups(axis_index_groups, axis_name)
     shards = _pooled_shards(axis_name, groups)
     size = math.prod(shape[a] for a in reduce_axes) * shards
-    if size < 2:
-        raise ValueError(
-            f"x of shape {tuple(shape)} gives K = {size} value(s) per feature (axes {reduce_axes}"
-            f"{_across(axis_name, groups)}); batch statistics need K >= 2, the variance of a single "
-            "value is undefined. Use a larger batch, or the running statistics "
-            "(BatchNorm.apply(..., training=False))."
+    if size < 1:
+        raise _EmptyBatchError(
+            f"x of shape {tuple(shape)} gives K = 0 values per feature (axes {reduce_axes}"
+            f"{_across(axis_name, groups)}); batch statistics need K >= 1 (one value gives sigma = 0, "
+            "so Zhat = B)."
         )
     return _Layout(reduce_axes, feature_shape, keep_shape, size, shards, groups)
 
@@ -412,14 +458,54 @@ def _masked(values: Any, mask: Any) -> Any:
     return values if mask is None else jnp.where(mask, values, 0)
 
 
-def _moments(x: jax.Array, layout: _Layout, axis_name: Any, mask: Any = None) -> tuple[jax.Array, jax.Array, Any]:
-    """mu, sigma^2 (keepdims) and K: two reads of x, in at least float32.
+class _Centre(NamedTuple):
+    """mu_i as the unevaluated sum `high` + `low`: `high` = fl(mu_i), `low` what rounding left off.
 
-    The first pass sums x, the second sums (x - mu)^2: no E[x^2] - E[x]^2 cancellation. The
-    subtraction is fused into the second reduction, so x - mu is never written out. The
-    optimization barrier gives that reduction its own copy of mu: were mu's broadcast shared
-    with the caller's elementwise uses of it (Zhat, the input gradient), XLA:CPU would
-    materialise it, or x - mu, as an activation-sized array and read it back.
+    Z - mu is computed as (Z - high) - low. Where |mu| >> sigma, Z - high is exact (the two are
+    within a factor 2 of each other), so the centred values keep their relative precision,
+    where Z - fl(mu) alone would lose a factor |mu|/sigma to fl(mu)'s rounding.
+    """
+
+    high: jax.Array
+    low: jax.Array
+
+    @classmethod
+    def about(cls, shift: jax.Array, offset: jax.Array) -> _Centre:
+        """mu = shift + offset, split exactly (Knuth's TwoSum)."""
+        high = shift + offset
+        back = high - shift
+        return cls(high, (shift - (high - back)) + (offset - back))
+
+    def of(self, values: jax.Array) -> jax.Array:
+        """Z - mu, as (Z - high) - low."""
+        return (values - self.high) - self.low
+
+
+def _shift(xc: jax.Array, layout: _Layout, axis_name: Any) -> jax.Array:
+    """c: per feature, the first value on this device, averaged over the shards pooled (so that
+    every shard has the same c; keepdims). Summed about c, x - c is exact where |mu| >> sigma.
+    Any c gives the same mu; one near the values (not, say, a masked-out padding value) keeps
+    the precision.
+
+    Where `x` is split over its batch axes by explicit mesh axes (a sharded ``jit`` on a mesh of
+    ``AxisType.Explicit``), JAX cannot take one value of it, and c = 0: mu is then fl(mu) alone.
+    """
+    spec = tuple(getattr(jax.typeof(xc).sharding, "spec", None) or ())
+    if any(a < len(spec) and spec[a] is not None for a in layout.reduce_axes):
+        return jnp.zeros(layout.keep_shape, xc.dtype)
+    first = xc[tuple(slice(0, 1) if a in layout.reduce_axes else slice(None) for a in range(xc.ndim))]
+    return first if axis_name is None else _all_reduce(first, axis_name, layout.groups) / layout.shards
+
+
+def _moments(x: jax.Array, layout: _Layout, axis_name: Any, mask: Any = None) -> tuple[_Centre, jax.Array, Any]:
+    """mu (as a `_Centre`), sigma^2 (keepdims) and K: two reads of x, in at least float32.
+
+    The first pass sums x - c, the second (x - mu)^2: no E[x^2] - E[x]^2 cancellation, and with
+    the shift c (a value of the batch, see `_shift`) no loss when |mu| >> sigma either. The
+    subtractions are fused into the reductions, so x - c and x - mu are never written out. The
+    optimization barriers give each reduction its own copy of c and mu: were their broadcasts
+    shared with the caller's elementwise uses of them (Zhat, the input gradient), XLA:CPU would
+    materialise x - mu as an activation-sized array and read it back.
     With a `mask`, both sums take the masked-in values only and K is their count per feature
     (an int32 sum, all-reduced too, then in the compute dtype); without one K is a number.
     """
@@ -428,10 +514,11 @@ def _moments(x: jax.Array, layout: _Layout, axis_name: Any, mask: Any = None) ->
     if mask is not None:
         in_batch = jnp.broadcast_to(mask, x.shape).astype(jnp.int32)
         count = _total(in_batch, layout, axis_name).astype(xc.dtype)
-    mean = _total(_masked(xc, mask), layout, axis_name) / count
-    shift = jax.lax.optimization_barrier(mean)  # the same values; see above
-    var = _total(_masked(jnp.square(xc - shift), mask), layout, axis_name) / count
-    return mean, var, count
+    shift = _shift(xc, layout, axis_name)
+    centre = _Centre.about(shift, _total(_masked(xc - shift, mask), layout, axis_name) / count)
+    own = jax.lax.optimization_barrier(centre)  # the same values; see above
+    var = _total(_masked(jnp.square(own.of(xc)), mask), layout, axis_name) / count
+    return centre, var, count
 
 
 def _safe_inverse(s: jax.Array) -> jax.Array:
@@ -458,27 +545,27 @@ def _normalize(x, scale, offset, mask, layout: _Layout, eps: float, eps_in_sqrt:
 
 
 def _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name):
-    """((Zhat, mu, sigma^2), (mu, sigma^2, K)), the last three shaped to broadcast against x."""
-    mean, var, count = _moments(x, layout, axis_name, mask)
+    """((Zhat, mu, sigma^2), (mu as a `_Centre`, sigma^2, K)), the last three shaped to broadcast against x."""
+    centre, var, count = _moments(x, layout, axis_name, mask)
     _, s = _denominator(var, eps, eps_in_sqrt)
-    gain = scale.reshape(layout.keep_shape).astype(mean.dtype) * _safe_inverse(s)  # G/s
-    y = (x.astype(mean.dtype) - mean) * gain + offset.reshape(layout.keep_shape).astype(mean.dtype)
-    outputs = (y.astype(x.dtype), mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape))
-    return outputs, (mean, var, count)
+    gain = scale.reshape(layout.keep_shape).astype(var.dtype) * _safe_inverse(s)  # G/s
+    y = centre.of(x.astype(var.dtype)) * gain + offset.reshape(layout.keep_shape).astype(var.dtype)
+    outputs = (y.astype(x.dtype), centre.high.reshape(layout.feature_shape), var.reshape(layout.feature_shape))
+    return outputs, (centre, var, count)
 
 
 def _normalize_fwd(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name):
     x, scale, offset = x.value, scale.value, offset.value  # symbolic_zeros wraps the primals
     mask = None if mask is None else mask.value
-    outputs, (mean, var, count) = _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name)
+    outputs, (centre, var, count) = _forward(x, scale, offset, mask, layout, eps, eps_in_sqrt, axis_name)
     # The one activation-sized residual is x itself (nothing new is written for the backward);
     # with a mask, the mask (the caller's) and the per-feature counts K too.
     masking = None if mask is None else (mask, count)
-    return outputs, (x, scale, offset, mean, var, masking)
+    return outputs, (x, scale, offset, centre, var, masking)
 
 
 def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
-    x, scale, offset, mean, var, masking = residuals
+    x, scale, offset, centre, var, masking = residuals
     dy, dmean, dvar = cotangents
     axes = layout.reduce_axes
     mask, count = (None, layout.size) if masking is None else masking
@@ -492,25 +579,31 @@ def _normalize_bwd(layout, eps, eps_in_sqrt, axis_name, residuals, cotangents):
         dscale = doffset = jnp.zeros(layout.keep_shape, var.dtype)
     else:
         dy = dy.astype(var.dtype)
-        # dL/dB and dL/dG, this device's shares: sum dy, and sum dy Zbar = (sum dy Z - mu sum dy)/s,
-        # so that both reductions read only dy and x (no broadcast mean inside them).
+        # dL/dB and dL/dG, this device's shares: sum dy, and sum dy Zbar = sum dy (Z - mu) / s, with
+        # the centred Z of the forward pass (`_Centre`: no cancellation when |mu| >> sigma). The
+        # barrier gives that reduction its own copy of mu, as in `_moments` (tied to dL/dB so
+        # that it is not merged with the forward's barrier), so x - mu is never written out.
         doffset = jnp.sum(dy, axis=axes, keepdims=True)
-        dscale = (jnp.sum(dy * xc, axis=axes, keepdims=True) - mean * doffset) * inverse_s
+        own, _ = jax.lax.optimization_barrier((centre, doffset))
+        dscale = jnp.sum(dy * own.of(xc), axis=axes, keepdims=True) * inverse_s
         sum_dy, sum_dy_xhat = (
             (doffset, dscale) if axis_name is None else _all_reduce((doffset, dscale), axis_name, layout.groups)
         )
         # c = 1, or (sigma + eps)/sigma for the notes' form (0 at sigma = 0: the term's limit)
         c = 1 if eps_in_sqrt else jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)
         # Through mu and s only the masked-in values move the statistics (m = 0 or 1).
-        dx = (g / s) * (
-            dy - _masked(sum_dy / count, mask) - _masked((xc - mean) * (inverse_s * c * sum_dy_xhat / count), mask)
+        # With K = 1 the one value is its own mean: Zhat = B whatever Z is, the bracket is exactly
+        # 0, and so is dL/dZ, also where eps = 0 makes s = 0 (hence 1/s as 0 there).
+        gain = g * inverse_s if layout.size == 1 and mask is None else g / s
+        dx = gain * (
+            dy - _masked(sum_dy / count, mask) - _masked(centre.of(xc) * (inverse_s * c * sum_dy_xhat / count), mask)
         )
 
     # Gradients through the returned statistics: d mu/dZ_ij = m_ij/K, d sigma^2/dZ_ij = 2 m_ij (Z_ij - mu)/K.
     if not isinstance(dmean, SymbolicZero):
         dx = dx + _masked(dmean.reshape(layout.keep_shape).astype(var.dtype) / count, mask)
     if not isinstance(dvar, SymbolicZero):
-        dx = dx + _masked(dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * (xc - mean), mask)
+        dx = dx + _masked(dvar.reshape(layout.keep_shape).astype(var.dtype) * (2 / count) * centre.of(xc), mask)
 
     def like(grad, primal):
         return grad.reshape(primal.shape).astype(primal.dtype)
@@ -527,6 +620,7 @@ _normalize_staged = jax.jit(_normalize, static_argnums=(4, 5, 6, 7))
 
 
 def _normalize_checked(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask=None, axis_index_groups=None):
+    axis_name = _check_axis_name(axis_name)
     layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     features = tuple(a for a in range(jnp.ndim(x)) if a not in layout.reduce_axes)
     _check_features("scale", scale, layout.feature_shape, jnp.shape(x), features)
@@ -590,9 +684,9 @@ def batch_norm(
         the True values only, K_i being their count per feature (summed across `axis_name`,
         so devices may hold different numbers of them), and every value is normalized with
         them. In the gradient a masked-out value gets only the direct term (G/s) dZhat (see
-        the module docstring). A feature needs K_i >= 2: a mask known when traced (not a
-        traced argument) is checked; for a traced one, K_i = 1 gives sigma = 0 (a constant
-        feature) and K_i = 0 gives NaN for that feature's values and gradients.
+        the module docstring). A feature needs K_i >= 1: a mask known when traced (not a
+        traced argument) is checked; for a traced one, K_i = 0 gives NaN for that feature's
+        values and gradients. K_i = 1 gives sigma = 0 (a constant feature).
 
     Returns:
       Zhat, with the shape and dtype of `x`.
@@ -635,10 +729,11 @@ def batch_stats(
       >>> print(mean, var)
       [ 3. 30.] [  3.5 350. ]
     """
+    axis_name = _check_axis_name(axis_name)
     layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     mask = _check_mask(mask, jnp.shape(x), layout, axis_name)
-    mean, var, _ = _moments(jnp.asarray(x), layout, axis_name, mask)
-    return mean.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
+    centre, var, _ = _moments(jnp.asarray(x), layout, axis_name, mask)
+    return centre.high.reshape(layout.feature_shape), var.reshape(layout.feature_shape)
 
 
 class BatchNormParams(NamedTuple):
@@ -699,6 +794,7 @@ class BatchNorm:
     def __post_init__(self):
         _core.check_decay("momentum", self.momentum)
         _check_eps(self.eps)
+        object.__setattr__(self, "axis_name", _check_axis_name(self.axis_name))  # a list becomes a tuple
         _check_axis_index_groups(self.axis_index_groups, self.axis_name)
 
     def init(self, x: jax.Array) -> tuple[BatchNormParams, BatchNormState]:

@@ -4,7 +4,8 @@ For f(a_1, ..., a_n) and a fixed random output cotangent u, the VJP gives, per a
 g_i = (df/da_i)^T u. It is compared, in float64, with
 
 * autodiff of a `reference` implementation: g_i_ref = (d reference/da_i)^T u, elementwise;
-* central finite differences along random directions v: <g_i, v> must equal
+* central finite differences along random directions v, scaled like a_i (so that the step h
+  is relative to the argument, whatever its scale): <g_i, v> must equal
   d/dh <u, f(.., a_i + h v, ..)> at h = 0, estimated by Richardson-extrapolated central
   differences, [8 (f(h/2) - f(-h/2)) - (f(h) - f(-h))] / (6 h), whose error is O(h^4).
 
@@ -97,8 +98,9 @@ def check_vjp(
       order: 1 checks the VJP; 2 also checks the VJP of the VJP (second derivatives).
       rtol, atol: the tolerance, worst |error| <= atol + rtol * scale (see the module).
       directions: random directions per argument for the finite differences.
-      step: the finite-difference step h, relative to the RMS of each argument (h = step when
-        the argument is 0).
+      step: the finite-difference step h, relative to the argument: each leaf moves by h times
+        its RMS along a random direction (by h where the leaf is 0), so that arguments of any
+        scale are checked to the same relative accuracy.
       seed: seed of the random cotangents and directions.
 
     Returns:
@@ -161,7 +163,7 @@ def _compare(f, reference, args, names, order, rng, rtol, atol, directions, step
     for i, (name, g) in enumerate(zip(names, grads, strict=True)):
         predicted, measured = [], []
         for _ in range(directions):
-            v = _random_like(args[i], rng)
+            v = _random_direction(args[i], rng)
             predicted.append(_inner(g, v))
             measured.append(_directional_derivative(f, args, i, v, u, step))
         error = float(np.max(np.abs(np.subtract(predicted, measured))))
@@ -174,17 +176,26 @@ def _judge(order, name, against, error, scale, rtol, atol) -> Comparison:
     return Comparison(order, name, against, error, relative, bool(error <= atol + rtol * scale))
 
 
+def _random_direction(tree, rng):
+    """A random direction v scaled like `tree`: per leaf, standard normal times the leaf's RMS
+    (times 1 where the leaf is 0), so that a + h v moves each leaf by about h of its size."""
+    return jax.tree.map(lambda leaf, v: v * (_rms(leaf) or 1.0), tree, _random_like(tree, rng))
+
+
 def _directional_derivative(f, args, i, v, u, step) -> float:
-    """d/dh <u, f(a_1, .., a_i + h v, ..)> at h = 0, Richardson-extrapolated central differences."""
-    size = max(_rms(args[i]), 1.0) * step
+    """d/dh <u, f(a_1, .., a_i + h v, ..)> at h = 0, Richardson-extrapolated central differences.
+
+    `v` is scaled like the argument (`_random_direction`), so the step h = `step` is relative to
+    each leaf's size: the same relative accuracy for arguments of any scale.
+    """
 
     def at(h):
         moved = list(args)
         moved[i] = jax.tree.map(lambda a, d: a + h * d, args[i], v)
         return _inner(u, f(*moved))
 
-    wide = (at(size) - at(-size)) / (2 * size)
-    narrow = (at(size / 2) - at(-size / 2)) / size
+    wide = (at(step) - at(-step)) / (2 * step)
+    narrow = (at(step / 2) - at(-step / 2)) / step
     return (4 * narrow - wide) / 3
 
 

@@ -1,6 +1,6 @@
 """batch_norm split across 8 (CPU) devices, across vmapped examples, or both, equals batch_norm
 of the whole batch on one device: shard_map, pmap, sharded jit, jax.vmap(axis_name=...) and
-vmap inside shard_map with a tuple axis_name, for the values, the gradients and the running
+vmap inside shard_map with a tuple (or list) axis_name, for the values, the gradients and the running
 statistics; with axis_index_groups (pmap, shard_map with check_vma=False), each group equals one
 device holding the group's examples, and where jax.lax.psum takes no groups the error says so.
 Malformed groups are refused without devices, in this process.
@@ -360,6 +360,20 @@ SCRIPT = textwrap.dedent(
     refused("groups covering 4 of 8 devices", ValueError, "has size 8",
             jax.shard_map(normalize("batch", [[0, 1], [2, 3]]), mesh=mesh, in_specs=P("batch"), out_specs=P("batch"),
                           check_vma=False))
+
+    # axis_name as a list of names, as jax.lax.psum takes it: a vmap inside a shard_map.
+    def listed(x):
+        return jstep.batch_norm(x, scale, offset, eps=1e-3, eps_in_sqrt=False, axis_name=["batch", "examples"])
+
+    def listed_step(x, w):
+        y, vjp = jax.vjp(jax.vmap(listed, axis_name="examples"), x)
+        return y, vjp(w)[0]
+
+    y, dx = jax.jit(jax.shard_map(listed_step, mesh=mesh, in_specs=(P("batch"), P("batch")),
+                                  out_specs=(P("batch"), P("batch"))))(x, w)
+    whole, vjp = jax.vjp(lambda x: jstep.batch_norm(x, scale, offset, eps=1e-3, eps_in_sqrt=False), x)
+    close("axis_name as a list, vmap inside shard_map: output", y, whole)
+    close("axis_name as a list, vmap inside shard_map: input gradient", dx, vjp(w)[0])
     print("ALL OK")
     """
 )
@@ -401,6 +415,8 @@ def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_
         "groups over a vmap axis: refused",
         "groups over a tuple with a vmap axis: refused",
         "groups covering 4 of 8 devices: refused",
+        "axis_name as a list, vmap inside shard_map: output",
+        "axis_name as a list, vmap inside shard_map: input gradient",
     ]
     quantities = ["output", "input gradient", "scale gradient", "running var"]
     for mapping in ["vmap", "vmap, jitted", "shard_map", "pmap", "vmap inside shard_map"]:

@@ -107,8 +107,8 @@ def test_bad_settings_and_inputs_are_refused():
         bn.apply(params, state, jnp.ones((4, 3)))
     with pytest.raises(ValueError, match=r"state.mean has shape \(2,\)"):
         bn.apply(params._replace(scale=jnp.ones(3), offset=jnp.ones(3)), state, jnp.ones((4, 3)), training=False)
-    with pytest.raises(ValueError, match="K = 1"):
-        bn.apply(params, state, jnp.ones((1, 2)))
+    with pytest.raises(ValueError, match="K = 0"):
+        bn.apply(params, state, jnp.ones((0, 2)))
 
 
 def test_masked_training_uses_and_averages_the_masked_in_statistics_and_evaluation_ignores_the_mask():

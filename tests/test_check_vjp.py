@@ -76,3 +76,76 @@ def test_bad_arguments_are_refused():
         jstep.check_vjp(jnp.sin, X, order=3)
     with pytest.raises(TypeError, match="floating"):
         jstep.check_vjp(jnp.sin, np.arange(3))
+
+
+# ------------------------------------------------------------ arguments of any scale
+
+
+def with_planted_error(f, first=1.0, second=1.0):
+    """`f` with a custom VJP: f's own times `first`, whose derivative (what grad of grad sees)
+    is `second` times the true one (for first = 1; the value stays f's VJP)."""
+
+    @jax.custom_vjp
+    def planted(*args):
+        return f(*args)
+
+    def fwd(*args):
+        return f(*args), args
+
+    def bwd(args, u):
+        exact = jax.vjp(f, *args)[1](u)
+        return tuple(first * t + (second - 1) * (t - jax.lax.stop_gradient(t)) for t in exact)
+
+    planted.defvjp(fwd, bwd)
+    planted.__name__ = getattr(f, "__name__", "f")
+    return planted
+
+
+def plain_batch_norm(x, scale, offset):
+    mu = x.mean(axis=0)
+    return scale * (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(axis=0) + 1e-5) + offset
+
+
+def batch_norm_at(size):
+    """(jstep.batch_norm, its plain reference, arguments with x of RMS about `size`)."""
+    rng = np.random.default_rng(5)
+    x = size * rng.normal(size=(6, 3))
+    return jstep.batch_norm, plain_batch_norm, (x, rng.uniform(0.5, 1.5, 3), rng.normal(size=3))
+
+
+def sine_at(size):
+    """(sin(x / size), itself, x of RMS about `size`): the length scale of the function is the
+    argument's; at size 1e-3 it is the sin(1000 x) of JAX's own autodiff."""
+
+    def sine(x):
+        return jnp.sin(x / size)
+
+    return sine, sine, (size * np.random.default_rng(6).normal(size=5),)
+
+
+SCALES = [1e-3, 1.0, 1e3]
+CASES = [batch_norm_at, sine_at]
+
+
+@pytest.mark.parametrize("size", SCALES)
+@pytest.mark.parametrize("case", CASES)
+def test_exact_vjps_pass_at_every_scale_of_the_argument(case, size):
+    f, reference, args = case(size)
+    report = jstep.check_vjp(f, *args, reference=reference, order=2)
+    assert report.passed  # check_vjp raises otherwise, with the report
+
+
+@pytest.mark.parametrize("size", SCALES)
+@pytest.mark.parametrize("case", CASES)
+def test_a_tenth_of_a_percent_is_caught_at_every_scale_of_the_argument(case, size):
+    f, reference, args = case(size)
+    with pytest.raises(AssertionError) as caught:  # the VJP itself 0.1% off: both references see it
+        jstep.check_vjp(with_planted_error(f, first=1.001), *args, reference=reference)
+    failed = [line for line in str(caught.value).splitlines()[1:] if line.endswith("FAIL")]
+    assert any("autodiff of reference" in line for line in failed), caught.value
+    assert any("finite differences" in line for line in failed), caught.value
+    # The VJP exact, its derivative 0.1% off: finite differences of the VJP see it at order 2.
+    broken = with_planted_error(f, second=1.001)
+    jstep.check_vjp(broken, *args, reference=reference, order=1)
+    with pytest.raises(AssertionError, match=r"(?m)^2 +0 +finite differences .*FAIL$"):
+        jstep.check_vjp(broken, *args, order=2)

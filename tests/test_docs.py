@@ -29,7 +29,7 @@ import notebook_runs  # noqa: E402  (executes each notebook once; tests/test_not
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 README = (REPO / "README.md").read_text()
-FRAMEWORK_MODULES = ["jstep.nnx", "jstep.linen", "jstep.equinox"]
+FRAMEWORK_MODULES = ["jstep.nnx", "jstep.linen", "jstep.equinox", "jstep.optax"]  # modules with their own __all__
 NOTEBOOKS = notebook_runs.names()
 
 

@@ -1,10 +1,12 @@
 """Dtype policy (bf16, mu/nu/accumulator dtypes, stable state types), bad input, counts, complex params."""
 
+import inspect
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jstep
@@ -231,6 +233,151 @@ def test_boundary_values_and_arrays_are_accepted(case):
         opt = factory(**required, **{argument: value})
         updates, _ = opt.update({"w": jnp.ones(3)}, opt.init(params))
         assert updates["w"].shape == (3,)
+
+
+# Every public factory, with the arguments it cannot do without; every parameter of its
+# signature (read from the signature, so a new one is covered too) is fed wrong types below.
+FACTORIES = {
+    jstep.sgd: {"learning_rate": 0.1},
+    jstep.momentum: {"learning_rate": 0.1},
+    jstep.ema_momentum: {"learning_rate": 0.1},
+    jstep.rmsprop: {"learning_rate": 0.1},
+    jstep.scale_by_rms: {},
+    jstep.adagrad: {"learning_rate": 0.1},
+    jstep.scale_by_rss: {},
+    jstep.adadelta: {},
+    jstep.adam: {},
+    jstep.adamw: {},
+    jstep.scale_by_adam: {},
+    jstep.running_average: {"gamma": 0.9},
+    jstep.moving_average: {"decay": 0.9},
+    jstep.cumulative_average: {},
+    jstep.grouped: {"transformation": jstep.adam(0.1)},
+}
+# The arguments that take a schedule (a callable count -> value); `mask` takes a callable too.
+SCHEDULES = {(jstep.running_average, "gamma")} | {(f, "learning_rate") for f in FACTORIES}
+# None means something for the arguments whose default is None, and for these.
+TAKES_NONE = {(jstep.grouped, "max_leaf_size")}
+
+
+def test_every_public_factory_is_checked():
+    """A factory added to jstep's API without a line in FACTORIES fails here."""
+    not_factories = {
+        "apply_updates",
+        "batch_norm",
+        "batch_stats",
+        "check_vjp",
+        "running_average_update",
+        "stochastic_round",
+    }
+    public = {name for name in jstep.__all__ if inspect.isfunction(getattr(jstep, name))} - not_factories
+    assert public == {factory.__name__ for factory in FACTORIES}
+
+
+def _arguments():
+    for factory in FACTORIES:
+        for name, parameter in inspect.signature(factory).parameters.items():
+            yield factory, name, parameter.default
+
+
+def _is_number(default):
+    return isinstance(default, (int, float)) and not isinstance(default, bool)
+
+
+def _wrong_types():
+    for factory, name, default in _arguments():
+        takes_none = default is None or (factory, name) in TAKES_NONE
+        bad_values = ["0.1", [0.1]] + ([] if takes_none else [None])
+        numeric = _is_number(default) or (default is inspect.Parameter.empty and name != "transformation")
+        if numeric:  # arrays pass unchecked only when 0-d and real: not a string array, not a vector
+            bad_values += [np.array("0.1"), jnp.ones(2)]
+        if numeric and (factory, name) not in SCHEDULES:
+            bad_values.append(_a_schedule)
+        for bad in bad_values:
+            yield pytest.param(factory, name, bad, id=f"{factory.__name__}-{name}-{type(bad).__name__}")
+
+
+def _a_schedule(count):
+    return 0.1
+
+
+@pytest.mark.parametrize(("factory", "argument", "bad"), list(_wrong_types()))
+def test_a_hyperparameter_of_the_wrong_type_is_refused_at_construction(factory, argument, bad):
+    """A string from a config file, None, a list (or a schedule where the argument takes
+    none) is a TypeError when the transformation is built, naming the argument and the value,
+    not an error deep inside the first update."""
+    arguments = {**FACTORIES[factory], argument: bad}
+    with pytest.raises(TypeError) as error:
+        factory(**arguments)
+    message = str(error.value)
+    assert argument in message and repr(bad) in message, message
+
+
+def _numeric_arguments():
+    for factory, name, default in _arguments():
+        value = FACTORIES[factory].get(name, default)
+        # max_leaf_size decides the packing, a static layout: a Python int (or None) only.
+        if _is_number(value) and (factory, name) != (jstep.grouped, "max_leaf_size"):
+            yield pytest.param(factory, name, value, id=f"{factory.__name__}-{name}")
+
+
+@pytest.mark.parametrize(("factory", "argument", "value"), list(_numeric_arguments()))
+def test_every_numeric_hyperparameter_may_be_a_traced_scalar(factory, argument, value):
+    """As optax.inject_hyperparams passes them under jit: the transformation built inside
+    the traced function from a tracer gives the updates of the Python number."""
+    params = {"w": jnp.linspace(0.5, 1.5, 3)}
+    grads = {"w": jnp.array([0.3, -1.0, 2.0])}
+
+    def step(hyperparameter):
+        opt = factory(**{**FACTORIES[factory], argument: hyperparameter})
+        return opt.update(grads, opt.init(params), params)[0]
+
+    traced = jax.jit(step)(jnp.asarray(value, jnp.result_type(type(value))))
+    # A decay of 0.999 rounded to float32 moves 1 - decay by up to 2^-24 / 0.001 = 6e-5 relative
+    # (the Python number keeps 1 - decay exact); everything else agrees to float32 rounding.
+    np.testing.assert_allclose(traced["w"], step(value)["w"], rtol=1e-4)
+
+
+def test_inject_hyperparams_with_a_dtype_class_says_to_make_it_static():
+    """jnp.bfloat16 is callable, so inject_hyperparams takes it for a schedule and passes an
+    array: the error names the argument and the fix, and the fix works."""
+    with pytest.raises(TypeError, match=r"mu_dtype.*static_args=\('mu_dtype',\)"):
+        optax.inject_hyperparams(jstep.adam)(mu_dtype=jnp.bfloat16).init(jnp.zeros(3))
+    for opt in (
+        optax.inject_hyperparams(jstep.adam, static_args=("mu_dtype",))(mu_dtype=jnp.bfloat16),
+        optax.inject_hyperparams(jstep.adam)(mu_dtype=jnp.dtype(jnp.bfloat16)),
+    ):
+        _, state = jax.jit(opt.update)(jnp.ones(3), opt.init(jnp.zeros(3)))
+        assert state.inner_state.mu.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------- trees with no leaves
+
+BUILT = {factory.__name__: lambda factory=factory: factory(**FACTORIES[factory]) for factory in FACTORIES} | {
+    "rmsprop_momentum": lambda: jstep.rmsprop(0.1, momentum=0.9),
+    "rmsprop_centered": lambda: jstep.rmsprop(0.1, centered=True),
+    "momentum_nesterov": lambda: jstep.momentum(0.1, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILT))
+def test_a_tree_with_no_leaves_is_accepted(name):
+    """optax.multi_transform and optax.masked hand a transformation whose group has no
+    parameters a tree with no leaves ({"w": MaskedNode()}): every factory steps it, as Optax's
+    do, and the group that has the parameters steps exactly as alone."""
+    make = BUILT[name]
+    for empty in ({}, optax.MaskedNode(), {"w": optax.MaskedNode()}):
+        opt = make()
+        updates, _ = jax.jit(opt.update)(empty, opt.init(empty), empty)
+        assert jax.tree.structure(updates) == jax.tree.structure(empty)
+    params = {"w": jnp.linspace(0.5, 1.5, 6).reshape(3, 2), "b": jnp.array([0.1, -0.2])}
+    grads = {"w": jnp.arange(6.0).reshape(3, 2) - 2.5, "b": jnp.array([0.3, 0.7])}
+    split = optax.multi_transform({"used": make(), "unused": make()}, jax.tree.map(lambda _: "used", params))
+    updates, _ = split.update(grads, split.init(params), params)
+    alone = make()
+    expected, _ = alone.update(grads, alone.init(params), params)
+    for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 # ---------------------------------------------------------------------- bad params at init

@@ -27,6 +27,7 @@ import jstep
 
 from harness import (
     OPTIMIZER_NAMES,
+    RTOL32,
     STEPS,
     assert_close_runs,
     gradient_sequence,
@@ -220,6 +221,128 @@ def test_under_masked():
                 np.testing.assert_array_equal(a, g_leaf)  # passed through untouched
 
 
+# ------------------------------------------------ transformations that read the tree's structure
+
+DECAY_MASKS = {
+    "callable": lambda p: jax.tree.map(lambda x: x.ndim > 1, p),  # adamw's docstring: matrices only
+    "dict": {"dense": {"w": True, "b": False}, "conv": True, "scale": False},  # a prefix of the tree
+}
+
+
+@pytest.mark.parametrize("max_leaf_size", MAX_LEAF_SIZES)
+@pytest.mark.parametrize("mask", list(DECAY_MASKS))
+def test_adamw_mask_decays_the_same_weights_as_unwrapped(mask, max_leaf_size):
+    """The mask is resolved on the params' tree, not on the packed buffers (where ndim > 1
+    held for no group and a dict did not apply): the updates are jstep.adamw's and
+    optax.adamw's with the same mask, and differ from the unmasked ones."""
+    grads = gradient_sequence(6, 20, np.float32)
+
+    def adamw(module, mask):
+        return module.adamw(1e-2, weight_decay=0.5, mask=mask)
+
+    got, _ = run(grouped_with(adamw(jstep, DECAY_MASKS[mask]), max_leaf_size), grads, np.float32)
+    plain, _ = run(adamw(jstep, DECAY_MASKS[mask]), grads, np.float32)
+    theirs, _ = run(adamw(optax, DECAY_MASKS[mask]), grads, np.float32)
+    everything, _ = run(adamw(jstep, None), grads, np.float32)
+    assert_close_runs(got, plain, RTOL["float32"])
+    assert_close_runs(got, theirs, RTOL32)
+    with pytest.raises(AssertionError):  # the mask leaves some weights undecayed
+        assert_close_runs(got, everything, 0.01)
+
+
+STRUCTURE_DEPENDENT = {
+    "masked-dict": lambda: optax.masked(jstep.adam(1e-2), DECAY_MASKS["dict"]),
+    "masked-callable": lambda: optax.masked(jstep.adam(1e-2), DECAY_MASKS["callable"]),
+    "multi_transform": lambda: optax.multi_transform(
+        {"matrix": jstep.adam(1e-2), "other": jstep.sgd(1e-2)},
+        lambda p: jax.tree.map(lambda x: "matrix" if x.ndim > 1 else "other", p),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STRUCTURE_DEPENDENT))
+def test_a_transformation_that_reads_the_tree_structure_is_refused_with_the_fix(name):
+    """optax.masked and optax.multi_transform inside grouped would see the packed tree; init
+    says so and how to compose them (grouped inside: test_under_masked)."""
+    params = params_like(gradient_sequence(7, 1, np.float32), np.float32)
+    opt = jstep.grouped(STRUCTURE_DEPENDENT[name]())
+    with pytest.raises(ValueError, match=r"depends on the params' tree structure.*Put grouped inside it"):
+        opt.init(params)
+
+
+# ------------------------------------------------------------ the tree check of plain optimizers
+
+
+def _renamed(g):
+    return {**g, "dense": {"weight": g["dense"]["w"], "b": g["dense"]["b"]}}
+
+
+def _transposed(g):
+    return {**g, "dense": {**g["dense"], "w": g["dense"]["w"].T}}
+
+
+def _missing(g):
+    return {key: value for key, value in g.items() if key != "scale"}
+
+
+def _extra(g):
+    return {**g, "extra": jnp.ones(2)}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("max_leaf_size", MAX_LEAF_SIZES)
+@pytest.mark.parametrize("change", [_renamed, _transposed, _missing, _extra], ids=lambda f: f.__name__[1:])
+def test_a_gradient_tree_unlike_the_params_gets_the_plain_optimizers_error(change, max_leaf_size, jit):
+    """Without params, grouped checks the updates against the tree init packed (which the
+    packed state remembers), with the plain optimizer's error, word for word."""
+    grads = jax.tree.map(jnp.asarray, gradient_sequence(8, 1, np.float32)[0])
+    params = jax.tree.map(jnp.ones_like, grads)
+    bad = change(grads)
+    errors = []
+    for opt in (jstep.adam(1e-2), grouped_with(jstep.adam(1e-2), max_leaf_size)):
+        update = jax.jit(opt.update) if jit else opt.update
+        with pytest.raises(ValueError, match="updates") as error:
+            update(bad, opt.init(params))
+        errors.append(str(error.value))
+    assert errors[1] == errors[0]
+
+
+def test_params_unlike_the_state_are_refused_by_name():
+    grads = jax.tree.map(jnp.asarray, gradient_sequence(9, 1, np.float32)[0])
+    opt = jstep.grouped(jstep.adamw(1e-2))
+    state = opt.init(jax.tree.map(jnp.ones_like, grads))
+    with pytest.raises(ValueError, match=r"params leaf \['dense'\]\['w'\] has shape \(3, 5\)"):
+        opt.update(grads, state, _transposed(grads))
+
+
+def test_updates_unlike_the_params_of_a_stateless_transformation_are_refused_by_name():
+    """sgd keeps no packed state to compare with; given params, the updates are checked
+    against them (before: zip() argument 2 is longer than argument 1)."""
+    grads = jax.tree.map(jnp.asarray, gradient_sequence(11, 1, np.float32)[0])
+    opt = jstep.grouped(jstep.sgd(1e-2))
+    params = jax.tree.map(jnp.ones_like, grads)
+    with pytest.raises(ValueError, match=r"the updates tree does not match the params"):
+        opt.update(_missing(grads), opt.init(params), params)
+
+
+def test_a_state_restored_by_flax_serialization_steps_and_checks_as_before():
+    """flax.serialization writes the packed parts as the dicts it always wrote; restored, the
+    state steps exactly as the original and the next state checks the tree again."""
+    serialization = pytest.importorskip("flax.serialization")
+    grads = [jax.tree.map(jnp.asarray, g) for g in gradient_sequence(10, 3, np.float32)]
+    params = jax.tree.map(jnp.ones_like, grads[0])
+    opt = jstep.grouped(jstep.adam(1e-2), max_leaf_size=4)
+    _, state = opt.update(grads[0], opt.init(params))
+    restored = serialization.from_bytes(opt.init(params), serialization.to_bytes(state))
+    update = jax.jit(opt.update)
+    expected, _ = update(grads[1], state)
+    got, next_state = update(grads[1], restored)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, e)
+    with pytest.raises(ValueError, match="updates leaf"):
+        opt.update(_transposed(grads[2]), next_state)
+
+
 @pytest.mark.filterwarnings("error:Some donated buffers were not usable")
 def test_donated_training_step():
     grads = gradient_sequence(6, STEPS, np.float32)
@@ -334,9 +457,14 @@ def test_abstract_init_is_the_state_eval_shape_describes(make):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, True, "big"])
-def test_bad_max_leaf_size_is_refused(bad):
+def test_a_negative_max_leaf_size_is_refused():
     with pytest.raises(ValueError, match="max_leaf_size"):
+        jstep.grouped(jstep.adam(1e-2), max_leaf_size=-1)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "big"])
+def test_a_max_leaf_size_that_is_not_an_int_is_refused(bad):
+    with pytest.raises(TypeError, match="max_leaf_size"):
         jstep.grouped(jstep.adam(1e-2), max_leaf_size=bad)
 
 

@@ -1,7 +1,7 @@
 """The framework layers data-parallel over 8 (CPU) devices equal one device holding the batch.
 
 For jstep.nnx, jstep.linen and jstep.equinox: under ``shard_map`` with the layer's axis_name
-(for Equinox, its per-example vmap inside shard_map, a tuple axis_name), under
+(for Equinox, its per-example vmap inside shard_map, a tuple axis_name, in both of its modes), under
 ``nnx.shard_map``, and under a plain sharded ``jit`` (no axis_name: XLA adds the collectives),
 the outputs, the gradients of the parameters and of the input, and the new running statistics
 equal those of one device, in float64; for the Flax layers also with a mask that gives the
@@ -137,24 +137,29 @@ SCRIPT = textwrap.dedent(
     compare("linen with a mask, uneven across devices", linen_forward, linen_params, linen_stats, mask=mask)
 
     # ---- jstep.equinox: per example under vmap; on devices, vmap inside shard_map (axis_name a tuple).
-    # Each example x[i] is (3 channels, C positions), channel-first as Equinox wants.
-    layer, eqx_state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(3, "examples", momentum=0.8, eps=1e-3,
-                                                                       dtype=jnp.float64)
-    layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, tuple(rng.normal(size=(2, 3))))
-
-    def eqx_forward(mapped_axis_name):
-        names = "examples" if mapped_axis_name is None else (mapped_axis_name, "examples")
-        _, static = eqx.partition(eqx.tree_at(lambda m: m.axis_name, layer, names), eqx.is_inexact_array)
-        def forward(params, state, x, w, mask):  # Equinox's layer takes no mask
-            model = eqx.combine(params, static)
-            y, state = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="examples")(x, state)
-            return y, jnp.sum(jnp.sin(y) * w), state
-        return forward
-
+    # Each example x[i] is (3 channels, C positions), channel-first as Equinox wants. Both modes; "ema"
+    # from running statistics already set, so that the batch's are averaged into them.
     # Auto axes: in jax 0.10 a psum over a vmap axis whose batch is sharded on an explicit-axes mesh
     # fails to trace (Equinox's own BatchNorm too), so Equinox data parallelism uses an auto-axes mesh.
     auto_mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
-    compare("equinox", eqx_forward, eqx.filter(layer, eqx.is_inexact_array), eqx_state, auto_mesh)
+    for mode in ["batch", "ema"]:
+        layer, eqx_state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(3, "examples", momentum=0.8, eps=1e-3,
+                                                                           dtype=jnp.float64, mode=mode)
+        layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, tuple(rng.normal(size=(2, 3))))
+        if mode == "ema":
+            eqx_state = eqx_state.set(layer.ema_first_time_index, jnp.array(False))
+            eqx_state = eqx_state.set(layer.ema_state_index, (rng.normal(size=3), 1 + rng.random(3)))
+
+        def eqx_forward(mapped_axis_name, layer=layer):
+            names = "examples" if mapped_axis_name is None else (mapped_axis_name, "examples")
+            _, static = eqx.partition(eqx.tree_at(lambda m: m.axis_name, layer, names), eqx.is_inexact_array)
+            def forward(params, state, x, w, mask):  # Equinox's layer takes no mask
+                model = eqx.combine(params, static)
+                y, state = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="examples")(x, state)
+                return y, jnp.sum(jnp.sin(y) * w), state
+            return forward
+
+        compare(f"equinox, mode {mode}", eqx_forward, eqx.filter(layer, eqx.is_inexact_array), eqx_state, auto_mesh)
 
     # ---- axis_index_groups under pmap: jstep's Flax layers against Flax's own with the same groups
     # (Flax's variance two-pass), each group of 4 devices a batch of its own. Values, gradients of

@@ -248,3 +248,50 @@ def test_eps_in_sqrt_against_a_float64_transcription(eps_in_sqrt):
     x = BATCHES[1]
     want = ref.evaluation(x, scale, bias, mean, var, eps=0.1, eps_in_sqrt=eps_in_sqrt)
     ref.assert_close(evaluate.apply(variables, x), want)
+
+
+# ---------------------------------------------- NumPy integer axes; settings of a wrong type
+
+
+def test_numpy_integer_axes_are_accepted_as_flax_accepts_them():
+    """Linen takes no sizes (they come from x); its axis may be a NumPy integer, alone or in a tuple."""
+    for axis in [np.int64(-1), (np.int64(1), np.int64(2))]:
+        ours, theirs = pair(use_running_average=False, axis=axis, momentum=0.8)
+        variables = ours.init(KEY, BATCHES[0])
+        assert describe(variables) == describe(theirs.init(KEY, BATCHES[0]))
+        y, stats = ours.apply(variables, BATCHES[1], mutable=["batch_stats"])
+        y_flax, stats_flax = theirs.apply(variables, BATCHES[1], mutable=["batch_stats"])
+        close(y, y_flax)
+        trees_close(stats, stats_flax, tol=1e-5)
+
+
+# Every field with values of a wrong type (a string from a config file, None, a list) where that
+# type is not allowed: use_running_average, dtype and axis_name take None, axis_name a string.
+WRONG_TYPES = {
+    "use_running_average": ["False", [False], 0],
+    "axis": ["-1", None, ["-1"], 1.0, True],
+    "momentum": ["0.99", None, [0.99], True],
+    "epsilon": ["1e-5", None, [1e-5], True],
+    "dtype": ["float33", [jnp.float32], jnp.int32],
+    "param_dtype": ["float33", None, [jnp.float32]],
+    "use_bias": ["True", None, [True], 1],
+    "use_scale": ["True", None, [True]],
+    "bias_init": ["zeros", None, [nn.initializers.zeros]],
+    "scale_init": ["ones", None],
+    "axis_name": [{"batch": 0}, [["batch"]]],
+    "axis_index_groups": ["[[0, 1]]", [0, 1]],
+    "use_fast_variance": ["True", None],
+    "force_float32_reductions": ["True", None, [True]],
+    "eps_in_sqrt": ["True", None, [True]],
+}
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), [(argument, value) for argument, values in WRONG_TYPES.items() for value in values]
+)
+def test_a_field_of_the_wrong_type_is_refused_at_construction_naming_it(argument, value):
+    fields = {"axis_name": "batch"} if argument == "axis_index_groups" else {}
+    fields[argument] = value
+    with pytest.raises((TypeError, ValueError), match=rf"^{argument}\b") as raised:
+        jstep.linen.BatchNorm(**fields)
+    assert repr(value) in str(raised.value)

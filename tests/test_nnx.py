@@ -215,3 +215,53 @@ def test_eps_in_sqrt_against_a_float64_transcription(eps_in_sqrt):
     bn.eval()
     x = BATCHES[1]
     ref.assert_close(bn(x), ref.evaluation(x, scale, bias, mean, var, eps=0.1, eps_in_sqrt=eps_in_sqrt))
+
+
+# ------------------------------------------------- NumPy integer sizes; settings of a wrong type
+
+
+def test_numpy_integer_sizes_and_axis_are_accepted_as_flax_accepts_them():
+    ours = jstep.nnx.BatchNorm(np.int64(FEATURES), axis=np.int64(-1), momentum=0.8, rngs=nnx.Rngs(0))
+    theirs = nnx.BatchNorm(
+        np.int64(FEATURES), axis=np.int64(-1), momentum=0.8, use_fast_variance=False, rngs=nnx.Rngs(0)
+    )
+    assert ours.num_features == FEATURES and type(ours.num_features) is int
+    assert describe(ours) == describe(theirs)
+    for x in BATCHES[:2]:
+        close(ours(x), theirs(x))
+    close(ours.var[...], theirs.var[...], tol=1e-5)
+
+
+# Every setting with values of a wrong type (a string from a config file, None, a list) where that
+# type is not allowed: use_running_average and dtype take None, axis_name a string.
+WRONG_TYPES = {
+    "num_features": ["6", None, [6], 6.0, True],
+    "use_running_average": ["False", [False], 0],
+    "axis": ["-1", None, ["-1"], 1.0, True],
+    "momentum": ["0.99", None, [0.99], True],
+    "epsilon": ["1e-5", None, [1e-5], True],
+    "dtype": ["float33", [jnp.float32], jnp.int32],
+    "param_dtype": ["float33", None, [jnp.float32]],
+    "use_bias": ["True", None, [True], 1],
+    "use_scale": ["True", None, [True]],
+    "bias_init": ["zeros", None, [nnx.initializers.zeros]],
+    "scale_init": ["ones", None],
+    "axis_name": [{"batch": 0}, [["batch"]]],
+    "axis_index_groups": ["[[0, 1]]", [0, 1]],
+    "use_fast_variance": ["True", None],
+    "promote_dtype": ["float32", None],
+    "bias_metadata": ["sharding", [("sharding", None)]],
+    "scale_metadata": [None],
+    "eps_in_sqrt": ["True", None, [True]],
+}
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), [(argument, value) for argument, values in WRONG_TYPES.items() for value in values]
+)
+def test_a_setting_of_the_wrong_type_is_refused_at_construction_naming_it(argument, value):
+    settings = {"axis_name": "batch"} if argument == "axis_index_groups" else {}
+    settings[argument] = value
+    with pytest.raises((TypeError, ValueError), match=rf"^{argument}\b") as raised:
+        jstep.nnx.BatchNorm(**{"num_features": FEATURES, "rngs": nnx.Rngs(0), **settings})
+    assert repr(value) in str(raised.value)

@@ -376,12 +376,14 @@ def test_adamw_errors():
     params = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="needs the params"):
         opt.update(params, opt.init(params))
-    masked = jstep.adamw(0.1, mask={"w": 1})
-    with pytest.raises(TypeError, match=r"mask leaf \['w'\] is 1"):
-        masked.update(params, masked.init(params), params)
+    with pytest.raises(TypeError, match=r"mask must be None, a tree of Python bools.*leaf \['w'\] is 1"):
+        jstep.adamw(0.1, mask={"w": 1})  # when built
+    computed = jstep.adamw(0.1, mask=lambda p: {"w": 1})
+    with pytest.raises(TypeError, match=r"leaf \['w'\] is 1"):
+        computed.init(params)  # a callable's result: when it meets the params
     wrong = jstep.adamw(0.1, mask={"v": True})
     with pytest.raises(ValueError, match="tree structure"):
-        wrong.update(params, wrong.init(params), params)
+        wrong.init(params)
 
 
 # ------------------------------------------------------------- every factory in Optax's wrappers
