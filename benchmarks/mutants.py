@@ -131,8 +131,8 @@ MUTANTS = [
     M(
         "linen_eps_in_sqrt_always_true",
         "jstep/linen.py",
-        "eps_in_sqrt=self.eps_in_sqrt,",
-        "eps_in_sqrt=True,",
+        "epsilon=self.epsilon,\n            eps_in_sqrt=self.eps_in_sqrt,",
+        "epsilon=self.epsilon,\n            eps_in_sqrt=True,",
         ("tests/test_linen.py", "-k", "eps_in_sqrt"),
     ),
     M(
@@ -153,14 +153,14 @@ MUTANTS = [
     M(
         "momentum_gamma_1pct_high",
         "jstep/momentum.py",
-        "v_new = gamma * v.astype(dtype) + eta * g.astype(dtype)",
-        "v_new = 1.01 * gamma * v.astype(dtype) + eta * g.astype(dtype)",
+        "v_new = gamma * velocity.astype(dtype) + eta * g",
+        "v_new = 1.01 * gamma * velocity.astype(dtype) + eta * g",
         ("tests/test_momentum.py", "-k", "matches_reference and float32"),
     ),
     M(
         "momentum_nesterov_dropped",
         "jstep/momentum.py",
-        "direction = gamma * v_new + eta * g.astype(dtype) if nesterov else v_new",
+        "direction = gamma * v_new + eta * g if nesterov else v_new",
         "direction = v_new",
         ("tests/test_momentum.py", "-k", "nesterov"),
     ),
@@ -189,8 +189,8 @@ MUTANTS = [
     M(
         "batch_norm_variance_1pct_high",
         "jstep/normalization.py",
-        "var = _total(_masked(jnp.square(xc - shift), mask), layout, axis_name) / count",
-        "var = 1.01 * _total(_masked(jnp.square(xc - shift), mask), layout, axis_name) / count",
+        "var = _total(_masked(jnp.square(own.of(xc)), mask), layout, axis_name) / count",
+        "var = 1.01 * _total(_masked(jnp.square(own.of(xc)), mask), layout, axis_name) / count",
         ("tests/test_batch_norm_layer.py", "-k", "float64_transcription"),
     ),
     M(
@@ -263,15 +263,15 @@ MUTANTS = [
     M(
         "adamw_weight_decay_1pct",
         "jstep/adam.py",
-        "return (d.astype(dtype) + weight_decay * w.astype(dtype)).astype(d.dtype)",
-        "return (d.astype(dtype) + 1.01 * weight_decay * w.astype(dtype)).astype(d.dtype)",
+        "with_decay = d.astype(dtype) + weight_decay * w.astype(dtype)",
+        "with_decay = d.astype(dtype) + 1.01 * weight_decay * w.astype(dtype)",
         ("tests/test_optax_contract.py", "-k", "adamw_equals"),
     ),
     M(
         "adam_nu_dtype_ignored",
         "jstep/adam.py",
-        "_core.zeros_like_tree(params, nu_dtype, real=True),",
-        "_core.zeros_like_tree(params, None, real=True),",
+        "_core.zeros_like_tree(params, nu_dtype, real=True, squares=True),",
+        "_core.zeros_like_tree(params, None, real=True, squares=True),",
         ("tests/test_precision.py", "-k", "adam"),
         why="README: the state is stored in the dtype asked for, with exactly its bytes",
     ),
