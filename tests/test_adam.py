@@ -10,11 +10,13 @@ import jstep
 
 import reference as ref
 from harness import (
+    OPTAX_RTOL_200_JITTED,
     STEPS,
     as_leaves,
     assert_close_runs,
     assert_matches_optax,
     assert_matches_reference,
+    displacement_after_jitted_steps,
     gradient_sequence,
     leaves64,
     max_relative_error,
@@ -48,7 +50,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize(("name", "dtype", "rtol"), precision_cases(CASES, ["published", "nesterov"]))
+@pytest.mark.parametrize(
+    ("name", "dtype", "rtol"), precision_cases(CASES, {"published": "adam", "nesterov": "adam_nesterov"})
+)
 def test_matches_reference(name, dtype, rtol):
     assert_matches_reference(CASES[name], 30, dtype, rtol)
 
@@ -67,7 +71,28 @@ OPTAX_PARITY = {
 
 @pytest.mark.parametrize("name", list(OPTAX_PARITY))
 def test_optax_parity(name):
-    assert_matches_optax(OPTAX_PARITY[name], 31)
+    """The README's bound: each update equal to optax.adam's or within 4e-7 relative, element by
+    element (measured 2.8e-7 at most). Nesterov's look-ahead adds two terms that nearly cancel
+    where m_t and g_t disagree, which the two round differently: normwise per leaf within 1e-6
+    (measured 4.8e-7)."""
+    if name == "adam_nesterov":
+        assert_matches_optax(OPTAX_PARITY[name], 31, rtol=1e-6, elementwise=False)
+    else:
+        assert_matches_optax(OPTAX_PARITY[name], 31)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+@pytest.mark.parametrize("name", ["adam", "adam_eps_root", "adam_nesterov"])
+def test_optax_parity_after_200_jitted_steps(name, seed):
+    """The README's bound for jitted training: after 200 steps, where XLA compiles the two steps
+    differently, the parameters' displacement W_200 - W_0 agrees with optax.adam's within 4e-6
+    relative, normwise over the whole tree (measured 3e-7 to 1.8e-6; a leaf that wandered back
+    near its start has a small displacement, whose relative error alone is larger)."""
+    make, make_optax = OPTAX_PARITY[name]
+    grads = gradient_sequence(seed, 200, np.float32)
+    got = np.concatenate([x.ravel() for x in displacement_after_jitted_steps(make(), grads)])
+    want = np.concatenate([x.ravel() for x in displacement_after_jitted_steps(make_optax(), grads)])
+    assert_close_runs([[got]], [[want]], OPTAX_RTOL_200_JITTED)
 
 
 def test_published_and_literal_forms_differ_where_v_hat_is_small():

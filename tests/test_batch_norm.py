@@ -544,3 +544,38 @@ def test_the_module_is_jstep_normalization_and_jstep_batch_norm_the_function():
     assert callable(jstep.batch_norm) and jstep.batch_norm.__module__ == "jstep.normalization"
     with pytest.raises(ModuleNotFoundError, match=r"jstep\.batch_norm"):
         importlib.import_module("jstep.batch_norm")
+
+
+def test_float16_input_normalizes_with_float32_statistics_and_returns_float16():
+    """Values near 200 with a spread of 50: their squared deviations sum to about 6e5 over the
+    batch, beyond float16's largest value (65504), so statistics taken in float16 overflow. jstep
+    takes them in float32: y and dx equal the float64 computation on the same float16 values to
+    float16's rounding, and batch_stats gives their float64 mean and variance to float32's."""
+    x, scale, offset, dy = random_inputs((256, 3), -1, seed=10, dtype=np.float32)
+    x16 = jnp.asarray(200 + 50 * x, jnp.float16)
+    y, vjp = jax.vjp(lambda x: jstep.batch_norm(x, scale, offset), x16)
+    (dx,) = vjp(jnp.asarray(dy, jnp.float16))
+    assert y.dtype == dx.dtype == jnp.float16
+    x64 = np.asarray(x16, np.float64)
+    with jax.enable_x64(True):
+        y_ref, vjp_ref = jax.vjp(
+            lambda x: plain_batch_norm(x, scale.astype(np.float64), offset.astype(np.float64), -1, 1e-5, True), x64
+        )
+        (dx_ref,) = vjp_ref(np.asarray(jnp.asarray(dy, jnp.float16), np.float64))
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2**-10, atol=2**-10 * np.abs(y_ref).max())
+    np.testing.assert_allclose(np.asarray(dx, np.float64), dx_ref, rtol=2**-10, atol=2**-10 * np.abs(dx_ref).max())
+    mean, var = jstep.batch_stats(x16)
+    assert mean.dtype == var.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(mean), x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(var), x64.var(0), rtol=1e-5)
+
+
+def test_bfloat16_statistics_are_the_float32_statistics_of_its_values():
+    """batch_stats of bfloat16 inputs: not only float32 arrays, but the float64 mean and two-pass
+    variance of the bfloat16 values to float32's precision (bfloat16 sums would be off by 2^-9)."""
+    x, _, _, _ = random_inputs((512, 5), -1, seed=11, dtype=np.float32)
+    x16 = jnp.asarray(30 + 4 * x, jnp.bfloat16)
+    mean, var = jstep.batch_stats(x16)
+    x64 = np.asarray(x16, np.float64)
+    np.testing.assert_allclose(np.asarray(mean), x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(var), x64.var(0), rtol=1e-5)

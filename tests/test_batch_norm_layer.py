@@ -128,3 +128,63 @@ def test_masked_training_uses_and_averages_the_masked_in_statistics_and_evaluati
     np.testing.assert_allclose(y, y_fn, rtol=1e-13, atol=1e-13)
     assert same is new_state
     np.testing.assert_array_equal(y_eval, y_eval_unmasked)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_training_and_evaluation_against_a_float64_transcription(eps_in_sqrt):
+    """BatchNorm.apply against the float64 transcription of the layer (tests/layer_reference.py),
+    not against batch_norm, which it wraps: values, dL/dx and the running statistics over three
+    training steps, then evaluation; eps = 0.1 makes the two forms of s differ by percents."""
+    import layer_reference as ref
+
+    bn = jstep.BatchNorm(momentum=0.7, eps=0.1, eps_in_sqrt=eps_in_sqrt)
+    xs = batches(3, seed=5)
+    w = np.random.default_rng(6).normal(size=xs[0].shape).astype(np.float32)
+    params, state = bn.init(xs[0])
+    params = params._replace(scale=jnp.linspace(0.5, 2.0, 4), offset=jnp.linspace(-1.0, 1.0, 4))
+
+    @jax.jit
+    def step(state, x):
+        def loss(x):
+            y, new_state = bn.apply(params, state, x, training=True)
+            return jnp.sum(jnp.sin(y) * w), (y, new_state)
+
+        (_, (y, new_state)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+        return y, new_state, dx
+
+    mean, var = np.zeros(4), np.ones(4)
+    options = {"momentum": 0.7, "eps": 0.1, "eps_in_sqrt": eps_in_sqrt}
+    for x in xs:
+        y, state, dx = step(state, x)
+        want_y, want_dx, mean, var = ref.training(
+            x, w, params.scale, params.offset, mean, var, reduce=(0, 1), **options
+        )
+        ref.assert_close(y, want_y)
+        ref.assert_close(dx, want_dx)
+        ref.assert_close(state.mean, mean[0, 0])
+        ref.assert_close(state.var, var[0, 0])
+    y_eval, _ = bn.apply(params, state, xs[1], training=False)
+    ref.assert_close(
+        y_eval, ref.evaluation(xs[1], params.scale, params.offset, mean, var, eps=0.1, eps_in_sqrt=eps_in_sqrt)
+    )
+
+
+def test_bfloat16_training_values_against_a_float64_transcription():
+    """The values, not only the dtypes: bfloat16 inputs give the float64 layer's output on the same
+    bfloat16 values to bfloat16's rounding (2^-8 of the largest), and running statistics that are
+    float32 computations of them (within 1e-6: bfloat16 statistics would be off by about 2^-9)."""
+    import layer_reference as ref
+
+    bn = jstep.BatchNorm(momentum=0.5)
+    x = jnp.asarray(batches(2, seed=7)[1] * 3 + 40, jnp.bfloat16)
+    params, state = bn.init(x)
+    y, new_state = jax.jit(lambda s, x: bn.apply(params, s, x))(state, x)
+    x64 = np.asarray(x, np.float64)
+    w = np.zeros(x.shape)
+    want_y, _, mean, var = ref.training(
+        x64, w, 1.0, 0.0, np.zeros(4), np.ones(4), reduce=(0, 1), momentum=0.5, eps=1e-5, eps_in_sqrt=True
+    )
+    assert y.dtype == jnp.bfloat16
+    ref.assert_close(y, want_y, rtol=2**-8)
+    ref.assert_close(new_state.mean, mean[0, 0], rtol=1e-6)
+    ref.assert_close(new_state.var, var[0, 0], rtol=1e-6)

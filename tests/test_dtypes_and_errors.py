@@ -13,9 +13,9 @@ import jstep
 
 import reference as ref
 from harness import (
+    FLOAT32_RTOL,
     OPTIMIZER_NAMES,
     REFERENCE_RUNS,
-    RTOL32,
     RTOL64,
     as_leaves,
     assert_close_runs,
@@ -49,6 +49,25 @@ def types(tree):
 # ------------------------------------------------------------------------------ dtypes
 
 
+# bfloat16 params, state and updates against the float64 reference on the same bfloat16 gradients,
+# normwise per leaf over 6 steps: about 1.3 times the worst of three seeds (40, 41, 42).
+BFLOAT16_RTOL = {
+    # -eta g, with eta rounded to bfloat16 as a weakly typed scalar, and the product rounded: two
+    # roundings of 2^-9 (measured 3.9e-3 to 4.5e-3).
+    "sgd": 6e-3,
+    # The state is rounded to bfloat16 every step and the update once more (measured 3.8e-3 to 7.7e-3).
+    "momentum": 1e-2,
+    "ema_momentum": 1e-2,
+    "rmsprop": 1e-2,
+    "adagrad": 1e-2,
+    "adadelta": 1e-2,
+    "adam": 1e-2,
+    # Wider: Nesterov's step gamma V_t + eta g_t adds two terms of opposite sign where the gradient
+    # turns, so V's rounding (2^-9 of |V|) is large against their small sum (measured 5e-3 to 2.7e-2).
+    "momentum_nesterov": 3.5e-2,
+}
+
+
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_bfloat16_params_keep_bfloat16_updates_and_state(name):
     """bf16 in, bf16 out; the moments follow the params' dtype (arithmetic in float32), and
@@ -62,7 +81,7 @@ def test_bfloat16_params_keep_bfloat16_updates_and_state(name):
         assert leaf.dtype == jnp.bfloat16
     updates, _ = opt.update(grads[0], initial)
     assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
-    assert max_relative_error(got, REFERENCE_RUNS[name](as_leaves(grads))) < 3e-2
+    assert max_relative_error(got, REFERENCE_RUNS[name](as_leaves(grads))) <= BFLOAT16_RTOL[name]
 
 
 @pytest.mark.parametrize(
@@ -439,7 +458,10 @@ def test_adam_bias_corrections_vanish_at_a_saturated_count():
 @pytest.mark.parametrize(
     ("name", "dtype", "rtol"),
     [pytest.param(name, np.complex128, RTOL64, id=f"{name}-complex128") for name in OPTIMIZER_NAMES]
-    + [pytest.param(name, np.complex64, RTOL32, id=f"{name}-complex64") for name in ("momentum", "rmsprop", "adam")],
+    + [
+        pytest.param(name, np.complex64, FLOAT32_RTOL[name], id=f"{name}-complex64")
+        for name in ("momentum", "rmsprop", "adam")
+    ],
 )
 def test_complex_params_match_the_reference_with_squared_magnitudes(name, dtype, rtol):
     """Complex leaves work: first moments are complex, second moments accumulate |g|^2 (real)."""

@@ -163,6 +163,32 @@ def test_bad_settings_raise_clear_errors():
         over_batch(model, np.ones((4, 3, 2), np.float32), state)
 
 
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_eps_in_sqrt_against_a_float64_transcription(eps_in_sqrt):
+    """jstep's own option (Equinox has none to compare with): eps_in_sqrt=False is the notes'
+    G (x - mu) / (sigma + eps) + B over the vmapped batch and the length axis, in values, dL/dx
+    and the running statistics over three steps; a large eps (0.1) makes the two forms differ
+    by percents. (Inference debiases the running statistics as Equinox does, tested above.)"""
+    import layer_reference as ref
+
+    model, state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(
+        CHANNELS, "batch", eps=0.1, momentum=0.8, mode="batch", eps_in_sqrt=eps_in_sqrt
+    )
+    model = eqx.tree_at(lambda m: m.weight, model, jnp.linspace(0.5, 2.0, CHANNELS))
+    scale = np.asarray(model.weight)[None, :, None]
+    bias = np.zeros((1, CHANNELS, 1))
+    mean, var = np.zeros((1, CHANNELS, 1)), np.ones((1, CHANNELS, 1))
+    options = {"momentum": 0.8, "eps": 0.1, "eps_in_sqrt": eps_in_sqrt}
+    for x in BATCHES:
+        y, state, _, dx = train_step(model, state, x, WEIGHTS)
+        want_y, want_dx, mean, var = ref.training(x, WEIGHTS, scale, bias, mean, var, reduce=(0, 2), **options)
+        ref.assert_close(y, want_y)
+        ref.assert_close(dx, want_dx)
+        running_mean, running_var = state.get(model.batch_state_index)
+        ref.assert_close(running_mean, mean[0, :, 0])
+        ref.assert_close(running_var, var[0, :, 0])
+
+
 # ---------------------------------------------------------------- Equinox's modes and its default
 
 

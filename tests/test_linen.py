@@ -213,6 +213,43 @@ def test_axis_index_groups_over_a_vmap_axis_raise_what_jax_lacks():
         jax.eval_shape(apply, BATCHES[0])
 
 
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_eps_in_sqrt_against_a_float64_transcription(eps_in_sqrt):
+    """jstep's own option (Flax has none to compare with): eps_in_sqrt=False is the notes'
+    G (x - mu) / (sigma + eps) + B, in training (values, dL/dx, running statistics over three
+    steps) and in evaluation; a large eps (0.1) makes the two forms differ by percents."""
+    import layer_reference as ref
+
+    fields = {"momentum": 0.8, "epsilon": 0.1, "eps_in_sqrt": eps_in_sqrt, "scale_init": nn.initializers.normal()}
+    options = {"momentum": 0.8, "eps": 0.1, "eps_in_sqrt": eps_in_sqrt}
+    module = jstep.linen.BatchNorm(use_running_average=False, **fields)
+    variables = module.init(KEY, BATCHES[0])
+    scale, bias = np.asarray(variables["params"]["scale"]), np.asarray(variables["params"]["bias"])
+    mean, var = np.zeros(6), np.ones(6)
+
+    @jax.jit
+    def step(variables, x):
+        def loss(x):
+            y, updates = module.apply(variables, x, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y) * WEIGHTS), (y, updates["batch_stats"])
+
+        (_, (y, stats)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+        return y, stats, dx
+
+    for x in BATCHES:
+        y, stats, dx = step(variables, x)
+        want_y, want_dx, mean, var = ref.training(x, WEIGHTS, scale, bias, mean, var, reduce=(0, 1), **options)
+        ref.assert_close(y, want_y)
+        ref.assert_close(dx, want_dx)
+        ref.assert_close(stats["mean"], mean[0, 0])
+        ref.assert_close(stats["var"], var[0, 0])
+        variables = {**variables, "batch_stats": stats}
+    evaluate = jstep.linen.BatchNorm(use_running_average=True, **fields)
+    x = BATCHES[1]
+    want = ref.evaluation(x, scale, bias, mean, var, eps=0.1, eps_in_sqrt=eps_in_sqrt)
+    ref.assert_close(evaluate.apply(variables, x), want)
+
+
 # ---------------------------------------------- NumPy integer axes; settings of a wrong type
 
 

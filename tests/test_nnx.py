@@ -187,6 +187,36 @@ def test_bad_settings_raise_clear_errors():
         jstep.nnx.BatchNorm(FEATURES, axis_name="batch", axis_index_groups=[[0, 1], [1, 2]], rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_eps_in_sqrt_against_a_float64_transcription(eps_in_sqrt):
+    """jstep's own option (Flax has none to compare with): eps_in_sqrt=False is the notes'
+    G (x - mu) / (sigma + eps) + B, in training (values, dL/dx, running statistics over three
+    steps) and in evaluation; a large eps (0.1) makes the two forms differ by percents."""
+    import layer_reference as ref
+
+    bn = jstep.nnx.BatchNorm(
+        FEATURES,
+        momentum=0.8,
+        epsilon=0.1,
+        eps_in_sqrt=eps_in_sqrt,
+        rngs=nnx.Rngs(0),
+        scale_init=nnx.initializers.normal(),
+    )
+    options = {"momentum": 0.8, "eps": 0.1, "eps_in_sqrt": eps_in_sqrt}
+    scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+    mean, var = np.zeros(FEATURES), np.ones(FEATURES)
+    for x in BATCHES:
+        y, _, dx = train_step(bn, x, WEIGHTS)
+        want_y, want_dx, mean, var = ref.training(x, WEIGHTS, scale, bias, mean, var, reduce=(0,), **options)
+        ref.assert_close(y, want_y)
+        ref.assert_close(dx, want_dx)
+        ref.assert_close(bn.mean[...], mean[0])
+        ref.assert_close(bn.var[...], var[0])
+    bn.eval()
+    x = BATCHES[1]
+    ref.assert_close(bn(x), ref.evaluation(x, scale, bias, mean, var, eps=0.1, eps_in_sqrt=eps_in_sqrt))
+
+
 # ------------------------------------------------- NumPy integer sizes; settings of a wrong type
 
 

@@ -158,7 +158,9 @@ SHARDED_SCRIPT = textwrap.dedent(
         concrete = {k: jax.device_put(jnp.ones(shapes[k]), shardings[k]) for k in shapes}
         for name, opt in [("adam", jstep.adam(0.1)), ("adamw", jstep.adamw(0.1)),
                           ("rmsprop", jstep.rmsprop(0.1, centered=True, momentum=0.9)),
-                          ("adagrad", jstep.adagrad(0.1)), ("momentum", jstep.momentum(0.1))]:
+                          ("adagrad", jstep.adagrad(0.1)), ("momentum", jstep.momentum(0.1)),
+                          ("ema_momentum", jstep.ema_momentum(0.1)), ("adadelta", jstep.adadelta()),
+                          ("scale_by_rss", jstep.scale_by_rss()), ("moving_average", jstep.moving_average(0.9))]:
             for how, state in [("abstract", opt.init(abstract)), ("jit", jax.jit(opt.init)(concrete))]:
                 is_dict = lambda t: isinstance(t, dict)
                 trees = [t for t in jax.tree.leaves(state, is_leaf=is_dict) if is_dict(t)]
@@ -382,3 +384,122 @@ def test_adamw_errors():
     wrong = jstep.adamw(0.1, mask={"v": True})
     with pytest.raises(ValueError, match="tree structure"):
         wrong.init(params)
+
+
+# ------------------------------------------------------------- every factory in Optax's wrappers
+
+# Every factory with keyword hyperparameters, for optax.inject_hyperparams.
+FACTORIES = {
+    "sgd": (jstep.sgd, {"learning_rate": 0.05}),
+    "momentum": (jstep.momentum, {"learning_rate": 0.05, "gamma": 0.9, "nesterov": True}),
+    "ema_momentum": (jstep.ema_momentum, {"learning_rate": 0.5, "gamma": 0.9}),
+    "rmsprop": (jstep.rmsprop, {"learning_rate": 0.01, "gamma": 0.9, "centered": True, "momentum": 0.5}),
+    "scale_by_rms": (jstep.scale_by_rms, {"gamma": 0.8}),
+    "adagrad": (jstep.adagrad, {"learning_rate": 0.1}),
+    "scale_by_rss": (jstep.scale_by_rss, {"initial_accumulator_value": 0.1}),
+    "adadelta": (jstep.adadelta, {"learning_rate": 1.0, "rho": 0.9}),
+    "adam": (jstep.adam, {"learning_rate": 0.01, "b1": 0.8}),
+    "scale_by_adam": (jstep.scale_by_adam, {"b2": 0.99}),
+    "adamw": (jstep.adamw, {"learning_rate": 0.01, "weight_decay": 0.1}),
+    "running_average": (jstep.running_average, {"gamma": 0.9}),
+    "moving_average": (jstep.moving_average, {"decay": 0.9, "debias": True}),
+    "cumulative_average": (jstep.cumulative_average, {}),
+}
+
+
+def eager_updates(opt, grads, params, *, jit=False):
+    """The updates of `opt` over `grads` as float64 leaves, stepped eagerly or by one jitted update
+    (a wrapper whose lax.cond would compile the step on every eager call is cheaper jitted)."""
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    out = []
+    for g in grads:
+        updates, state = update(g, state, params)
+        out.append(leaves64(updates))
+    return out
+
+
+def contract_grads(steps=3):
+    return [jax.tree.map(jnp.asarray, g) for g in gradient_sequence(8, steps, np.float32)]
+
+
+def test_every_factory_is_listed():
+    """FACTORIES names every optimizer factory jstep exports: every lower-case public name but the
+    functions that are not transformations."""
+    not_factories = {
+        "apply_updates", "batch_norm", "batch_stats", "check_vjp", "grouped", "running_average_update",
+        "stochastic_round",
+    }  # fmt: skip
+    exported = {name for name in jstep.__all__ if name.islower()} - not_factories
+    assert set(FACTORIES) == exported
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_inject_hyperparams_gives_the_factorys_updates(name):
+    """optax.inject_hyperparams(factory)(**hyperparameters) steps as factory(**hyperparameters):
+    the numbers become float32 arrays in the state, so they agree to float32 rounding."""
+    factory, hyperparameters = FACTORIES[name]
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads()
+    injected = optax.inject_hyperparams(factory)(**hyperparameters)
+    got = eager_updates(injected, grads, params)
+    want = eager_updates(factory(**hyperparameters), grads, params)
+    numeric = {k for k, v in hyperparameters.items() if not isinstance(v, bool)}
+    assert numeric <= set(injected.init(params).hyperparams)
+    for step_got, step_want in zip(got, want, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_if_finite_skips_a_nan_step_of_every_factory(name):
+    """A NaN gradient gives zero updates and leaves the inner state as it was: the steps after it
+    are those of the optimizer that never saw it (to float32 rounding: the step inside
+    apply_if_finite's lax.cond may be compiled differently)."""
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads(3)
+    poisoned = [grads[0], jax.tree.map(lambda g: g * jnp.nan, grads[1]), grads[1], grads[2]]
+    wrapped = optax.apply_if_finite(every_transformation()[name], max_consecutive_errors=2)
+    got = eager_updates(wrapped, poisoned, params, jit=True)
+    want = eager_updates(every_transformation()[name], grads, params, jit=True)
+    assert all(np.all(u == 0) for u in got[1])
+    for step_got, step_want in zip([got[0], *got[2:]], want, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_applies_every_factory_to_the_masked_leaves_only(name):
+    """optax.masked: the masked-in leaves get the optimizer's updates for that sub-tree alone,
+    the others pass their gradients through unchanged."""
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads()
+    mask = {"conv": [True], "dense": {"b": False, "w": True}, "scale": False}
+    got = eager_updates(optax.masked(every_transformation()[name], mask), grads, params)
+
+    def sub(tree):
+        return {"conv": tree["conv"], "w": tree["dense"]["w"]}
+
+    want = eager_updates(every_transformation()[name], [sub(g) for g in grads], sub(params))
+    for t, (step_got, step_want) in enumerate(zip(got, want, strict=True)):
+        conv, b, w, scale = step_got  # leaves sort by key: conv[0], dense.b, dense.w, scale
+        np.testing.assert_array_equal(conv, step_want[0])
+        np.testing.assert_array_equal(w, step_want[1])
+        np.testing.assert_array_equal(b, np.asarray(grads[t]["dense"]["b"], np.float64))
+        np.testing.assert_array_equal(scale, np.asarray(grads[t]["scale"], np.float64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multi_steps_of_every_factory_steps_on_the_mean_gradient(name):
+    """optax.MultiSteps(k=2) on each gradient given twice: a zero update, then the optimizer's own
+    step on their mean (the gradient itself), to float32 rounding (its lax.cond may compile the
+    step differently)."""
+    params = jax.tree.map(jnp.asarray, initial_params(np.float32))
+    grads = contract_grads(3)
+    wrapped = optax.MultiSteps(every_transformation()[name], every_k_schedule=2)
+    got = eager_updates(wrapped, [g for g in grads for _ in range(2)], params, jit=True)
+    want = eager_updates(every_transformation()[name], grads, params, jit=True)
+    assert all(np.all(u == 0) for step in got[0::2] for u in step)
+    for step_got, step_want in zip(got[1::2], want, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)

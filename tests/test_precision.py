@@ -124,6 +124,97 @@ def test_unbiased_within_six_binomial_sigmas(pair):
         assert abs(np.mean(got) - np.float64(x)) <= (SIGMAS * sigma + 1) / n * abs(hi - lo)
 
 
+# Every pair that rounds: a source of more mantissa bits than its target.
+ALL_PAIRS = [
+    (np.float64, np.float32),
+    (np.float64, np.float16),
+    (np.float64, ml_dtypes.bfloat16),
+    (np.float64, ml_dtypes.float8_e4m3fn),
+    (np.float32, ml_dtypes.bfloat16),
+    (np.float32, np.float16),
+    (np.float32, ml_dtypes.float8_e4m3fn),
+    (np.float32, ml_dtypes.float8_e5m2),
+    (np.float16, ml_dtypes.bfloat16),
+    (np.float16, ml_dtypes.float8_e4m3fn),
+    (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn),
+    (ml_dtypes.bfloat16, ml_dtypes.float8_e5m2),
+]
+PROBABILITY_SAMPLES = 1 << 20
+PROBABILITY_SIGMAS = 5.0
+
+
+def probability_cases(source, target):
+    """(x, lo, hi) with x = lo + p (hi - lo) exactly in `source`, for p in 1/8, 1/2, 3/4 and lo
+    across the range both dtypes hold: 1, -3, a negative normal value near the smallest, a
+    subnormal of `target`, and a third of the largest value (cases `source` cannot hold exactly,
+    such as bfloat16's subnormals for a float16 source, are left out)."""
+    info, source_info = ml_dtypes.finfo(target), ml_dtypes.finfo(source)
+    tiny = float(info.smallest_subnormal)
+    normal = max(float(info.smallest_normal), float(source_info.smallest_normal))
+    big = min(float(info.max), float(source_info.max))
+    out = []
+    for low in (1.0, -3.0, -normal * 1.5, tiny * 5, big / 3):
+        lo = np.float64(np.array(low).astype(target))
+        # Towards the largest value of lo's sign (float8_e4m3fn has no infinity).
+        hi = np.float64(np.nextafter(np.array(lo, target), np.array(np.copysign(float(info.max), lo), target)))
+        for p in (0.125, 0.5, 0.75):
+            x = lo + p * (hi - lo)
+            with np.errstate(over="ignore"):  # float16 cannot hold bfloat16's subnormals
+                exact = np.float64(np.array(x).astype(source)) == x
+            if exact:
+                out.append((x, lo, hi))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), ALL_PAIRS, ids=[f"{np.dtype(s).name}->{np.dtype(t).name}" for s, t in ALL_PAIRS]
+)
+def test_rounding_probability_is_right_within_half_a_percent(source, target):
+    """P(round(x) = hi) = p = (x - lo)/(hi - lo), to 0.005, for every pair of dtypes that rounds.
+
+    Each case rounds N = 2^20 copies of x; the count rounded up is Binomial(N, p) for a correct
+    rounding, with sigma = sqrt(N p (1 - p)) <= 2^9. The bound is 5 sigma (with fixed keys the
+    test is deterministic; for another key a correct rounding would exceed it with probability
+    6e-7 per case). A bias delta in the probability moves the count by N delta, which is
+    delta sqrt(N) / sqrt(p (1 - p)) >= 2 delta 2^10 sigma: for delta = 0.005, at least 10.2
+    sigma, so a biased rounding stays inside the bound only if its own noise is 5.2 sigma
+    below its mean (probability 1e-7). A relative bias of 0.5% (p -> 1.005 p) moves every case
+    the same way: the pooled count over the K cases, sum (count - N p) / sqrt(sum N p (1 - p)),
+    is off by 0.005 sqrt(N) sum p / sqrt(sum p (1 - p)) >= 8 sigma here, against the same 5.
+    """
+    cases = probability_cases(source, target)
+    assert len(cases) >= 9
+    x = np.array([case[0] for case in cases])
+    lo, hi = (np.array([case[i] for case in cases]) for i in (1, 2))
+    p = (x - lo) / (hi - lo)
+    with jax.enable_x64(source == np.float64):
+
+        @jax.jit
+        def counts_up(x, lo, hi, key):
+            copies = jnp.broadcast_to(x[:, None], (x.shape[0], PROBABILITY_SAMPLES))
+            # Compared as bit patterns: XLA:CPU flushes subnormal operands of a float comparison to 0.
+            bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(target).itemsize]
+            got, lo, hi = (
+                jax.lax.bitcast_convert_type(v, bits)
+                for v in (jstep.stochastic_round(copies, jnp.dtype(target), key), lo[:, None], hi[:, None])
+            )
+            up = got == hi
+            return jnp.sum(up, axis=1), jnp.all(up | (got == lo))
+
+        index = ALL_PAIRS.index((source, target))
+        up, only_neighbours = counts_up(
+            jnp.asarray(x, source), jnp.asarray(lo, target), jnp.asarray(hi, target), jax.random.key(1000 + index)
+        )
+    up = np.asarray(up, np.float64)
+    assert bool(only_neighbours)
+    n = PROBABILITY_SAMPLES
+    sigma = np.sqrt(n * p * (1 - p))
+    z = (up - n * p) / sigma
+    assert np.all(np.abs(z) <= PROBABILITY_SIGMAS), list(zip(x, p, up / n, z, strict=True))
+    pooled = np.sum(up - n * p) / np.sqrt(np.sum(sigma**2))
+    assert abs(pooled) <= PROBABILITY_SIGMAS, pooled
+
+
 def test_neighbouring_elements_round_independently():
     """At p = 1/2, the pairs (element i, element i+1) come out up-up a quarter of the time."""
     n = 1 << 16
@@ -282,6 +373,29 @@ def test_apply_updates_matches_optax_for_float32_and_rounds_the_float32_sum_othe
     assert np.any(got != np.asarray(plain["bf16"], np.float64))
 
 
+def test_apply_updates_rounds_float16_params_stochastically():
+    """float16 params, W = 1 + u with u a tenth of float16's ulp at 1 (2^-10): round-to-nearest
+    keeps 1; with a key each element becomes 1 + 2^-10 with probability p = u / 2^-10 (computed in
+    float64 from the float32 sum), so the count of those is Binomial(N, p), within 5 sigma."""
+    n = 1 << 16
+    params = {"w": jnp.ones(n, jnp.float16), "b": jnp.full(n, -2.0, jnp.float16)}
+    updates = {"w": jnp.full(n, 1e-4, jnp.float32), "b": jnp.full(n, -3e-4, jnp.float32)}
+    nearest = jstep.apply_updates(params, updates)
+    keyed = jstep.apply_updates(params, updates, key=jax.random.key(11))
+    for name in params:
+        assert nearest[name].dtype == keyed[name].dtype == jnp.float16
+        start = np.asarray(params[name], np.float64)
+        np.testing.assert_array_equal(np.asarray(nearest[name], np.float64), start)  # the step is lost
+        total = np.asarray(params[name], np.float32) + np.asarray(updates[name], np.float32)
+        lo, hi = neighbours(total, np.float16)
+        p = (total.astype(np.float64) - lo) / (hi - lo)  # one value: every element is the same
+        got = np.asarray(keyed[name], np.float64)
+        assert np.all((got == lo) | (got == hi))
+        away = np.sum(got == hi)
+        assert 0.05 < p[0] < 0.95  # strictly between the neighbours
+        assert abs(away - n * p[0]) <= 5 * np.sqrt(n * p[0] * (1 - p[0])), (name, away / n, p[0])
+
+
 def test_apply_updates_gives_each_leaf_its_own_key():
     x = jnp.full(1000, 1.0, jnp.bfloat16)
     u = jnp.full(1000, 2.0**-9, jnp.float32)  # halfway between two bfloat16 values
@@ -367,6 +481,28 @@ def test_state_is_stored_in_the_dtype_asked_for_with_exactly_its_bytes(name):
     assert sum(leaf.nbytes for leaf in leaves) == arrays * PARAM_COUNT * 2 + counters * 4
     wide = make()
     assert sum(leaf.nbytes for leaf in jax.tree.leaves(wide.init(PARAMS))) == arrays * PARAM_COUNT * 4 + counters * 4
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_bfloat16_state_is_a_neighbour_of_the_float32_state(name):
+    """The values, not only the dtypes: after one step from the zero state, each bfloat16 state
+    value stored with `rounding_seed` is one of the two bfloat16 neighbours of the float32
+    optimizer's state value (the same step unrounded), and both neighbours occur."""
+    make, _, _ = STATEFUL[name]
+    grads = gradients(5, 1)[0]
+    narrow, wide = make(accumulator_dtype=jnp.bfloat16, rounding_seed=0), make()
+    _, narrow_state = narrow.update(grads, narrow.init(PARAMS), PARAMS)
+    _, wide_state = wide.update(grads, wide.init(PARAMS), PARAMS)
+    pairs = [
+        (np.asarray(x, np.float64).ravel(), np.asarray(y, np.float32).ravel())
+        for x, y in zip(jax.tree.leaves(narrow_state), jax.tree.leaves(wide_state), strict=True)
+        if x.dtype == BF16
+    ]
+    got, exact = (np.concatenate([pair[i] for pair in pairs]) for i in (0, 1))
+    lo, hi = neighbours(exact, ml_dtypes.bfloat16)
+    assert np.all((got == lo) | (got == hi)), (got, exact)
+    between = lo != hi
+    assert np.any(got[between] == lo[between]) and np.any(got[between] == hi[between])
 
 
 def jitted_run(opt, state, grads, params=PARAMS):

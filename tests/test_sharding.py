@@ -29,7 +29,18 @@ import sys
 
 import pytest
 
-NAMES = ["adam", "momentum", "rmsprop", "adagrad", "grouped_adam"]
+# Every factory (the README: state and updates keep the parameters' sharding), and grouped.
+NAMES = [
+    "sgd",
+    "momentum",
+    "ema_momentum",
+    "rmsprop",
+    "rmsprop_centered",
+    "adagrad",
+    "adadelta",
+    "adam",
+    "grouped_adam",
+]
 
 # Small leaves of every kind, on a 1-d mesh of 8 devices named "x": split along the first
 # dimension (w, v), replicated (b, s), and split along a later dimension (c).
@@ -51,8 +62,10 @@ rng = np.random.default_rng(0)
 params = {"w": rng.normal(size=(64, 16)).astype(np.float32), "b": rng.normal(size=(16,)).astype(np.float32)}
 grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(3)]
 make = {
+    "sgd": lambda: jstep.sgd(0.05),
     "adam": lambda: jstep.adam(0.01),
     "momentum": lambda: jstep.momentum(0.05, 0.9),
+    "rmsprop_centered": lambda: jstep.rmsprop(0.01, centered=True, momentum=0.9),
     "rmsprop": lambda: jstep.rmsprop(0.01),
     "adagrad": lambda: jstep.adagrad(0.1),
     "adadelta": lambda: jstep.adadelta(),
@@ -68,7 +81,9 @@ def put(tree, sharded):
     return jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), tree)
 
 def param_shaped_fields(state):
-    return {f: getattr(state, f) for f in state._fields if f != "count"}
+    # Every tree in the state shaped like the params (a state may be a tuple of states: a chain).
+    is_dict = lambda t: isinstance(t, dict)
+    return {str(i): t for i, t in enumerate(t for t in jax.tree.leaves(state, is_leaf=is_dict) if is_dict(t))}
 
 def check(tree, where, problems):
     def one(path, leaf):

@@ -1,0 +1,429 @@
+"""Mutation testing: plant small bugs in a copy of jstep, one at a time, and see which the tests catch.
+
+Each mutant replaces one exact piece of text in one file of a copy of the repository (jstep/,
+tests/, docs/, pyproject.toml, README.md) and runs the tests that guard that code. A mutant is
+*killed* when those tests fail, and *survives* when they pass; a mutant whose text is no longer
+in the file is reported as *stale* (the code moved: update the list). The list starts from the
+bugs the tests once missed and from the equations of the notes: a constant off by 1%, a wrong
+dtype, a dropped option. A mutant marked `claim` plants a bug that a README claim rules out:
+it must be killed.
+
+Run by hand, like the benchmarks (it is not part of the test suite):
+
+    .venv/bin/python benchmarks/mutants.py            # every mutant, one after the other
+    .venv/bin/python benchmarks/mutants.py adam_v     # the mutants whose name contains "adam_v"
+    .venv/bin/python benchmarks/mutants.py --list     # names, files and test selections
+
+Each mutant runs only its own test selection with `-x`, so a run of the whole list takes
+minutes, not hours; the score is printed at the end, and CONTRIBUTING.md reports the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COPIED = ["jstep", "tests", "docs", "pyproject.toml", "README.md"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # exact text, present once
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    claim: bool = True  # a README claim rules this bug out: it must be killed
+    why: str = ""
+
+
+M = Mutant
+MUTANTS = [
+    # ------------------------------------------------------------- the bugs of the audit
+    M(
+        "gamma_rounded_before_one_minus",
+        "jstep/averages.py",
+        "weight_of_new = 1 - gamma\n",
+        "weight_of_new = 1 - jnp.asarray(gamma, jnp.float32)\n",
+        ("tests/test_adam.py", "-k", "optax_parity"),
+        why="1 - gamma formed after rounding gamma to float32: 7e-6 per update, over the 4e-7 claimed",
+    ),
+    M(
+        "adam_v_divided_by_correction_squared",
+        "jstep/adam.py",
+        "/ correction2.astype(real)",
+        "/ correction2.astype(real) ** 2",
+        ("jstep/adam.py",),
+        why="the docstring example must show it",
+    ),
+    M(
+        "stochastic_round_probability_1pct_high",
+        "jstep/precision.py",
+        "count = below + (_uniform(bits, work) < units - below).astype(work)",
+        "count = below + (_uniform(bits, work) < (units - below) * 1.01).astype(work)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="E[round(x)] = x: a 1% bias in the probability (float16, float64 -> float32, float8)",
+    ),
+    M(
+        "stochastic_round_probability_half_pct_high",
+        "jstep/precision.py",
+        "count = below + (_uniform(bits, work) < units - below).astype(work)",
+        "count = below + (_uniform(bits, work) < (units - below) * 1.005).astype(work)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="a 0.5% relative bias",
+    ),
+    M(
+        "stochastic_round_probability_half_pct_absolute",
+        "jstep/precision.py",
+        "count = below + (_uniform(bits, work) < units - below).astype(work)",
+        "count = below + (_uniform(bits, work) < units - below + 0.005).astype(work)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="a bias of 0.005 in the probability",
+    ),
+    M(
+        "stochastic_round_float32_uniform_half_pct_wide",
+        "jstep/precision.py",
+        "return (bits[0] >> 9).astype(dtype) * np.float32(2.0**-23)",
+        "return (bits[0] >> 9).astype(dtype) * np.float32(1.005 * 2.0**-23)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="the float32 uniform stretched by 0.5%: the float32 -> float16/float8 probability 0.5% low",
+    ),
+    M(
+        "stochastic_round_float64_uniform_half_pct_wide",
+        "jstep/precision.py",
+        "return (high.astype(dtype) * 2.0**26 + low.astype(dtype)) * 2.0**-52",
+        "return (high.astype(dtype) * 2.0**26 + low.astype(dtype)) * (1.005 * 2.0**-52)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="the float64 uniform stretched by 0.5%: every float64 source 0.5% low",
+    ),
+    M(
+        "stochastic_round_bfloat16_bits_half_pct_high",
+        "jstep/precision.py",
+        "rounded = ((word + (bits >> 16)) >> 16).astype(jnp.uint16)",
+        "rounded = ((word + (bits >> 16) + 328) >> 16).astype(jnp.uint16)",
+        ("tests/test_precision.py", "-k", "half_a_percent"),
+        why="float32 -> bfloat16 rounds up 0.5% too often",
+    ),
+    M(
+        "apply_updates_float16_to_nearest",
+        "jstep/precision.py",
+        "if seed is None or not _is_low_precision(p.dtype):",
+        "if seed is None or p.dtype != jnp.bfloat16:",
+        ("tests/test_precision.py", "-k", "apply_updates"),
+        why="apply_updates(key=) rounds float16 leaves stochastically",
+    ),
+    M(
+        "nnx_eps_in_sqrt_always_true",
+        "jstep/nnx.py",
+        "eps_in_sqrt=self.eps_in_sqrt,",
+        "eps_in_sqrt=True,",
+        ("tests/test_nnx.py", "-k", "eps_in_sqrt"),
+        why="README: eps_in_sqrt=False gives the notes' form in every layer",
+    ),
+    M(
+        "linen_eps_in_sqrt_always_true",
+        "jstep/linen.py",
+        "epsilon=self.epsilon,\n            eps_in_sqrt=self.eps_in_sqrt,",
+        "epsilon=self.epsilon,\n            eps_in_sqrt=True,",
+        ("tests/test_linen.py", "-k", "eps_in_sqrt"),
+    ),
+    M(
+        "equinox_eps_in_sqrt_always_true",
+        "jstep/equinox.py",
+        "eps_in_sqrt=self.eps_in_sqrt,",
+        "eps_in_sqrt=True,",
+        ("tests/test_equinox.py", "-k", "eps_in_sqrt"),
+    ),
+    M(
+        "core_layer_training_ignores_eps_in_sqrt",
+        "jstep/normalization.py",
+        "                self.eps_in_sqrt,\n",
+        "                True,\n",
+        ("tests/test_batch_norm_layer.py", "-k", "float64_transcription"),
+    ),
+    # ------------------------------------------------------- the notes' equations, off by 1%
+    M(
+        "momentum_gamma_1pct_high",
+        "jstep/momentum.py",
+        "v_new = gamma * velocity.astype(dtype) + eta * g",
+        "v_new = 1.01 * gamma * velocity.astype(dtype) + eta * g",
+        ("tests/test_momentum.py", "-k", "matches_reference and float32"),
+    ),
+    M(
+        "momentum_nesterov_dropped",
+        "jstep/momentum.py",
+        "direction = gamma * v_new + eta * g if nesterov else v_new",
+        "direction = v_new",
+        ("tests/test_momentum.py", "-k", "nesterov"),
+    ),
+    M(
+        "running_average_new_weight_1pct_high",
+        "jstep/averages.py",
+        "return keep * old.astype(dtype) + take * new.astype(dtype)",
+        "return keep * old.astype(dtype) + 1.01 * take * new.astype(dtype)",
+        ("tests/test_averages.py", "-k", "float32"),
+    ),
+    M(
+        "adam_bias_correction_1pct",
+        "jstep/adam.py",
+        "m_hat = m / correction1.astype(real)",
+        "m_hat = m / (1.01 * correction1.astype(real))",
+        ("tests/test_adam.py", "-k", "optax_parity"),
+    ),
+    M(
+        "batch_norm_notes_form_replaced",
+        "jstep/normalization.py",
+        "return sigma, sigma + eps",
+        "return sigma, jnp.sqrt(var + eps)",
+        ("tests/test_batch_norm_layer.py", "-k", "float64_transcription"),
+        why="batch norm's notes form (sigma + eps) replaced by the published one",
+    ),
+    M(
+        "batch_norm_variance_1pct_high",
+        "jstep/normalization.py",
+        "var = _total(_masked(jnp.square(own.of(xc)), mask), layout, axis_name) / count",
+        "var = 1.01 * _total(_masked(jnp.square(own.of(xc)), mask), layout, axis_name) / count",
+        ("tests/test_batch_norm_layer.py", "-k", "float64_transcription"),
+    ),
+    M(
+        "low_precision_arithmetic_in_its_own_dtype",
+        "jstep/_core.py",
+        "return jnp.promote_types(dtype, jnp.float32)",
+        "return jnp.dtype(dtype)",
+        ("tests/test_batch_norm.py", "-k", "float16_input or float32_statistics_of"),
+        why="README: statistics of bfloat16/float16 inputs in float32",
+    ),
+    M(
+        "batch_norm_backward_mean_term_1pct",
+        "jstep/normalization.py",
+        "dy - _masked(sum_dy / count, mask)",
+        "dy - _masked(1.01 * sum_dy / count, mask)",
+        ("tests/test_batch_norm_layer.py", "-k", "float64_transcription"),
+        why="the notes' gradient: the term through mu",
+    ),
+    M(
+        "batch_norm_notes_form_gradient_factor_dropped",
+        "jstep/normalization.py",
+        "c = 1 if eps_in_sqrt else jnp.where(sigma > 0, s * _safe_inverse(sigma), 0)",
+        "c = 1",
+        ("tests/test_batch_norm_layer.py", "-k", "float64_transcription"),
+        why="the notes' form's gradient needs c = (sigma + eps)/sigma",
+    ),
+    M(
+        "rmsprop_squared_average_1pct",
+        "jstep/adaptive.py",
+        "(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma)",
+        "(state.nu, jax.tree.map(lambda g: 1.01 * _core.squared_magnitude(g), updates), gamma)",
+        ("tests/test_adaptive.py", "-k", "matches_reference and rmsprop-float32"),
+    ),
+    M(
+        "rmsprop_centered_dropped",
+        "jstep/adaptive.py",
+        "            return jnp.maximum(G - _core.squared_magnitude(M), 0)",
+        "            return G",
+        ("tests/test_optax_contract.py", "-k", "rmsprop"),
+        why="centered: the root of G - M^2",
+    ),
+    M(
+        "rmsprop_bias_correction_dropped",
+        "jstep/adaptive.py",
+        "correction = _core.bias_correction(gamma, count) if bias_correction else None",
+        "correction = None",
+        ("tests/test_optax_contract.py", "-k", "bias_correction"),
+    ),
+    M(
+        "adagrad_sum_1pct",
+        "jstep/adaptive.py",
+        "G_new = G.astype(_core.compute_dtype(G.dtype)) + _core.squared_magnitude(g)",
+        "G_new = G.astype(_core.compute_dtype(G.dtype)) + 1.01 * _core.squared_magnitude(g)",
+        ("tests/test_adaptive.py", "-k", "matches_reference and adagrad-float32"),
+    ),
+    M(
+        "adadelta_numerator_eps_1pct",
+        "jstep/adaptive.py",
+        "* jnp.sqrt(Ex + eps)",
+        "* jnp.sqrt(Ex + 1.01 * eps)",
+        ("tests/test_adaptive.py", "-k", "matches_reference and adadelta-float32"),
+    ),
+    M(
+        "adam_eps_root_dropped",
+        "jstep/_core.py",
+        "denominator = jnp.sqrt(second_moment.astype(dtype) + eps_root) + eps",
+        "denominator = jnp.sqrt(second_moment.astype(dtype)) + eps",
+        ("tests/test_adam.py", "-k", "optax_parity"),
+    ),
+    M(
+        "adamw_weight_decay_1pct",
+        "jstep/adam.py",
+        "with_decay = d.astype(dtype) + weight_decay * w.astype(dtype)",
+        "with_decay = d.astype(dtype) + 1.01 * weight_decay * w.astype(dtype)",
+        ("tests/test_optax_contract.py", "-k", "adamw_equals"),
+    ),
+    M(
+        "adam_nu_dtype_ignored",
+        "jstep/adam.py",
+        "_core.zeros_like_tree(params, nu_dtype, real=True, squares=True),",
+        "_core.zeros_like_tree(params, None, real=True, squares=True),",
+        ("tests/test_precision.py", "-k", "adam"),
+        why="README: the state is stored in the dtype asked for, with exactly its bytes",
+    ),
+    M(
+        "main_job_bfloat16_without_stochastic_rounding",
+        "jstep/cli.py",
+        'stochastic = args.rounding == "stochastic"',
+        "stochastic = False",
+        ("tests/test_cli.py", "-k", "ends_at_float32s_loss"),
+        why="README: 0.0005 with stochastic rounding, 0.0094 with round-to-nearest",
+    ),
+    M(
+        "learning_rate_1pct",
+        "jstep/_core.py",
+        "return jax.tree.map(lambda d: (-eta * d).astype(d.dtype), directions), new_state",
+        "return jax.tree.map(lambda d: (-1.01 * eta * d).astype(d.dtype), directions), new_state",
+        ("tests/test_momentum.py", "-k", "matches_reference and sgd-float32"),
+    ),
+    M(
+        "cumulative_average_gamma_off",
+        "jstep/averages.py",
+        "running_average(lambda t: (t - 1) / t,",
+        "running_average(lambda t: (t - 1.01) / t,",
+        ("tests/test_averages.py", "-k", "cumulative"),
+    ),
+    M(
+        "moving_average_debias_dropped",
+        "jstep/averages.py",
+        "    if not debias:\n        return biased",
+        "    if True:\n        return biased",
+        ("tests/test_averages.py",),
+    ),
+    M(
+        "adam_nesterov_look_ahead_dropped",
+        "jstep/adam.py",
+        "m_hat = b1 * m / look_ahead.astype(real) + (1 - b1) * g.astype(dtype) / correction1.astype(real)",
+        "m_hat = m / correction1.astype(real)",
+        ("tests/test_adam.py", "-k", "nesterov"),
+    ),
+    M(
+        "eps_in_sqrt_ignored_by_the_adaptive_rules",
+        "jstep/adaptive.py",
+        'return {"eps": 0.0, "eps_root": eps} if eps_in_sqrt else {"eps": eps, "eps_root": 0.0}',
+        'return {"eps": eps, "eps_root": 0.0}',
+        ("tests/test_adaptive.py", "-k", "optax_parity"),
+    ),
+    M(
+        "adamw_mask_ignored",
+        "jstep/adam.py",
+        "    if mask is None:\n        return jax.tree.map(lambda _: True, params)",
+        "    if True:\n        return jax.tree.map(lambda _: True, params)",
+        ("tests/test_optax_contract.py", "-k", "adamw_equals_optax"),
+    ),
+    M(
+        "rounding_seed_ignored",
+        "jstep/precision.py",
+        "    if rounding_seed is None:\n        return (None,) * streams",
+        "    if True:\n        return (None,) * streams",
+        ("tests/test_precision.py", "-k", "resumed or neighbour_of_the_float32"),
+        why="README: rounding_seed stores narrow state by stochastic rounding",
+    ),
+    M(
+        "momentum_accumulator_dtype_ignored",
+        "jstep/momentum.py",
+        "return MomentumState(_core.new_count(), _core.zeros_like_tree(params, accumulator_dtype))",
+        "return MomentumState(_core.new_count(), _core.zeros_like_tree(params))",
+        ("tests/test_precision.py", "-k", "momentum"),
+        why="README: accumulator_dtype= stores the state in that dtype",
+    ),
+]
+
+
+def run_tests(copy: pathlib.Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    """(pytest's exit code, its output's tail), run in `copy` so that it imports the copy's jstep."""
+    env = dict(os.environ, PYTHONPATH=str(copy), JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    try:
+        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    return done.returncode, (done.stdout + done.stderr)[-2000:]
+
+
+def fresh_copy(into: pathlib.Path) -> pathlib.Path:
+    copy = into / "repo"
+    if copy.exists():
+        shutil.rmtree(copy)
+    copy.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "_build", "*.egg-info")
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=ignore)
+        else:
+            shutil.copy2(source, copy / name)
+    return copy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only the mutants whose name contains one of these")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (default 900)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:52s} {m.path:24s} {' '.join(m.tests)}")
+        return 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jstep-mutants-") as tmp:
+        tmp_path = pathlib.Path(tmp)
+        if not args.no_baseline:
+            copy = fresh_copy(tmp_path)
+            for tests in dict.fromkeys(m.tests for m in chosen):
+                code, tail = run_tests(copy, tests, args.timeout)
+                if code != 0:
+                    print(f"baseline FAILS for {' '.join(tests)}:\n{tail}")
+                    return 2
+            print(f"baseline: {len({m.tests for m in chosen})} test selections pass unmutated", flush=True)
+        for m in chosen:
+            copy = fresh_copy(tmp_path)
+            target = copy / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                results.append((m, "stale", 0.0))
+                print(f"{'stale':9s} {m.name} ({m.path}: the text is there {text.count(m.old)} times)", flush=True)
+                continue
+            target.write_text(text.replace(m.old, m.new))
+            start = time.perf_counter()
+            code, tail = run_tests(copy, m.tests, args.timeout)
+            seconds = time.perf_counter() - start
+            outcome = "killed" if code == 1 else "survived" if code == 0 else f"error {code}"
+            results.append((m, outcome, seconds))
+            caught_by = next((line for line in tail.splitlines() if line.startswith(("FAILED ", "ERROR "))), "")
+            print(f"{outcome:9s} {m.name} ({seconds:.0f} s) {caught_by}", flush=True)
+            if outcome.startswith("error"):
+                print(tail)
+
+    applicable = [r for r in results if r[1] != "stale"]
+    killed = [r for r in applicable if r[1] == "killed"]
+    print(f"\nscore: {len(killed)} of {len(applicable)} mutants killed ({len(results) - len(applicable)} stale)")
+    missed = [r[0].name for r in applicable if r[1] != "killed" and r[0].claim]
+    if missed:
+        print("NOT KILLED, though a README claim rules them out: " + ", ".join(missed))
+    others = [r[0].name for r in applicable if r[1] != "killed" and not r[0].claim]
+    if others:
+        print("survived (no README claim): " + ", ".join(others))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
