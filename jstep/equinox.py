@@ -206,7 +206,7 @@ class BatchNorm(eqx.nn.BatchNorm):
                 layer, x, self.weight, self.bias, mean, var, training=True, evaluation="inference=True"
             )
         else:
-            y, mean, var = self._ghost(x, mean, var)
+            y, mean, var = self._ghost(x, mean, var, self.virtual_batch_size)
         state = state.set(self.batch_counter, count + 1)
         return y, state.set(self.batch_state_index, (mean, var))
 
@@ -224,7 +224,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
         return y, state.set(self.ema_state_index, (mean, var))
 
-    def _ghost(self, x, mean, var):
+    def _ghost(self, x, mean, var, size: int):
         """``mode="batch"`` training with virtual batches: (y, new hidden mean, new hidden var).
 
         Example n of the N along `axis_name` belongs to group g(n) = n // V. The example is
@@ -239,7 +239,6 @@ class BatchNorm(eqx.nn.BatchNorm):
         h <- momentum h + (1 - momentum) mean_g (mu_g, sigma_g^2).
         It costs N/V times the work of the example (each example carries every group's row).
         """
-        size = self.virtual_batch_size
         count = jax.lax.axis_size(self.axis_name)
         if count % size:
             raise ValueError(
