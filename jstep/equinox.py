@@ -80,6 +80,12 @@ class BatchNorm(eqx.nn.BatchNorm):
         under ``jax_enable_x64``, by default).
       mode: ``"batch"``, ``"ema"`` or ``"legacy"`` (see above).
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - m) / (sqrt(v) + eps)``.
+      virtual_batch_size: jstep's own option (ghost batch norm), ``mode="batch"`` only: None, or
+        V, a positive int dividing the N examples mapped along `axis_name`. Example n
+        (``jax.lax.axis_index(axis_name)``) is in group n // V, and each group of V consecutive
+        examples is normalized with its own mu and sigma^2 (and its own hand-derived gradient);
+        the hidden statistics take the mean of the groups' (mu, sigma^2) once per call. Inference
+        is unchanged. It costs N/V times the work of a plain call (see `_ghost`).
 
     Every setting is checked when the layer is built (a TypeError or ValueError naming it).
 
@@ -111,6 +117,15 @@ class BatchNorm(eqx.nn.BatchNorm):
       >>> _, state = train(2 * x, state)  # batch mean [6, 60], variance [14, 1400]
       >>> print(*state.get(bn.ema_state_index))
       [ 4.5 45. ] [  8.75 875.  ]
+
+      With ``virtual_batch_size=2`` (``mode="batch"``) examples 0, 1 and examples 2, 3 are two
+      batches, with means [1.5, 15] and [4.5, 45]; the hidden mean moves half way to their mean:
+
+      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, "batch", momentum=0.5, mode="batch", virtual_batch_size=2)
+      >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> y, state = train(x, state)
+      >>> print(y[:, 0].round(3), state.get(bn.batch_state_index)[0])
+      [-1.  1. -1.  1.] [ 1.5 15. ]
     """
 
     eps_in_sqrt: bool = eqx.field(static=True)
