@@ -85,7 +85,8 @@ class BatchNorm(eqx.nn.BatchNorm):
         (``jax.lax.axis_index(axis_name)``) is in group n // V, and each group of V consecutive
         examples is normalized with its own mu and sigma^2 (and its own hand-derived gradient);
         the hidden statistics take the mean of the groups' (mu, sigma^2) once per call. Inference
-        is unchanged. It costs N/V times the work of a plain call (see `_ghost`).
+        is unchanged. Each example carries one row per group, so a call costs N/V times the work
+        of a plain one.
 
     Every setting is checked when the layer is built (a TypeError or ValueError naming it).
 
