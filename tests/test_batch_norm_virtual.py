@@ -439,3 +439,22 @@ def test_equinox_bad_virtual_batch_sizes_and_modes_are_refused():
     ):
         eqx_train(layer, state)(x, state)
     assert layer.virtual_batch_size == 4 and make(3, "batch", mode="batch")[0].virtual_batch_size is None
+
+
+def test_equinox_virtual_batches_of_bfloat16_examples_without_affine_take_float32_statistics():
+    eqx = pytest.importorskip("equinox")
+    import jstep.equinox
+
+    with jax.enable_x64(True):
+        x, _, _ = inputs((8, 3, 4), 1, seed=26)
+        x = jnp.asarray(x, jnp.bfloat16)
+        layer, state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(
+            3, "batch", eps=EPS, mode="batch", channelwise_affine=False, dtype=jnp.float32, virtual_batch_size=4
+        )
+        y, new_state = eqx_train(layer, state)(x, state)
+        want_y, means, _ = ghost_reference(np.asarray(x, np.float64), np.ones(3), np.zeros(3), 1, 4, True)
+        assert y.dtype == jnp.float32  # Equinox's promotion with the float32 statistics
+        assert max_rel(y, want_y) < 1e-6
+        hidden_mean = new_state.get(layer.batch_state_index)[0]
+        assert hidden_mean.dtype == jnp.float32
+        np.testing.assert_allclose(hidden_mean, 0.01 * np.mean(means, axis=0), rtol=1e-6)
