@@ -255,7 +255,8 @@ class BatchNorm(eqx.nn.BatchNorm):
         h <- momentum h + (1 - momentum) mean_g (mu_g, sigma_g^2).
         It costs N/V times the work of the example (each example carries every group's row).
         """
-        count = jax.lax.axis_size(self.axis_name)
+        names = tuple(self.axis_name) if isinstance(self.axis_name, list) else self.axis_name
+        count = jax.lax.axis_size(names)
         if count % size:
             raise ValueError(
                 f"virtual_batch_size={size} does not divide the {count} examples mapped along "
@@ -263,7 +264,7 @@ class BatchNorm(eqx.nn.BatchNorm):
                 f"size; use a size that divides {count}"
             )
         groups = count // size
-        group = jax.lax.axis_index(self.axis_name) // size
+        group = jax.lax.axis_index(names) // size
         rows = jnp.broadcast_to(x, (groups, *x.shape))
         mask = jnp.reshape(jnp.arange(groups) == group, (groups,) + (1,) * x.ndim)
         layer = _layers.core_layer(

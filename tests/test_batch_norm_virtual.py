@@ -402,21 +402,23 @@ def test_equinox_layer_with_virtual_batches_is_equinox_batch_norm_vmapped_over_t
         )
 
 
-def test_equinox_layer_groups_run_along_several_axis_names_in_their_order():
-    """With axis_name a tuple (nested vmaps: 2 x 4 examples), example n is the index JAX's
-    axis_index gives the tuple (major first): the same as one vmap over the 8 examples."""
+@pytest.mark.parametrize("names", [("outer", "batch"), ["outer", "batch"]], ids=["tuple", "list"])
+def test_equinox_layer_groups_run_along_several_axis_names_in_their_order(names):
+    """With several axis names (nested vmaps: 4 x 2 examples), example n is the index JAX's
+    axis_index gives the names (major first), and a group of 4 spans two outer entries: the same
+    as one vmap over the 8 examples."""
     with jax.enable_x64(True):
         x, weight, bias = inputs((8, 3, 2), 1, seed=25)
-        layer, state = eqx_ghost_layer(2)
+        layer, state = eqx_ghost_layer(4)
         layer = with_weights(layer, weight, bias)
-        two = pytest.importorskip("equinox").tree_at(lambda m: m.axis_name, layer, ("outer", "batch"))
-        inner = eqx_train(two, state)
+        nested = pytest.importorskip("equinox").tree_at(lambda m: m.axis_name, layer, names)
+        inner = eqx_train(nested, state)
         y, new_state = jax.vmap(inner, axis_name="outer", in_axes=(0, None), out_axes=(0, None))(
-            x.reshape(2, 4, 3, 2), state
+            x.reshape(4, 2, 3, 2), state
         )
-        want_y, means, variances = ghost_reference(x, weight, bias, 1, 2, True)
+        want_y, means, variances = ghost_reference(x, weight, bias, 1, 4, True)
         assert max_rel(y.reshape(x.shape), want_y) < 1e-13
-        hidden_mean, hidden_var = new_state.get(two.batch_state_index)
+        hidden_mean, hidden_var = new_state.get(nested.batch_state_index)
         np.testing.assert_allclose(hidden_mean, 0.25 * np.mean(means, axis=0), rtol=1e-13)
         np.testing.assert_allclose(hidden_var, 0.75 + 0.25 * np.mean(variances, axis=0), rtol=1e-13)
 
