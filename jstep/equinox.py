@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jstep import _core, _layers
+from jstep.normalization.virtual import _check_virtual_batch_size
 
 try:
     import equinox as eqx
@@ -79,6 +80,13 @@ class BatchNorm(eqx.nn.BatchNorm):
         under ``jax_enable_x64``, by default).
       mode: ``"batch"``, ``"ema"`` or ``"legacy"`` (see above).
       eps_in_sqrt: jstep's own option; False gives the notes' ``(Z - m) / (sqrt(v) + eps)``.
+      virtual_batch_size: jstep's own option (ghost batch norm), ``mode="batch"`` only: None, or
+        V, a positive int dividing the N examples mapped along `axis_name`. Example n
+        (``jax.lax.axis_index(axis_name)``) is in group n // V, and each group of V consecutive
+        examples is normalized with its own mu and sigma^2 (and its own hand-derived gradient);
+        the hidden statistics take the mean of the groups' (mu, sigma^2) once per call. Inference
+        is unchanged. Each example carries one row per group, so a call costs N/V times the work
+        of a plain one.
 
     Every setting is checked when the layer is built (a TypeError or ValueError naming it).
 
@@ -110,9 +118,19 @@ class BatchNorm(eqx.nn.BatchNorm):
       >>> _, state = train(2 * x, state)  # batch mean [6, 60], variance [14, 1400]
       >>> print(*state.get(bn.ema_state_index))
       [ 4.5 45. ] [  8.75 875.  ]
+
+      With ``virtual_batch_size=2`` (``mode="batch"``) examples 0, 1 and examples 2, 3 are two
+      batches, with means [1.5, 15] and [4.5, 45]; the hidden mean moves half way to their mean:
+
+      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, "batch", momentum=0.5, mode="batch", virtual_batch_size=2)
+      >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> y, state = train(x, state)
+      >>> print(y[:, 0].round(3), state.get(bn.batch_state_index)[0])
+      [-1.  1. -1.  1.] [ 1.5 15. ]
     """
 
     eps_in_sqrt: bool = eqx.field(static=True)
+    virtual_batch_size: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -126,6 +144,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         mode: str = "legacy",
         *,
         eps_in_sqrt: bool = True,
+        virtual_batch_size: int | None = None,
     ):
         if not isinstance(mode, str):
             raise TypeError(f"mode must be one of the strings {MODES} (as in Equinox), got {_core._shown(mode)}")
@@ -142,9 +161,17 @@ class BatchNorm(eqx.nn.BatchNorm):
         )
         eps_in_sqrt = settings.pop("eps_in_sqrt")
         axis_name = _layers.check_axis_name("axis_name", axis_name, required=True)
+        virtual_batch_size = _check_virtual_batch_size(virtual_batch_size)
+        if virtual_batch_size is not None and mode != "batch":
+            raise ValueError(
+                f"virtual_batch_size={virtual_batch_size} needs mode='batch', got mode={mode!r}: in "
+                "mode='ema' each example is normalized with the running statistics after the batch's "
+                "are averaged in, and ghost batch norm there is not supported"
+            )
         # Equinox's own constructor builds the fields and the state indices of the mode.
         super().__init__(axis_name=axis_name, mode="ema" if mode == "legacy" else mode, **settings)  # type: ignore[arg-type]
         self.eps_in_sqrt = eps_in_sqrt
+        self.virtual_batch_size = virtual_batch_size
         self._core()  # checks the settings together now
         if mode == "legacy":  # the caller, above Equinox's two constructor frames
             warnings.warn(_LEGACY, stacklevel=4)
@@ -190,9 +217,12 @@ class BatchNorm(eqx.nn.BatchNorm):
             debias = jnp.where(count == 0, 1, 1 - self.momentum**count).astype(mean.dtype)
             y, _, _ = _layers.normalize(layer, x, self.weight, self.bias, mean / debias, var / debias, training=False)
             return y, state
-        y, mean, var = _layers.normalize(
-            layer, x, self.weight, self.bias, mean, var, training=True, evaluation="inference=True"
-        )
+        if self.virtual_batch_size is None:
+            y, mean, var = _layers.normalize(
+                layer, x, self.weight, self.bias, mean, var, training=True, evaluation="inference=True"
+            )
+        else:
+            y, mean, var = self._ghost(x, mean, var, self.virtual_batch_size)
         state = state.set(self.batch_counter, count + 1)
         return y, state.set(self.batch_state_index, (mean, var))
 
@@ -209,6 +239,58 @@ class BatchNorm(eqx.nn.BatchNorm):
         # False typed as the stored flag (under shard_map a new constant's type would differ from it)
         state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
         return y, state.set(self.ema_state_index, (mean, var))
+
+    def _ghost(self, x, mean, var, size: int):
+        """``mode="batch"`` training with virtual batches: (y, new hidden mean, new hidden var).
+
+        Example n of the N along `axis_name` belongs to group g(n) = n // V. The example is
+        broadcast to X of shape (N/V, input_size, ...), one row per group, with the mask
+        m_g = [g == g(n)] (its own group's row only), and `jstep.batch_norm` normalizes X with
+        (group, channel) as the features: row g's statistics are then the masked-in values, the
+        V examples of group g, exactly that group's mu and sigma^2, and the core's hand-derived
+        backward and forward mode hold per group (a masked-out value moves no statistic). The
+        example keeps its own row, Zhat = X[g(n)]; the other rows' outputs are dropped, so their
+        cotangents are zero. G and B are broadcast along the rows (their gradients sum over the
+        groups), and the hidden statistics average the rows' updates, that is
+        h <- momentum h + (1 - momentum) mean_g (mu_g, sigma_g^2).
+        It costs N/V times the work of the example (each example carries every group's row).
+        """
+        names = tuple(self.axis_name) if isinstance(self.axis_name, list) else self.axis_name
+        count = jax.lax.axis_size(names)
+        if count % size:
+            raise ValueError(
+                f"virtual_batch_size={size} does not divide the {count} examples mapped along "
+                f"axis_name={self.axis_name!r}: the virtual batches are consecutive groups of equal "
+                f"size; use a size that divides {count}"
+            )
+        groups = count // size
+        group = jax.lax.axis_index(names) // size
+        rows = jnp.broadcast_to(x, (groups, *x.shape))
+        mask = jnp.reshape(jnp.arange(groups) == group, (groups,) + (1,) * x.ndim)
+        layer = _layers.core_layer(
+            momentum=self.momentum,
+            epsilon=self.eps,
+            eps_in_sqrt=self.eps_in_sqrt,
+            feature_axis=(0, 1),
+            axis_name=self.axis_name,
+            axis_index_groups=None,
+        )
+
+        def per_group(value):
+            return None if value is None else jnp.broadcast_to(value, (groups, *jnp.shape(value)))
+
+        y, means, variances = _layers.normalize(
+            layer,
+            rows,
+            per_group(self.weight),
+            per_group(self.bias),
+            per_group(mean),
+            per_group(var),
+            training=True,
+            mask=mask,
+            evaluation="inference=True",
+        )
+        return y[group], jnp.mean(means, axis=0), jnp.mean(variances, axis=0)
 
 
 class BatchRenorm(eqx.nn.StatefulLayer):

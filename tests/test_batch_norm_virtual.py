@@ -277,3 +277,186 @@ def test_nnx_layer_with_virtual_batches_is_flax_batch_norm_vmapped_over_the_grou
         np.testing.assert_allclose(layer.var[...], variances.mean(axis=0), rtol=1e-6)
         with pytest.raises(ValueError, match="virtual_batch_size=5 does not divide"):
             jstep.nnx.BatchNorm(4, virtual_batch_size=5, rngs=nnx.Rngs(0))(x)
+
+
+# ------------------------------------------------ Equinox: the groups taken across the vmap axis
+
+
+def eqx_train(layer, state, axis_name="batch"):
+    """The layer's training call over a batch of examples, vmapped along `axis_name`."""
+    return jax.vmap(layer, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))
+
+
+def eqx_ghost_layer(size, eps_in_sqrt=True, input_size=3):
+    eqx = pytest.importorskip("equinox")
+    import jstep.equinox
+
+    make = eqx.nn.make_with_state(jstep.equinox.BatchNorm)
+    return make(
+        input_size,
+        "batch",
+        eps=EPS,
+        momentum=0.75,
+        mode="batch",
+        dtype=jnp.float64,
+        eps_in_sqrt=eps_in_sqrt,
+        virtual_batch_size=size,
+    )
+
+
+def with_weights(layer, weight, bias):
+    eqx = pytest.importorskip("equinox")
+    return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (jnp.asarray(weight), jnp.asarray(bias)))
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["sqrt(var+eps)", "sigma+eps"])
+def test_equinox_layer_normalizes_each_group_of_consecutive_examples_along_the_vmap_axis(eps_in_sqrt):
+    """Values, the hidden statistics, gradients (x, weight, bias) and tangents of 12 examples of
+    shape (3, 2) in groups of 4, against the float64 plain-jnp reference per group and against
+    jstep.batch_norm(..., virtual_batch_size=4) on the stacked batch."""
+    with jax.enable_x64(True):
+        x, weight, bias = inputs((12, 3, 2), 1, seed=20)
+        layer, state = eqx_ghost_layer(4, eps_in_sqrt)
+        layer = with_weights(layer, weight, bias)
+        y, new_state = eqx_train(layer, state)(x, state)
+        want_y, means, variances = ghost_reference(x, weight, bias, 1, 4, eps_in_sqrt)
+        assert max_rel(y, want_y) < 1e-13
+        stacked = jstep.batch_norm(
+            x, weight, bias, feature_axis=1, eps=EPS, eps_in_sqrt=eps_in_sqrt, virtual_batch_size=4
+        )
+        assert max_rel(y, stacked) < 1e-13
+        # h <- 0.75 h + 0.25 (the groups' mean), from h = (0, 1); the step count grows by one.
+        hidden_mean, hidden_var = new_state.get(layer.batch_state_index)
+        np.testing.assert_allclose(hidden_mean, 0.25 * np.mean(means, axis=0), rtol=1e-13)
+        np.testing.assert_allclose(hidden_var, 0.75 + 0.25 * np.mean(variances, axis=0), rtol=1e-13)
+        assert int(new_state.get(layer.batch_counter)) == 1
+
+        w = np.random.default_rng(21).normal(size=x.shape)
+
+        def loss(x, weight, bias):
+            model = with_weights(layer, weight, bias)
+            return jnp.sum(eqx_train(model, state)(x, state)[0] * w)
+
+        def reference_loss(x, weight, bias):
+            return jnp.sum(ghost_reference(x, weight, bias, 1, 4, eps_in_sqrt)[0] * w)
+
+        got = jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
+        want = jax.grad(reference_loss, argnums=(0, 1, 2))(x, weight, bias)
+        for g, v in zip(got, want, strict=True):
+            assert max_rel(g, v) < 1e-12
+
+        def forward(x, weight, bias):
+            return eqx_train(with_weights(layer, weight, bias), state)(x, state)[0]
+
+        rng = np.random.default_rng(22)
+        tangents = (rng.normal(size=x.shape), rng.normal(size=3), rng.normal(size=3))
+        _, got_tangent = jax.jvp(forward, (x, weight, bias), tangents)
+        _, want_tangent = jax.jvp(lambda *a: ghost_reference(*a, 1, 4, eps_in_sqrt)[0], (x, weight, bias), tangents)
+        assert max_rel(got_tangent, want_tangent) < 1e-12
+
+
+def test_equinox_layer_with_virtual_batches_is_equinox_batch_norm_vmapped_over_the_groups():
+    """Against Equinox's own eqx.nn.BatchNorm(mode="batch"), vmapped (with the axis name) over
+    each group of 3 examples: values, the mean of the groups' hidden statistics, gradients."""
+    eqx = pytest.importorskip("equinox")
+    import jstep.equinox
+
+    with jax.enable_x64(True):
+        x, weight, bias = inputs((6, 3, 4), 1, seed=23)
+        layer, state = eqx_ghost_layer(3)
+        layer = with_weights(layer, weight, bias)
+        theirs, their_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+            3, "batch", eps=EPS, momentum=0.75, mode="batch", dtype=jnp.float64
+        )
+
+        def per_group(x, weight, bias):
+            model = with_weights(theirs, weight, bias)
+            groups = x.reshape(2, 3, *x.shape[1:])
+            y, states = jax.vmap(eqx_train(model, their_state), in_axes=(0, None), out_axes=(0, 0))(groups, their_state)
+            return y.reshape(x.shape), states.get(model.batch_state_index)
+
+        y, new_state = eqx_train(layer, state)(x, state)
+        want_y, (means, variances) = per_group(x, weight, bias)
+        assert max_rel(y, want_y) < 1e-12
+        hidden_mean, hidden_var = new_state.get(layer.batch_state_index)
+        np.testing.assert_allclose(hidden_mean, np.mean(means, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(hidden_var, np.mean(variances, axis=0), rtol=1e-12)
+
+        w = np.random.default_rng(24).normal(size=x.shape)
+
+        def loss(x, weight, bias):
+            return jnp.sum(eqx_train(with_weights(layer, weight, bias), state)(x, state)[0] * w)
+
+        got = jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
+        want = jax.grad(lambda *a: jnp.sum(per_group(*a)[0] * w), argnums=(0, 1, 2))(x, weight, bias)
+        for g, v in zip(got, want, strict=True):
+            assert max_rel(g, v) < 1e-11
+        # Inference uses the hidden statistics: the same with or without virtual batches.
+        plain, _ = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(
+            3, "batch", eps=EPS, momentum=0.75, mode="batch", dtype=jnp.float64
+        )
+        infer = eqx.nn.inference_mode
+        np.testing.assert_array_equal(
+            eqx_train(infer(layer), new_state)(x, new_state)[0],
+            eqx_train(infer(with_weights(plain, weight, bias)), new_state)(x, new_state)[0],
+        )
+
+
+@pytest.mark.parametrize("names", [("outer", "batch"), ["outer", "batch"]], ids=["tuple", "list"])
+def test_equinox_layer_groups_run_along_several_axis_names_in_their_order(names):
+    """With several axis names (nested vmaps: 4 x 2 examples), example n is the index JAX's
+    axis_index gives the names (major first), and a group of 4 spans two outer entries: the same
+    as one vmap over the 8 examples."""
+    with jax.enable_x64(True):
+        x, weight, bias = inputs((8, 3, 2), 1, seed=25)
+        layer, state = eqx_ghost_layer(4)
+        layer = with_weights(layer, weight, bias)
+        nested = pytest.importorskip("equinox").tree_at(lambda m: m.axis_name, layer, names)
+        inner = eqx_train(nested, state)
+        y, new_state = jax.vmap(inner, axis_name="outer", in_axes=(0, None), out_axes=(0, None))(
+            x.reshape(4, 2, 3, 2), state
+        )
+        want_y, means, variances = ghost_reference(x, weight, bias, 1, 4, True)
+        assert max_rel(y.reshape(x.shape), want_y) < 1e-13
+        hidden_mean, hidden_var = new_state.get(nested.batch_state_index)
+        np.testing.assert_allclose(hidden_mean, 0.25 * np.mean(means, axis=0), rtol=1e-13)
+        np.testing.assert_allclose(hidden_var, 0.75 + 0.25 * np.mean(variances, axis=0), rtol=1e-13)
+
+
+def test_equinox_bad_virtual_batch_sizes_and_modes_are_refused():
+    eqx = pytest.importorskip("equinox")
+    import jstep.equinox
+
+    make = eqx.nn.make_with_state(jstep.equinox.BatchNorm)
+    for bad in (0, -2, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=f"virtual_batch_size={bad!r}: allowed is None .* positive int"):
+            make(3, "batch", mode="batch", virtual_batch_size=bad)
+    for mode in ("ema", "legacy"):
+        with pytest.raises(ValueError, match=f"virtual_batch_size=2 needs mode='batch', got mode='{mode}'"):
+            make(3, "batch", mode=mode, virtual_batch_size=2)
+    layer, state = make(3, "batch", mode="batch", virtual_batch_size=4)
+    x = jnp.ones((6, 3))
+    with pytest.raises(
+        ValueError, match=r"virtual_batch_size=4 does not divide the 6 examples mapped along axis_name='batch'"
+    ):
+        eqx_train(layer, state)(x, state)
+    assert layer.virtual_batch_size == 4 and make(3, "batch", mode="batch")[0].virtual_batch_size is None
+
+
+def test_equinox_virtual_batches_of_bfloat16_examples_without_affine_take_float32_statistics():
+    eqx = pytest.importorskip("equinox")
+    import jstep.equinox
+
+    with jax.enable_x64(True):
+        x, _, _ = inputs((8, 3, 4), 1, seed=26)
+        x = jnp.asarray(x, jnp.bfloat16)
+        layer, state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(
+            3, "batch", eps=EPS, mode="batch", channelwise_affine=False, dtype=jnp.float32, virtual_batch_size=4
+        )
+        y, new_state = eqx_train(layer, state)(x, state)
+        want_y, means, _ = ghost_reference(np.asarray(x, np.float64), np.ones(3), np.zeros(3), 1, 4, True)
+        assert y.dtype == jnp.float32  # Equinox's promotion with the float32 statistics
+        assert max_rel(y, want_y) < 1e-6
+        hidden_mean = new_state.get(layer.batch_state_index)[0]
+        assert hidden_mean.dtype == jnp.float32
+        np.testing.assert_allclose(hidden_mean, 0.01 * np.mean(means, axis=0), rtol=1e-6)
