@@ -22,6 +22,10 @@ Where the two can still differ:
   adagrad's sum of squares, adadelta's e_g and e_x) are float32, where Optax's float16 state
   loses Adam's squared gradients below about 8e-3 and then steps up to 25x the learning rate
   (jstep's float16 rule; a checkpoint still restores either way);
+- with a state dtype narrower than the params (``mu_dtype``, ``accumulator_dtype``), Optax forms
+  decay * state in that dtype, jstep in float32, rounding once when it stores: from the same
+  state the updates agree to the state dtype's precision (bfloat16: within 2^-9 of a step),
+  and over many steps the two trajectories drift apart by such roundings;
 - for complex params Optax keeps the (real) second moments in complex arrays, jstep in real
   ones: the tree is the same, and a checkpoint restores either way with the same numbers;
 - hyperparameters out of range (a decay of 1.5, a negative learning rate) and
@@ -37,7 +41,9 @@ from typing import Any
 
 import jax
 import optax
-from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState  # not exported by optax
+
+# Optax's own state classes for rmsprop(bias_correction=True): not exported, present in optax 0.2.5 to 0.2.8.
+from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState
 
 from jstep import _core
 from jstep.adam import ScaleByAdamState, scale_by_adam
