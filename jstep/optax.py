@@ -182,6 +182,20 @@ def adam(
 
     State: ``(optax.ScaleByAdamState(count, mu, nu), optax.EmptyState())`` (with a schedule
     the second is ``optax.ScaleByScheduleState(count)``).
+
+    Example:
+      The first step is -eta g / (|g| + eps), about -eta sign(g) (m_hat = g, v_hat = g^2, up to
+      1 - b2's float32 rounding), and bit for bit Optax's:
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import jstep.optax
+      >>> g = jnp.array([0.5, -2.0])
+      >>> ours, theirs = jstep.optax.adam(0.1), optax.adam(0.1)
+      >>> u, state = ours.update(g, ours.init(jnp.zeros(2)))
+      >>> u_optax, _ = theirs.update(g, theirs.init(jnp.zeros(2)))
+      >>> print(u.round(5), bool(jnp.all(u == u_optax)), type(state[0]).__name__)
+      [-0.1  0.1] True ScaleByAdamState
     """
     _check_learning_rate(learning_rate)
     return optax.chain(
