@@ -194,8 +194,8 @@ def adam(
       >>> ours, theirs = jstep.optax.adam(0.1), optax.adam(0.1)
       >>> u, state = ours.update(g, ours.init(jnp.zeros(2)))
       >>> u_optax, _ = theirs.update(g, theirs.init(jnp.zeros(2)))
-      >>> print(u.round(5), bool(jnp.all(u == u_optax)), type(state[0]).__name__)
-      [-0.1  0.1] True ScaleByAdamState
+      >>> print([round(float(v), 4) for v in u], bool(jnp.all(u == u_optax)), type(state[0]).__name__)
+      [-0.1, 0.1] True ScaleByAdamState
     """
     _check_learning_rate(learning_rate)
     return optax.chain(
