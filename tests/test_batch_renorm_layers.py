@@ -208,6 +208,11 @@ def test_evaluation_uses_the_running_statistics_and_leaves_them():
         ({"epsilon": -1.0}, ValueError, "eps"),
         ({"r_max": 0.5}, ValueError, "r_max"),
         ({"d_max": -1}, ValueError, "d_max"),
+        ({"r_max": "3"}, TypeError, r"r_max must be .*number.*, got str '3'"),
+        ({"d_max": None}, TypeError, r"d_max must be .*number.*, got NoneType None"),
+        ({"r_max": [3.0]}, TypeError, r"r_max must be .*number.*, got list \[3.0\]"),
+        ({"warmup_steps": "3"}, TypeError, r"warmup_steps must be .*integer.*, got str '3'"),
+        ({"warmup_steps": None}, TypeError, r"warmup_steps must be .*integer.*, got NoneType None"),
     ],
 )
 def test_bad_settings_are_refused_when_built(fields, error, words):
