@@ -218,7 +218,8 @@ def batch_renorm(
 ) -> jax.Array:
     """Batch renormalization's training pass: Zhat = G (r (Z - mu_B) + d sigma_B) / t + B.
 
-    With the batch's mu_B, sigma_B^2 and the running `mean`, `var` (see the module docstring)::
+    With the batch's mu_B, sigma_B^2 and the running `mean`, `var` (see the docstring of
+    `jstep.normalization.renorm`)::
 
         r = clip(sqrt(sigma_B^2 + eps) / sqrt(var + eps), 1/r_max, r_max)
         d = clip((mu_B - mean) / sqrt(var + eps), -d_max, d_max)
