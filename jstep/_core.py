@@ -120,11 +120,26 @@ def check_state_dtype(name: str, dtype: Any) -> None:
         raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {resolved}")
 
 
-def check_flag(name: str, value: Any) -> None:
-    """A switch (nesterov, centered, debias, ...) is True or False: a string from a config
-    file ("false" is truthy) or None is a TypeError, not silently read as its truth value."""
+def check_static_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> float:
+    """A setting fixed when a function is traced or a layer built (eps, a layer's r_max): a
+    Python or NumPy real number in [low, high), as a float. A bool, a string, None, a list or
+    an array (whose value is not known when traced) is a TypeError naming `name` and the value."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python or NumPy real number, got {_shown(value)}")
+    check_number(name, value, low=low, high=high)
+    return float(value)
+
+
+def check_flag(name: str, value: Any, *, optional: bool = False) -> bool | None:
+    """A switch (nesterov, centered, debias, use_bias, ...): True or False (a NumPy bool too), or
+    None where `optional`; as a bool or None. A string from a config file ("false" is truthy) is
+    a TypeError, not silently read as its truth value."""
+    if value is None and optional:
+        return None
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {_shown(value)}")
+        allowed = "True, False or None" if optional else "True or False"
+        raise TypeError(f"{name} must be {allowed}, got {_shown(value)}")
+    return bool(value)
 
 
 def check_floating_leaves(tree: Any) -> None:

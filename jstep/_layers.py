@@ -71,24 +71,6 @@ def check_size(name: str, value: Any) -> int:
     return size
 
 
-def check_flag(name: str, value: Any, *, optional: bool = False) -> bool | None:
-    """A switch: True or False (a NumPy bool too), or None where `optional`; as a bool or None."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, (bool, np.bool_)):
-        allowed = "True, False or None" if optional else "True or False"
-        raise TypeError(f"{name} must be {allowed}, got {_core._shown(value)}")
-    return bool(value)
-
-
-def check_static_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> float:
-    """A setting fixed when the layer is built (eps): a Python or NumPy real number in [low, high)."""
-    if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python or NumPy real number, got {_core._shown(value)}")
-    _core.check_number(name, value, low=low, high=high)
-    return float(value)
-
-
 def check_momentum(name: str, value: Any) -> Any:
     """The running statistics' gamma: a number in [0, 1) (`jstep._core.check_decay`)."""
     _core.check_decay(name, value)
@@ -179,19 +161,19 @@ _CHECKS: dict[str, Any] = {
     "num_features": check_size,
     "input_size": check_size,
     "momentum": check_momentum,
-    "epsilon": check_static_number,
-    "eps": check_static_number,
+    "epsilon": _core.check_static_number,
+    "eps": _core.check_static_number,
     "axis": check_axes,
     "dtype": functools.partial(check_dtype, optional=True),
     "param_dtype": check_dtype,
-    "use_running_average": functools.partial(check_flag, optional=True),
-    **dict.fromkeys([*_FLAGS, "eps_in_sqrt"], check_flag),
+    "use_running_average": functools.partial(_core.check_flag, optional=True),
+    **dict.fromkeys([*_FLAGS, "eps_in_sqrt"], _core.check_flag),
     **dict.fromkeys(["bias_init", "scale_init", "promote_dtype"], check_callable),
     **dict.fromkeys(["bias_metadata", "scale_metadata"], check_mapping),
     "axis_name": check_axis_name,
     "warmup_steps": check_count,
-    "r_max": functools.partial(check_static_number, low=1.0),
-    "d_max": check_static_number,
+    "r_max": functools.partial(_core.check_static_number, low=1.0),
+    "d_max": _core.check_static_number,
 }
 
 

@@ -375,6 +375,22 @@ def test_negative_eps_is_refused():
         jstep.batch_norm(jnp.ones((4, 3)), jnp.ones(3), jnp.zeros(3), eps=-1e-5)
 
 
+@pytest.mark.parametrize(
+    ("eps", "shown"),
+    [("1e-5", "str '1e-5'"), (None, "NoneType None"), (True, "bool True"), (jnp.array(1e-5), "ArrayImpl")],
+)
+def test_eps_that_is_not_a_number_is_refused_naming_it(eps, shown):
+    """eps is static (it is fixed when traced): an array is refused as a string or None is."""
+    x = jnp.ones((4, 3))
+    for call in (
+        lambda: jstep.batch_norm(x, jnp.ones(3), jnp.zeros(3), eps=eps),
+        lambda: jstep.batch_renorm(x, jnp.ones(3), jnp.zeros(3), jnp.zeros(3), jnp.ones(3), eps=eps),
+    ):
+        with pytest.raises(TypeError, match=rf"eps must be a Python or NumPy real number, got {shown}"):
+            call()
+    assert float(jstep.batch_norm(x, jnp.ones(3), jnp.zeros(3), eps=np.float32(0.5))[0, 0]) == 0.0
+
+
 def test_a_feature_with_no_value_is_refused():
     with pytest.raises(ValueError, match=r"shape \(0, 3\) gives K = 0 values per feature.*need K >= 1"):
         jstep.batch_norm(jnp.ones((0, 3)), jnp.ones(3), jnp.zeros(3))

@@ -373,9 +373,12 @@ def test_under_jit_vmap_scan_and_checkpoint():
     [
         ({"r_max": 0.5}, ValueError, r"r_max must be in \[1, inf\), got 0.5"),
         ({"d_max": -1.0}, ValueError, r"d_max must be in \[0, inf\), got -1.0"),
-        ({"r_max": True}, TypeError, "r_max must be a real number"),
-        ({"r_max": jnp.ones(3)}, TypeError, r"r_max must be a real number >= 1 .* shape \(3,\)"),
-        ({"d_max": jnp.array(1 + 1j)}, TypeError, "d_max must be a real number"),
+        ({"r_max": True}, TypeError, r"r_max must be a Python number or a scalar .*, got bool True"),
+        ({"r_max": "3"}, TypeError, r"r_max must be a Python number or a scalar .*, got str '3'"),
+        ({"d_max": None}, TypeError, r"d_max must be a Python number or a scalar .*, got NoneType None"),
+        ({"d_max": [5.0]}, TypeError, r"d_max must be a Python number or a scalar .*, got list \[5.0\]"),
+        ({"r_max": jnp.ones(3)}, TypeError, r"r_max must be a Python number or a scalar .*, got ArrayImpl"),
+        ({"d_max": jnp.array(1 + 1j)}, TypeError, r"d_max must be a Python number or a scalar .*, got ArrayImpl"),
         ({"eps": -1e-3}, ValueError, "eps"),
     ],
 )

@@ -48,7 +48,7 @@ def load_sbx_layers():
 
 sbx = load_sbx_layers()
 RNG = np.random.default_rng(0)
-BATCHES = [RNG.normal(2.0 + i, 1.0 + 0.5 * i, (8, 5)) for i in range(6)]  # drifting: r and d get clipped
+BATCHES = [RNG.normal(2.0 + i, 1.0 + 0.5 * i, (8, 5)) for i in range(6)]  # drifting: mean and spread grow
 WEIGHTS = RNG.normal(size=(8, 5))  # the loss is sum(sin(y) * w)
 
 
@@ -122,14 +122,26 @@ def test_init_output_is_batch_norm_as_sbxs():
 
 @pytest.mark.parametrize("warmup_steps", [0, 3])
 def test_training_over_the_warmup_matches_sbx_and_the_transcription_in_float64(warmup_steps):
-    """Six calls (warm-up of 3: batch norm, then renormalization with clipped r and d): outputs,
-    gradients of params and x, and every batch_stats leaf equal Stable-Baselines-JAX's."""
+    """Six calls (warm-up of 3: batch norm, then renormalization with r and d clipped at some
+    steps and features and not at others): outputs, gradients of params and x, and every
+    batch_stats leaf equal Stable-Baselines-JAX's and the float64 transcription's."""
+    r_max, d_max, eps = 1.5, 2.5, 1e-3
+    want = transcription(BATCHES, warmup_steps, 0.8, eps, r_max=r_max, d_max=d_max)
+    # The drift takes r and d past the bounds after the warm-up (else a missing clip would pass):
+    # the running statistics each call reads are the previous call's, from (0, 1).
+    read = [(np.zeros(5), np.ones(5))] + [(mean, var) for _, mean, var in want[:-1]]
+    warm = [(x, mean, var) for x, (mean, var) in zip(BATCHES, read, strict=True)][warmup_steps:]
+    r = np.array([np.sqrt(x.var(0) + eps) / np.sqrt(var + eps) for x, _, var in warm])
+    d = np.array([(x.mean(0) - mean) / np.sqrt(var + eps) for x, mean, var in warm])
+    assert np.any((r > r_max) | (r < 1 / r_max)) and np.any((r < r_max) & (r > 1 / r_max))
+    assert np.any(np.abs(d) > d_max) and np.any(np.abs(d) < d_max)
     with jax.enable_x64(True):
-        fields = {"use_running_average": False, "warmup_steps": warmup_steps, "momentum": 0.8}
-        ours_layer, theirs_layer = jstep.linen.BatchRenorm(**fields), sbx.BatchRenorm(**fields)
+        fields = {"use_running_average": False, "warmup_steps": warmup_steps, "momentum": 0.8, "epsilon": eps}
+        ours_layer = jstep.linen.BatchRenorm(**fields, r_max=r_max, d_max=d_max)
+        theirs_layer = sbx.BatchRenorm(**fields)  # reads its bounds from the variables given to it
         ours = theirs = float64_stats(ours_layer.init(jax.random.key(0), BATCHES[0]))
+        assert (ours["batch_stats"]["r_max"], ours["batch_stats"]["d_max"]) == (r_max, d_max)
         ours_step, theirs_step = linen_step(ours_layer), linen_step(theirs_layer)
-        want = transcription(BATCHES, warmup_steps, 0.8, 1e-3)
         for x, (y_ref, mean_ref, var_ref) in zip(BATCHES, want, strict=True):
             y, ours, grads = ours_step(ours, x, WEIGHTS)
             y_sbx, theirs, grads_sbx = theirs_step(theirs, x, WEIGHTS)
@@ -141,9 +153,6 @@ def test_training_over_the_warmup_matches_sbx_and_the_transcription_in_float64(w
             np.testing.assert_allclose(ours["batch_stats"]["var"], var_ref, rtol=1e-12)
             np.testing.assert_allclose(ours["batch_stats"]["mean"], mean_ref, rtol=1e-12)
         assert int(ours["batch_stats"]["steps"]) == len(BATCHES)
-        # the batches drift, so renormalization clipped some r and d: the test sees the clip
-        stats = ours["batch_stats"]
-        assert abs((BATCHES[-1].mean(0) - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"]))).max() > 0
 
 
 def test_float32_training_and_evaluation_match_sbx():
@@ -208,6 +217,11 @@ def test_evaluation_uses_the_running_statistics_and_leaves_them():
         ({"epsilon": -1.0}, ValueError, "eps"),
         ({"r_max": 0.5}, ValueError, "r_max"),
         ({"d_max": -1}, ValueError, "d_max"),
+        ({"r_max": "3"}, TypeError, r"r_max must be .*number.*, got str '3'"),
+        ({"d_max": None}, TypeError, r"d_max must be .*number.*, got NoneType None"),
+        ({"r_max": [3.0]}, TypeError, r"r_max must be .*number.*, got list \[3.0\]"),
+        ({"warmup_steps": "3"}, TypeError, r"warmup_steps must be .*integer.*, got str '3'"),
+        ({"warmup_steps": None}, TypeError, r"warmup_steps must be .*integer.*, got NoneType None"),
     ],
 )
 def test_bad_settings_are_refused_when_built(fields, error, words):

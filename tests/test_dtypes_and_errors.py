@@ -265,6 +265,7 @@ def test_every_public_factory_is_checked():
     not_factories = {
         "apply_updates",
         "batch_norm",
+        "batch_renorm",
         "batch_stats",
         "check_vjp",
         "running_average_update",

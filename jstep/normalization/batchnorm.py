@@ -316,8 +316,8 @@ def batch_norm(
 
     ``s = sqrt(sigma^2 + eps)`` by default; ``eps_in_sqrt=False`` is the notes' literal
     ``s = sigma + eps``, and ``feature_axis=0`` their n x K layout. The gradient is the notes'
-    derivation made exact for eps > 0 (see the module docstring for the formulas and for what a
-    constant feature gives):
+    derivation made exact for eps > 0 (see the docstring of `jstep.normalization.batchnorm` for the
+    formulas and for what a constant feature gives):
 
         dL/dZ = (G/s) (dZhat - mean(dZhat) - c Zbar mean(dZhat Zbar)),
         c = 1 (eps inside the root) or c = (sigma + eps)/sigma (the notes' form).
@@ -351,7 +351,7 @@ def batch_norm(
         the True values only, K_i being their count per feature (summed across `axis_name`,
         so devices may hold different numbers of them), and every value is normalized with
         them. In the gradient a masked-out value gets only the direct term (G/s) dZhat (see
-        the module docstring). A feature needs K_i >= 1: a mask known when traced (not a
+        the docstring of `jstep.normalization.batchnorm`). A feature needs K_i >= 1: a mask known when traced (not a
         traced argument) is checked; for a traced one, K_i = 0 gives NaN for that feature's
         values and gradients. K_i = 1 gives sigma = 0 (a constant feature).
       virtual_batch_size: None, or V dividing the length N of the batch axis (the first axis

@@ -63,10 +63,8 @@ def _check_x(x: Any) -> None:
 
 
 def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a Python number (it is a static setting), got {eps!r}")
-    _core.check_number("eps", eps, low=0.0)
-    return float(eps)
+    """eps: a Python or NumPy real number >= 0 (static: it is fixed when traced), as a float."""
+    return _core.check_static_number("eps", eps, low=0.0)
 
 
 def _check_features(name: str, value: Any, feature_shape: tuple[int, ...], x_shape, features) -> None:

@@ -72,7 +72,6 @@ such a feature: Zhat = B and dL/dZ = 0, as in `batch_norm`.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,18 +96,10 @@ from jstep.normalization.statistics import _masked, _moments, _safe_inverse, _to
 
 
 def _check_limit(name: str, value: Any, low: float) -> Any:
-    """`r_max` or `d_max`: a Python number >= `low`, or a real scalar array (a layer's variable)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        _core.check_number(name, value, low=low)
-        return float(value)
-    shape, dtype = jnp.shape(value), jnp.result_type(value)
-    real = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-    if shape != () or dtype == jnp.bool_ or not real:
-        raise TypeError(
-            f"{name} must be a real number >= {low:g} (a Python number, or a scalar array such as a "
-            f"layer's variable), got {value!r} of shape {shape} and dtype {dtype}"
-        )
-    return value
+    """`r_max` or `d_max`: a Python number >= `low` (as a float), or a real scalar array (a
+    layer's variable, passed on unchecked); anything else is refused by `_core.check_number`."""
+    _core.check_number(name, value, low=low)
+    return value if _core._is_real_scalar_array(value) else float(value)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -227,7 +218,8 @@ def batch_renorm(
 ) -> jax.Array:
     """Batch renormalization's training pass: Zhat = G (r (Z - mu_B) + d sigma_B) / t + B.
 
-    With the batch's mu_B, sigma_B^2 and the running `mean`, `var` (see the module docstring)::
+    With the batch's mu_B, sigma_B^2 and the running `mean`, `var` (see the docstring of
+    `jstep.normalization.renorm`)::
 
         r = clip(sqrt(sigma_B^2 + eps) / sqrt(var + eps), 1/r_max, r_max)
         d = clip((mu_B - mean) / sqrt(var + eps), -d_max, d_max)
