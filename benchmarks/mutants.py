@@ -412,7 +412,7 @@ MUTANTS = [
         "        optax.scale_by_learning_rate(learning_rate),\n"
         "        _momentum_or_identity(momentum, nesterov, accumulator_dtype),\n"
         "    )",
-        ("tests/test_optax_aliases.py", "-k", "sgd"),
+        ("tests/test_optax_aliases.py", "-k", "sgd_steps_by_the_rate"),
         why="README: jstep.optax.sgd's rate multiplies the whole trace (Optax's form), not the gradient entering it",
     ),
     M(
