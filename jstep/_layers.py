@@ -58,17 +58,23 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_)) or (hasattr(value, "dtype") and jnp.result_type(value) == jnp.bool_)
 
 
-def check_size(name: str, value: Any) -> int:
-    """A count of features: a positive Python or NumPy integer (``np.int64(3)``), as an int."""
+def _check_integer(name: str, value: Any, allowed: str, low: int) -> int:
+    """`value` as an int: a Python or NumPy integer (``np.int64(3)``, not a bool) >= `low`,
+    described to the user as `allowed`."""
     try:
-        size = None if _is_bool(value) else operator.index(value)
+        number = None if _is_bool(value) else operator.index(value)
     except TypeError:
-        size = None
-    if size is None:
-        raise TypeError(f"{name} must be a positive integer (a Python or NumPy int), got {_core._shown(value)}")
-    if size < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return size
+        number = None
+    if number is None:
+        raise TypeError(f"{name} must be {allowed} (a Python or NumPy int), got {_core._shown(value)}")
+    if number < low:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
+def check_size(name: str, value: Any) -> int:
+    """A count of features: a positive Python or NumPy integer, as an int."""
+    return _check_integer(name, value, "a positive integer", 1)
 
 
 def check_momentum(name: str, value: Any) -> Any:
@@ -143,15 +149,7 @@ def check_axis_name(name: str, value: Any, *, required: bool = False) -> Any:
 
 def check_count(name: str, value: Any) -> int:
     """A number of steps: a non-negative Python or NumPy integer, as an int."""
-    try:
-        count = None if _is_bool(value) else operator.index(value)
-    except TypeError:
-        count = None
-    if count is None:
-        raise TypeError(f"{name} must be an integer >= 0 (a Python or NumPy int), got {_core._shown(value)}")
-    if count < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return count
+    return _check_integer(name, value, "an integer >= 0", 0)
 
 
 _FLAGS = ["use_bias", "use_scale", "use_fast_variance", "force_float32_reductions", "channelwise_affine", "inference"]

@@ -145,7 +145,7 @@ from jstep.normalization.checks import (
 from jstep.normalization.collectives import _all_reduce, _per_device
 from jstep.normalization.layout import _Layout, _layout
 from jstep.normalization.statistics import _denominator, _masked, _moments, _safe_inverse
-from jstep.normalization.virtual import _check_virtual_batch_size, _virtual_batches
+from jstep.normalization.virtual import _check_virtual_batches, _virtual_batches
 
 # ------------------------------------------------------------- the custom-gradient core
 
@@ -252,10 +252,9 @@ def _normalize_checked(
     """(Zhat, mu, sigma^2) after checking every argument; with virtual batches, the statistics
     of each group, the groups on their first axis."""
     axis_name = _check_axis_name(axis_name)
-    if _check_virtual_batch_size(virtual_batch_size) is not None:
-        return _normalize_virtual(
-            x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, axis_index_groups, virtual_batch_size
-        )
+    size = _check_virtual_batches(virtual_batch_size, axis_index_groups)
+    if size is not None:
+        return _normalize_virtual(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, size)
     layout = _layout(x, feature_axis, axis_name, axis_index_groups)
     features = tuple(a for a in range(jnp.ndim(x)) if a not in layout.reduce_axes)
     _check_features("scale", scale, layout.feature_shape, jnp.shape(x), features)
@@ -265,17 +264,12 @@ def _normalize_checked(
     return _normalize_staged(x, scale, offset, mask, layout, _check_eps(eps), bool(eps_in_sqrt), axis_name)
 
 
-def _normalize_virtual(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, groups, size):
+def _normalize_virtual(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_name, mask, size):
     """Batch norm of each virtual batch: the grouped x, with the group axis as a feature axis.
 
     A virtual batch lies within one shard, so its statistics are not all-reduced; `axis_name`
     still makes the gradients of `scale` and `offset` this shard's share, as without groups.
     """
-    if groups is not None:
-        raise ValueError(
-            f"virtual_batch_size={size} with axis_index_groups={groups!r}: a virtual batch is a group of "
-            "one shard's examples, so device groups have no statistics to share; give one of the two"
-        )
     _check_x(x)
     split = _virtual_batches(jnp.shape(x), feature_axis, size)
     features = _feature_axes(jnp.ndim(x), feature_axis)
@@ -416,13 +410,8 @@ def batch_stats(
       (2, 2) [ 4.5 45. ] [  2.25 225.  ]
     """
     axis_name = _check_axis_name(axis_name)
-    size = _check_virtual_batch_size(virtual_batch_size)
+    size = _check_virtual_batches(virtual_batch_size, axis_index_groups)
     if size is not None:
-        if axis_index_groups is not None:
-            raise ValueError(
-                f"virtual_batch_size={virtual_batch_size} with axis_index_groups={axis_index_groups!r}: "
-                "a virtual batch is a group of one shard's examples; give one of the two"
-            )
         _check_x(x)
         split = _virtual_batches(jnp.shape(x), feature_axis, size)
         grouped = split.group(jnp.asarray(x))

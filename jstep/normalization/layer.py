@@ -22,7 +22,7 @@ from jstep.normalization.checks import (
 )
 from jstep.normalization.collectives import _all_reduce, _pooled_shards
 from jstep.normalization.statistics import _denominator, _safe_inverse
-from jstep.normalization.virtual import _check_virtual_batch_size
+from jstep.normalization.virtual import _check_virtual_batches
 
 
 class BatchNormParams(NamedTuple):
@@ -93,12 +93,7 @@ class BatchNorm:
         _check_eps(self.eps)
         object.__setattr__(self, "axis_name", _check_axis_name(self.axis_name))  # a list becomes a tuple
         _check_axis_index_groups(self.axis_index_groups, self.axis_name)
-        _check_virtual_batch_size(self.virtual_batch_size)
-        if self.virtual_batch_size is not None and self.axis_index_groups is not None:
-            raise ValueError(
-                f"virtual_batch_size={self.virtual_batch_size} with axis_index_groups="
-                f"{self.axis_index_groups!r}: a virtual batch is a group of one shard's examples; give one of the two"
-            )
+        _check_virtual_batches(self.virtual_batch_size, self.axis_index_groups)
 
     def init(self, x: jax.Array) -> tuple[BatchNormParams, BatchNormState]:
         """Weights and running statistics for inputs shaped like `x` (float32 for low precision)."""

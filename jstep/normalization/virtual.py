@@ -36,6 +36,19 @@ def _check_virtual_batch_size(virtual_batch_size: Any) -> int | None:
     return int(virtual_batch_size)
 
 
+def _check_virtual_batches(virtual_batch_size: Any, axis_index_groups: Any) -> int | None:
+    """`_check_virtual_batch_size`, with no `axis_index_groups` beside a size: a virtual batch
+    is a group of one shard's examples, so device groups have no statistics to share."""
+    size = _check_virtual_batch_size(virtual_batch_size)
+    if size is not None and axis_index_groups is not None:
+        raise ValueError(
+            f"virtual_batch_size={virtual_batch_size} with axis_index_groups={axis_index_groups!r}: a virtual "
+            "batch is a group of one shard's examples, so device groups have no statistics to share; give "
+            "one of the two"
+        )
+    return size
+
+
 class _VirtualBatches(NamedTuple):
     """How `x` is split: the grouped shape, its feature axes, where the group axis sits."""
 
