@@ -57,7 +57,7 @@ import optax
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from jstep import _core
+from jstep import _core, quantization
 
 # Per dimension of a leaf, the explicit mesh axes it is split over (() where it is not).
 Spec = tuple[tuple[str, ...], ...]
@@ -403,10 +403,16 @@ def structure_dependent(problem: str) -> ValueError:
 
 
 def _elements_by_dtype(state: Any) -> dict[str, int]:
+    """The number of state values of each dtype; a `jstep.QuantizedArray` counts as the float32
+    values it stands for (its codes and scales depend on how its elements are cut into blocks,
+    and a leaf under the format's ``min_size`` is float32 on its own but quantized once packed)."""
     counts: dict[str, int] = {}
-    for leaf in jax.tree.leaves(state):
-        dtype = jnp.result_type(leaf).name
-        counts[dtype] = counts.get(dtype, 0) + math.prod(np.shape(leaf))
+    for leaf in jax.tree.leaves(state, is_leaf=quantization.is_quantized):
+        if quantization.is_quantized(leaf):
+            dtype, size = "float32", leaf.size
+        else:
+            dtype, size = jnp.result_type(leaf).name, math.prod(np.shape(leaf))
+        counts[dtype] = counts.get(dtype, 0) + size
     return counts
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.shard_alike import shard_alike
 
 from jstep import _core, quantization
 
@@ -404,7 +405,11 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
         if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
             return None
         if quantization.is_quantized(old):
-            return quantization._encode(value, old.layout, seed)
+            # A step keeps the state where it was: the new codes and scales go where the old ones are.
+            new = quantization._encode(value, old.layout, seed)
+            codes, _ = shard_alike(new.codes, old.codes)
+            scale, _ = shard_alike(new.scale, old.scale)
+            return quantization.QuantizedArray(codes, scale, old.layout)
         dtype = jnp.result_type(old)
         narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
         if seed is None or not narrower:

@@ -99,6 +99,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jstep import precision
 
@@ -467,14 +468,53 @@ def _shard_block_size(leaf: Any, block_size: int) -> int:
     return min(block_size, run & -run)
 
 
+def _known_sharding(leaf: Any) -> Any:
+    """The sharding of a concrete array or of a ShapeDtypeStruct that carries one; None for a
+    tracer (under ``jit`` on auto axes it is not known until XLA compiles) or a plain value."""
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and not isinstance(leaf, jax.core.Tracer):
+        return getattr(leaf, "sharding", None)
+    return None
+
+
+def _placements(sharding: Any, shape: tuple[int, ...], codes_shape: tuple[int, ...], blocks: int) -> tuple[Any, Any]:
+    """Where the codes and the scales of a leaf of `shape` placed by `sharding` go: the codes as
+    the param (when the shards divide their shape: always for 8 bits, whose codes are the
+    param's shape), the scales (one per block, in row-major order) split as the param's first
+    dimension when that is the only one split, every device's blocks then being a run of its
+    own; else replicated. None where `sharding` does not say (a device or an unknown layout)."""
+    if not isinstance(sharding, NamedSharding) or not shape:
+        return None, None
+    try:
+        sharding.shard_shape(codes_shape)
+        codes = sharding
+    except ValueError:  # a 4-bit last axis, halved, that the shards no longer divide
+        codes = None
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    shards = shape[0] // sharding.shard_shape(shape)[0]
+    if spec[0] is not None and not any(spec[1:]) and blocks % shards == 0:
+        return codes, NamedSharding(sharding.mesh, PartitionSpec(spec[0]))
+    return codes, NamedSharding(sharding.mesh, PartitionSpec())
+
+
+def _place(q: QuantizedArray, like: Any) -> QuantizedArray:
+    """`q` with its codes given the sharding of `like` (the param) and its scales a matching one."""
+    sharding = _known_sharding(like)
+    codes_sharding, scale_sharding = _placements(sharding, tuple(jnp.shape(like)), q.codes.shape, q.scale.shape[0])
+    codes = q.codes if codes_sharding is None else jax.device_put(q.codes, codes_sharding)
+    scale = q.scale if scale_sharding is None else jax.device_put(q.scale, scale_sharding)
+    return QuantizedArray(codes, scale, q.layout)
+
+
 def state_leaf(value: jax.Array, fmt: BlockwiseFormat, *, signed: bool, like: Any = None) -> Any:
     """An optimizer's state leaf in `fmt`: `value` quantized, or float32 when smaller than ``fmt.min_size``.
 
     `like` (the param, possibly sharded or abstract) decides the block size, so that blocks
-    never straddle the param's shards.
+    never straddle the param's shards, and where the codes and scales go: the codes keep the
+    param's sharding (when it is known: a concrete array or a ShapeDtypeStruct with one).
     """
     value = _check_real("a param given to init with a block-wise state format", value)
     if value.size < fmt.min_size:
         return value.astype(jnp.float32)
-    block_size = _shard_block_size(value if like is None else like, fmt.block_size)
-    return _encode(value, Layout(tuple(value.shape), fmt.bits, block_size, signed), None)
+    like = value if like is None else like
+    block_size = _shard_block_size(like, fmt.block_size)
+    return _place(_encode(value, Layout(tuple(value.shape), fmt.bits, block_size, signed), None), like)
