@@ -8,7 +8,8 @@ with `batch_norm(axis_name="batch")` inside `shard_map` and `grouped(adam)`, and
 plain process that trains the same network on one device with the whole batch. It proves:
 
 - both processes end with the one-device run's losses and params, to float32 round-off;
-- the global mesh really spans both processes (4 devices, 2 of them local).
+- the global mesh really spans both processes (4 devices, 2 of them local);
+- the same holds for 8-bit Adam states (grouped, stochastic rounding): the same codes.
 
 Every process has a timeout and is killed if the test fails or times out.
 """
@@ -92,11 +93,31 @@ for t in range(steps):
     params, state, value = train_step(params, state, put_batch(x_all[t]), put_batch(y_all[t]))
     losses.append(value)
 
+# The same training with 8-bit Adam states (blocks of 64, every leaf), packed by grouped and
+# rounded stochastically: its codes and scales are global arrays like any state.
+fmt = jstep.blockwise(8, 64, min_size=0)
+quantized = jstep.grouped(jstep.adam(0.05, mu_dtype=fmt, nu_dtype=fmt, rounding_seed=0))
+
+@jax.jit
+def quantized_step(params, state, x, y):
+    updates, state = quantized.update(jax.grad(loss)(params, x, y), state, params)
+    return optax.apply_updates(params, updates), state
+
+q_params = host_params if reference else jax.device_put(host_params, NamedSharding(mesh, P()))
+q_state = quantized.init(q_params)
+for t in range(steps):
+    q_params, q_state = quantized_step(q_params, q_state, put_batch(x_all[t]), put_batch(y_all[t]))
+is_q = jstep.quantization.is_quantized
+q_leaves = [q for q in jax.tree.leaves(q_state, is_leaf=is_q) if is_q(q)]
+
 local = lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a)
 print("RESULT" + json.dumps({
     "devices": jax.device_count(), "local_devices": jax.local_device_count(),
     "losses": [float(local(v)) for v in losses],
     "params": {jax.tree_util.keystr(k): local(v).tolist() for k, v in jax.tree_util.tree_leaves_with_path(params)},
+    "quantized_params": [local(v).tolist() for v in jax.tree.leaves(q_params)],
+    "quantized_codes": [local(q.codes).tolist() for q in q_leaves],
+    "quantized_scales": [local(q.scale).tolist() for q in q_leaves],
 }))
 if not reference:
     jax.distributed.shutdown()
@@ -162,3 +183,19 @@ def test_params_equal_the_one_device_run(runs):
             got, want = np.asarray(result["params"][key]), np.asarray(value)
             error = np.max(np.abs(got - want)) / np.max(np.abs(want))
             assert error <= 1e-6, f"{key}: relative error {error:.2e}"  # measured: 1.8e-7
+
+
+def test_a_quantized_state_trains_as_on_one_device(runs):
+    """grouped 8-bit Adam with stochastic rounding: the packed m and v buffers (one
+    QuantizedArray each) hold the one-device run's codes after 5 steps, their scales and the
+    params agree to float32 round-off."""
+    distributed, single = runs
+    assert len(single["quantized_codes"]) == 2  # m and v, one packed buffer each
+    for result in distributed:
+        for codes, want in zip(result["quantized_codes"], single["quantized_codes"], strict=True):
+            np.testing.assert_array_equal(codes, want)
+        for scale, want in zip(result["quantized_scales"], single["quantized_scales"], strict=True):
+            np.testing.assert_allclose(scale, want, rtol=1e-6)
+        for got, want in zip(result["quantized_params"], single["quantized_params"], strict=True):
+            error = np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want))
+            assert error <= 1e-6, f"relative error {error:.2e}"

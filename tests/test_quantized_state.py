@@ -431,6 +431,10 @@ for bits, fmt in formats.items():
             values = np.asarray(jstep.dequantize(q))
             for shard in q.scale.addressable_shards:
                 rows = q.codes.sharding.devices_indices_map(q.codes.shape)[shard.device][0]
+                if values[rows].size % q.layout.block_size:
+                    size = values[rows].size
+                    problems.append(f"{field}[w]: blocks of {q.layout.block_size} straddle shards of {size}")
+                    continue
                 mine = np.abs(values[rows]).reshape(-1, q.layout.block_size).max(axis=1)
                 if not (q.scale.sharding.spec == P("x") and np.array_equal(np.asarray(shard.data), mine)):
                     problems.append(f"step {t} {field}[w].scale on {shard.device}: {shard.data} (its rows: {mine})")
