@@ -406,7 +406,7 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
             return None
         if quantization.is_quantized(old):
             # A step keeps the state where it was: the new codes and scales go where the old ones are.
-            new = quantization._encode(value, old.layout, seed)
+            new = quantization.encode(value, old.layout, seed)
             codes, _ = shard_alike(new.codes, old.codes)
             scale, _ = shard_alike(new.scale, old.scale)
             return quantization.QuantizedArray(codes, scale, old.layout)

@@ -437,14 +437,14 @@ def quantize(x: Any, fmt: BlockwiseFormat, *, signed: bool = True, key: jax.Arra
     if key is not None:
         precision._check_key(key)
     layout = Layout(tuple(x.shape), fmt.bits, fmt.block_size, signed)
-    return _encode(x, layout, None if key is None else precision._seed_words(key))
+    return encode(x, layout, None if key is None else precision._seed_words(key))
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
     """The float32 values a `QuantizedArray` stands for: s q(c) for each element."""
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"q must be a jstep.QuantizedArray (from jstep.quantize), got {type(q).__name__}")
-    return _decode(q)
+    return decode(q)
 
 
 # ----------------------------------------------------------------------- optimizer state
@@ -453,7 +453,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
 def _shard_block_size(leaf: Any, block_size: int) -> int:
     """The largest power of two <= `block_size` that divides every row-major run of `leaf`'s
     shards, so that no block straddles two devices (`block_size` when the leaf is not split)."""
-    sharding = getattr(leaf, "sharding", None)
+    sharding = _known_sharding(leaf) or _explicit_sharding(leaf)  # a tracer's, on explicit axes
     shape = tuple(jnp.shape(leaf))
     if sharding is None or not shape:
         return block_size
@@ -496,6 +496,54 @@ def _placements(sharding: Any, shape: tuple[int, ...], codes_shape: tuple[int, .
     return codes, NamedSharding(sharding.mesh, PartitionSpec())
 
 
+def _explicit_sharding(x: Any) -> NamedSharding | None:
+    """The sharding that `x`'s type carries when it is split over explicit mesh axes
+    (``jax.make_mesh``'s default), eagerly and under ``jit`` alike; None otherwise."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not any(sharding.spec):
+        return None
+    return sharding
+
+
+def _codes_shape(layout: Layout) -> tuple[int, ...]:
+    if layout.bits == 8 or not layout.shape:
+        return layout.shape if layout.bits == 8 else (1,)
+    return (*layout.shape[:-1], -(-layout.shape[-1] // 2))
+
+
+def encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArray:
+    """`_encode`, also for `x` split over explicit mesh axes, whose type refuses the row-major
+    reshapes of blocking: there it runs on auto axes and its codes and scales are placed as
+    `_placements` says (the codes as `x`)."""
+    sharding = _explicit_sharding(x)
+    if sharding is None:
+        return _encode(x, layout, seed)
+    blocks = -(-math.prod(layout.shape) // layout.block_size)
+    codes_sharding, scale_sharding = _placements(sharding, layout.shape, _codes_shape(layout), blocks)
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    out = (codes_sharding or replicated, scale_sharding or replicated)
+    if seed is None:
+        codes, scale = jax.sharding.auto_axes(lambda x: _encode(x, layout, None)[:2], out_sharding=out)(x)
+    else:
+        codes, scale = jax.sharding.auto_axes(lambda x, seed: _encode(x, layout, seed)[:2], out_sharding=out)(x, seed)
+    return QuantizedArray(codes, scale, layout)
+
+
+def decode(q: QuantizedArray) -> jax.Array:
+    """`_decode`, also for codes split over explicit mesh axes: the values are split as the codes."""
+    sharding = _explicit_sharding(q.codes)
+    if sharding is None:
+        return _decode(q)
+    try:
+        sharding.shard_shape(q.layout.shape)
+        out = sharding
+    except ValueError:
+        out = NamedSharding(sharding.mesh, PartitionSpec())
+    return jax.sharding.auto_axes(lambda c, s: _decode(QuantizedArray(c, s, q.layout)), out_sharding=out)(
+        q.codes, q.scale
+    )
+
+
 def _place(q: QuantizedArray, like: Any) -> QuantizedArray:
     """`q` with its codes given the sharding of `like` (the param) and its scales a matching one."""
     sharding = _known_sharding(like)
@@ -517,4 +565,4 @@ def state_leaf(value: jax.Array, fmt: BlockwiseFormat, *, signed: bool, like: An
         return value.astype(jnp.float32)
     like = value if like is None else like
     block_size = _shard_block_size(like, fmt.block_size)
-    return _place(_encode(value, Layout(tuple(value.shape), fmt.bits, block_size, signed), None), like)
+    return _place(encode(value, Layout(tuple(value.shape), fmt.bits, block_size, signed), None), like)

@@ -386,7 +386,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jstep
 
 assert jax.device_count() == 8, jax.devices()
-mesh = Mesh(np.array(jax.devices()), ("x",))
+meshes = {"auto": Mesh(np.array(jax.devices()), ("x",)), "explicit": jax.make_mesh((8,), ("x",))}
 # w: split by rows, each device's shard 8 x 24 = 192 elements, not a whole number of 256- or
 # 128-element blocks; c: split by columns (each device's elements are runs of 8); b: replicated.
 specs = {"w": P("x", None), "c": P(None, "x"), "b": P()}
@@ -394,19 +394,24 @@ rng = np.random.default_rng(0)
 host = {"w": rng.normal(size=(64, 24)), "c": rng.normal(size=(16, 64)), "b": rng.normal(size=300)}
 host = {k: v.astype(np.float32) for k, v in host.items()}
 grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in host.items()} for _ in range(3)]
-shardings = {k: NamedSharding(mesh, specs[k]) for k in host}
-params = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
-abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in host.items()}
 formats = {"8": jstep.blockwise(8, min_size=0), "4": jstep.blockwise(4, min_size=0)}
 report = {}
-for bits, fmt in formats.items():
+# auto axes with both formats; explicit axes (jax.make_mesh's default), whose types carry the
+# sharding under jit too, with 8 bits.
+for case, mesh_name, bits in [("auto 8", "auto", "8"), ("auto 4", "auto", "4"), ("explicit 8", "explicit", "8")]:
+    mesh, fmt = meshes[mesh_name], formats[bits]
+    shardings = {k: NamedSharding(mesh, specs[k]) for k in host}
+    params = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in host.items()}
     opt = jstep.adam(0.01, mu_dtype=fmt, nu_dtype=fmt, rounding_seed=7)
     state = opt.init(params)
-    abstract_state = opt.init(abstract)
-    one = {"same_abstract": jax.tree.structure(abstract_state) == jax.tree.structure(state)
-           and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(state)))}
+    others = [opt.init(abstract)] + ([jax.jit(opt.init)(params)] if mesh_name == "explicit" else [])
+    one = {"same_abstract": all(
+        jax.tree.structure(other) == jax.tree.structure(state)
+        and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(state)))
+        for other in others)}
     one["block_size"] = {k: q.layout.block_size for k, q in state.mu.items()}
-    unsharded = jax.device_put(state, jax.devices()[0])  # the same layouts, on one device
+    unsharded = jax.device_put(jax.device_get(state), jax.devices()[0])  # the same layouts, on one device
     update = jax.jit(opt.update)
     hlo = update.lower({"w": params["w"]}, type(state)(state.count, {"w": state.mu["w"]}, {"w": state.nu["w"]}))
     text = hlo.compile().as_text()
@@ -439,7 +444,7 @@ for bits, fmt in formats.items():
                 if not (q.scale.sharding.spec == P("x") and np.array_equal(np.asarray(shard.data), mine)):
                     problems.append(f"step {t} {field}[w].scale on {shard.device}: {shard.data} (its rows: {mine})")
     one["problems"], one["codes_differing"], one["float_error"] = problems, codes_differing, float_error
-    report[bits] = one
+    report[case] = one
 print("RESULT" + json.dumps(report))
 """
 
@@ -462,17 +467,18 @@ def sharded_report():
     return json.loads(line[len("RESULT") :])
 
 
-@pytest.mark.parametrize("bits", ["8", "4"])
-def test_sharded_params_keep_their_sharding_and_step_as_on_one_device(sharded_report, bits):
+@pytest.mark.parametrize("case", ["auto 8", "auto 4", "explicit 8"])
+def test_sharded_params_keep_their_sharding_and_step_as_on_one_device(sharded_report, case):
     """On 8 devices: blocks shrink to fit each shard's row-major runs (w: 192 elements per
     device, so 64; c, split by columns: runs of 8), the codes keep the param's sharding, the
     row-split leaf's scales are split with its rows (each device's scales the absmax of its own
-    blocks) and its step needs no collective; abstract init gives the same state; and three
+    blocks) and its step needs no collective; abstract init (and, on explicit axes, whose types
+    carry the sharding under jit, jitted init) gives the same state; and three
     steps with stochastic rounding equal the one-device steps from the same state: every code
     (the rounding bits are keyed by global positions), and the float32 scales and updates to
     float32 round-off (the sharded program is compiled otherwise)."""
-    report = sharded_report[bits]
-    default = 256 if bits == "8" else 128
+    report = sharded_report[case]
+    default = 256 if case.endswith("8") else 128
     assert report["block_size"] == {"w": 64, "c": 8, "b": default}
     assert report["problems"] == []
     assert report["w_collectives"] == 0
