@@ -149,6 +149,17 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
         for 4).
       min_size: leaves with fewer elements stay float32; an int >= 0 (0 quantizes every leaf).
 
+    Sharded params: a state leaf's codes keep its param's sharding and its blocks never
+    straddle two devices: the block size shrinks to the largest power of two that divides
+    every run of consecutive (row-major) elements of a shard (a (64, 24) param split by rows
+    over 8 devices, 192 elements each, gets blocks of 64). The scales of a param split along
+    its first dimension only are split with its rows, so its step moves no data between
+    devices; other splits keep the scales replicated. The block size is chosen from the
+    sharding `init` sees: on a mesh with explicit axes (``jax.make_mesh``'s default) the
+    type carries it, eagerly and under ``jit``; on auto axes call ``init`` eagerly or on
+    ``jax.ShapeDtypeStruct`` params with their sharding (under ``jit`` it is not known until
+    XLA compiles, and the format's block size is used).
+
     Raises:
       ValueError, TypeError: for bits other than 4 or 8, a block size that is not a positive
         power of two, or a negative `min_size`.
