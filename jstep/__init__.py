@@ -31,6 +31,7 @@ from jstep.grouping import grouped
 from jstep.momentum import MomentumState, ema_momentum, momentum, sgd
 from jstep.normalization import BatchNorm, BatchNormParams, BatchNormState, batch_norm, batch_renorm, batch_stats
 from jstep.precision import apply_updates, stochastic_round
+from jstep.quantization import BlockwiseFormat, QuantizedArray, blockwise, dequantize, quantize
 from jstep.testing import check_vjp
 
 __version__ = "0.1.0"
@@ -40,8 +41,10 @@ __all__ = [
     "BatchNorm",
     "BatchNormParams",
     "BatchNormState",
+    "BlockwiseFormat",
     "CountState",
     "MomentumState",
+    "QuantizedArray",
     "RunningAverageState",
     "ScaleByAdamState",
     "ScaleByCenteredRmsState",
@@ -55,12 +58,15 @@ __all__ = [
     "batch_norm",
     "batch_renorm",
     "batch_stats",
+    "blockwise",
     "check_vjp",
     "cumulative_average",
+    "dequantize",
     "ema_momentum",
     "grouped",
     "momentum",
     "moving_average",
+    "quantize",
     "rmsprop",
     "running_average",
     "running_average_update",

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jstep import quantization
+
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
@@ -97,13 +99,14 @@ def check_rounding_seed(rounding_seed: Any) -> None:
 
 
 def check_state_dtype(name: str, dtype: Any) -> None:
-    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None or a floating or complex dtype.
+    """A state dtype (accumulator_dtype, mu_dtype, nu_dtype) is None, a floating or complex dtype,
+    or a block-wise format (``jstep.blockwise(8)``).
 
     An array in its place is what ``optax.inject_hyperparams`` passes for a dtype given as
     ``jnp.bfloat16``: that is callable, so it is taken for a schedule and called with the
     step count. The TypeError then says how to keep the dtype a dtype.
     """
-    if dtype is None:
+    if dtype is None or isinstance(dtype, quantization.BlockwiseFormat):
         return
     if isinstance(dtype, (jax.Array, np.ndarray)):
         raise TypeError(
@@ -115,9 +118,15 @@ def check_state_dtype(name: str, dtype: Any) -> None:
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {dtype!r}") from None
+        raise TypeError(
+            f"{name} must be None, a floating dtype such as jnp.bfloat16 or a format such as jstep.blockwise(8), "
+            f"got {dtype!r}"
+        ) from None
     if not jnp.issubdtype(resolved, jnp.inexact):
-        raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, got {resolved}")
+        raise TypeError(
+            f"{name} must be None, a floating dtype such as jnp.bfloat16 or a format such as jstep.blockwise(8), "
+            f"got {resolved}"
+        )
 
 
 def check_static_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> float:
@@ -227,36 +236,58 @@ def squares_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
 
 
-def zeros_like_tree(tree: Any, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
+def zeros_like_tree(
+    tree: Any, dtype: Any = None, *, real: bool = False, squares: bool = False, nonnegative: bool = False
+) -> Any:
     """Zeros shaped (and sharded) like each leaf; `dtype` overrides, `real` drops complex,
     `squares` (a state of squared gradients, when `dtype` is None) takes `squares_dtype`.
 
     A leaf may be a ``jax.ShapeDtypeStruct`` (abstract params): its zeros are placed with its
     sharding when it has one, so ``init`` of abstract params gives the state that
     ``jax.eval_shape(init, params)`` describes, already laid out across the devices.
-    """
 
-    def zeros(leaf):
+    With a block-wise format (``jstep.blockwise``) as `dtype`, each leaf of at least its
+    ``min_size`` elements is a `jstep.QuantizedArray` (its unsigned map when `nonnegative`:
+    a state that only holds averages of squares), each smaller one float32.
+    """
+    return full_like_tree(tree, None, dtype, real=real, squares=squares, nonnegative=nonnegative)
+
+
+def _zeros(leaf: Any, dtype: Any) -> jax.Array:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jnp.zeros(leaf.shape, dtype, device=leaf.sharding)
+    # 0 * |leaf| (non-finite entries replaced), not a constant: under jit a constant has
+    # no sharding to inherit and lands on one device, while a value computed from the
+    # leaf gets the leaf's sharding from XLA's sharding propagation.
+    magnitude = jnp.abs(leaf)
+    return (jnp.where(jnp.isfinite(magnitude), magnitude, 0) * 0).astype(dtype)
+
+
+def full_like_tree(
+    tree: Any, value: Any, dtype: Any = None, *, real: bool = False, squares: bool = False, nonnegative: bool = False
+) -> Any:
+    """`zeros_like_tree` filled with `value` (initial accumulators; None: zeros)."""
+
+    def full(leaf):
+        if isinstance(dtype, quantization.BlockwiseFormat):
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise TypeError(
+                    f"a block-wise state format ({dtype!r}) holds real values, but a param has dtype "
+                    f"{jnp.result_type(leaf)}; give None or a floating dtype for complex params"
+                )
+            filled = _zeros(leaf, jnp.float32)
+            if value is not None:
+                filled = filled + jnp.asarray(value, jnp.float32)
+            return quantization.state_leaf(filled, dtype, signed=not nonnegative, like=leaf)
         leaf_dtype = dtype if dtype is not None else jnp.result_type(leaf)
         if squares and dtype is None:
             leaf_dtype = squares_dtype(leaf_dtype)
         if real:
             leaf_dtype = real_dtype(leaf_dtype)
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jnp.zeros(leaf.shape, leaf_dtype, device=leaf.sharding)
-        # 0 * |leaf| (non-finite entries replaced), not a constant: under jit a constant has
-        # no sharding to inherit and lands on one device, while a value computed from the
-        # leaf gets the leaf's sharding from XLA's sharding propagation.
-        magnitude = jnp.abs(leaf)
-        return (jnp.where(jnp.isfinite(magnitude), magnitude, 0) * 0).astype(leaf_dtype)
+        zeros = _zeros(leaf, leaf_dtype)
+        return zeros if value is None else zeros + jnp.asarray(value, leaf_dtype)
 
-    return jax.tree.map(zeros, tree)
-
-
-def full_like_tree(tree: Any, value: float, dtype: Any = None, *, real: bool = False, squares: bool = False) -> Any:
-    """`zeros_like_tree` filled with `value` (initial accumulators)."""
-    zeros = zeros_like_tree(tree, dtype, real=real, squares=squares)
-    return jax.tree.map(lambda z: z + jnp.asarray(value, z.dtype), zeros)
+    return jax.tree.map(full, tree)
 
 
 def _positive_number(value: Any) -> bool:

@@ -34,7 +34,7 @@ import optax
 from jstep import _core
 from jstep.averages import running_average_value
 from jstep.grouping import Packed
-from jstep.precision import step_keys, store
+from jstep.precision import load, step_keys, store
 
 
 class ScaleByAdamState(NamedTuple):
@@ -93,17 +93,18 @@ def scale_by_adam(
         return ScaleByAdamState(
             _core.new_count(),
             _core.zeros_like_tree(params, mu_dtype),
-            _core.zeros_like_tree(params, nu_dtype, real=True, squares=True),
+            _core.zeros_like_tree(params, nu_dtype, real=True, squares=True, nonnegative=True),
         )
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.mu, holds_values=True)
+        old_mu, old_nu = load(state.mu), load(state.nu)
+        _core.check_same_shapes(updates, old_mu, holds_values=True)
         count = _core.increment(state.count)
         mu_key, nu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with m_t and v_t as computed (float32), then they are stored in their dtypes.
-        mu = running_average_value(state.mu, updates, b1)
-        nu = running_average_value(state.nu, jax.tree.map(_core.squared_magnitude, updates), b2)
+        mu = running_average_value(old_mu, updates, b1)
+        nu = running_average_value(old_nu, jax.tree.map(_core.squared_magnitude, updates), b2)
         correction1 = _core.bias_correction(b1, count)
         correction2 = _core.bias_correction(b2, count)
         if nesterov:

@@ -24,7 +24,7 @@ import optax
 from jstep import _core
 from jstep.averages import running_average_value
 from jstep.momentum import momentum as jstep_momentum
-from jstep.precision import step_keys, store
+from jstep.precision import load, step_keys, store
 
 
 class ScaleByRmsState(NamedTuple):
@@ -109,7 +109,7 @@ def scale_by_rms(
 
     def init(params):
         _core.check_floating_leaves(params)
-        nu = _core.full_like_tree(params, initial_scale, accumulator_dtype, real=True, squares=True)
+        nu = _core.full_like_tree(params, initial_scale, accumulator_dtype, real=True, squares=True, nonnegative=True)
         if centered:  # M in G's precision: G - M^2 is the variance
             mu = _core.zeros_like_tree(params, accumulator_dtype, squares=True)
             return ScaleByCenteredRmsState(_core.new_count(), mu, nu)
@@ -117,14 +117,15 @@ def scale_by_rms(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.nu)
+        old_nu, old_mu = load(state.nu), load(state.mu) if centered else None
+        _core.check_same_shapes(updates, old_nu)
         if centered:
-            _core.check_same_shapes(updates, state.mu, holds_values=True)
+            _core.check_same_shapes(updates, old_mu, holds_values=True)
         count = _core.increment(state.count)
         nu_key, mu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with G_t (and M_t) as computed, then they are stored in their dtypes.
-        nu = running_average_value(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma)
-        mu = running_average_value(state.mu, updates, gamma) if centered else None
+        nu = running_average_value(old_nu, jax.tree.map(_core.squared_magnitude, updates), gamma)
+        mu = running_average_value(old_mu, updates, gamma) if centered else None
         correction = _core.bias_correction(gamma, count) if bias_correction else None
 
         def second_moment(G, M=None):
@@ -263,18 +264,21 @@ def scale_by_rss(
 
     def init(params):
         _core.check_floating_leaves(params)
-        initial = _core.full_like_tree(params, initial_accumulator_value, accumulator_dtype, real=True, squares=True)
+        initial = _core.full_like_tree(
+            params, initial_accumulator_value, accumulator_dtype, real=True, squares=True, nonnegative=True
+        )
         return ScaleByRssState(_core.new_count(), initial)
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.sum_of_squares)
+        old_sum = load(state.sum_of_squares)
+        _core.check_same_shapes(updates, old_sum)
 
         def step(g, G):
             G_new = G.astype(_core.compute_dtype(G.dtype)) + _core.squared_magnitude(g)
             return _core.adaptive_step(g, G_new, **placement).astype(g.dtype), G_new
 
-        directions, sum_of_squares = _core.unzip_pairs(jax.tree.map(step, updates, state.sum_of_squares), updates)
+        directions, sum_of_squares = _core.unzip_pairs(jax.tree.map(step, updates, old_sum), updates)
         count = _core.increment(state.count)
         (key,) = step_keys(rounding_seed, count, 1)
         return directions, ScaleByRssState(count, store(sum_of_squares, state.sum_of_squares, key))
@@ -349,24 +353,25 @@ def scale_by_adadelta(
         _core.check_floating_leaves(params)
         return AdadeltaState(
             _core.new_count(),
-            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True),
-            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True, nonnegative=True),
+            _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True, nonnegative=True),
         )
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.e_g)
+        old_e_g, old_e_x = load(state.e_g), load(state.e_x)
+        _core.check_same_shapes(updates, old_e_g)
         count = _core.increment(state.count)
         e_g_key, e_x_key = step_keys(rounding_seed, count, 2)
         # Steps are taken with E[g^2]_t as computed, then both averages are stored in their dtypes.
-        e_g = running_average_value(state.e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
+        e_g = running_average_value(old_e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
 
         def step(g, Eg, Ex):
             Ex = Ex.astype(_core.compute_dtype(Ex.dtype))
             return _core.adaptive_step(g, Eg, eps=0.0, eps_root=eps) * jnp.sqrt(Ex + eps)
 
-        steps = jax.tree.map(step, updates, e_g, state.e_x)
-        e_x = running_average_value(state.e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
+        steps = jax.tree.map(step, updates, e_g, old_e_x)
+        e_x = running_average_value(old_e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
         stored = AdadeltaState(count, store(e_g, state.e_g, e_g_key), store(e_x, state.e_x, e_x_key))
         return _core.cast_like(steps, updates), stored
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jstep import _core
-from jstep.precision import step_keys, store
+from jstep.precision import load, step_keys, store
 
 Gamma = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -71,7 +71,7 @@ def running_average_update(average: Any, value: Any, gamma: Any, *, key: jax.Arr
       key: None (round to nearest), or a JAX random key for stochastic rounding of the
         leaves narrower than float32.
     """
-    return store(running_average_value(average, value, gamma), average, key)
+    return store(running_average_value(load(average), value, gamma), average, key)
 
 
 def running_average(
@@ -114,11 +114,12 @@ def running_average(
 
     def update(values, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(values, state.average, holds_values=True)
+        old = load(state.average)
+        _core.check_same_shapes(values, old, holds_values=True)
         count = _core.increment(state.count)
         gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
         (key,) = step_keys(rounding_seed, count, 1)
-        average = running_average_value(state.average, values, gamma_t)
+        average = running_average_value(old, values, gamma_t)
         return _core.cast_like(average, values), RunningAverageState(count, store(average, state.average, key))
 
     return optax.GradientTransformationExtraArgs(init, update)

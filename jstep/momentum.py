@@ -21,7 +21,7 @@ import optax
 
 from jstep import _core
 from jstep.averages import moving_average
-from jstep.precision import step_keys, store
+from jstep.precision import load, step_keys, store
 
 
 class MomentumState(NamedTuple):
@@ -119,7 +119,8 @@ def momentum(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.velocity, holds_values=True)
+        old = load(state.velocity)
+        _core.check_same_shapes(updates, old, holds_values=True)
         eta = _core.learning_rate_at(learning_rate, state.count)
 
         def step(v, g):
@@ -128,7 +129,7 @@ def momentum(
             # slower kernel than W + c * V (about 10% of the step, benchmarks/optimizers.py).
             return (-1.0 * direction).astype(g.dtype), v_new
 
-        out = jax.tree.map(step, state.velocity, updates)
+        out = jax.tree.map(step, old, updates)
         new_updates, velocity = _core.unzip_pairs(out, updates)
         count = _core.increment(state.count)
         (key,) = step_keys(rounding_seed, count, 1)

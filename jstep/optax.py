@@ -57,7 +57,7 @@ from jstep.adaptive import (
     scale_by_rss,
 )
 from jstep.momentum import velocity_step
-from jstep.precision import store
+from jstep.precision import load, store
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
 
@@ -96,13 +96,14 @@ def _trace(decay: Any, nesterov: bool, accumulator_dtype: Any = None) -> optax.G
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        _core.check_same_shapes(updates, state.trace, holds_values=True)
+        old = load(state.trace)
+        _core.check_same_shapes(updates, old, holds_values=True)
 
         def step(t, g):
             direction, t_new = velocity_step(t, g, decay, 1.0, nesterov=nesterov)
             return direction.astype(g.dtype), t_new
 
-        directions, trace = _core.unzip_pairs(jax.tree.map(step, state.trace, updates), updates)
+        directions, trace = _core.unzip_pairs(jax.tree.map(step, old, updates), updates)
         return directions, optax.TraceState(trace=store(trace, state.trace))
 
     return optax.GradientTransformationExtraArgs(init, update)

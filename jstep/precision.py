@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jstep import _core
+from jstep import _core, quantization
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
@@ -373,18 +373,32 @@ def step_keys(rounding_seed: Any, count: jax.Array, streams: int) -> tuple[jax.A
     return tuple(jax.random.fold_in(key, stream) for stream in range(streams))
 
 
+def load(state: Any) -> Any:
+    """A state tree as the values it stands for: each `jstep.QuantizedArray` leaf dequantized
+    to float32, every other leaf as it is. Every jstep state that may be narrow is read here."""
+    return jax.tree.map(
+        lambda leaf: quantization.dequantize(leaf) if quantization.is_quantized(leaf) else leaf,
+        state,
+        is_leaf=quantization.is_quantized,
+    )
+
+
 def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
-    """Each leaf of `values` stored in the dtype of the matching leaf of `like`.
+    """Each leaf of `values` stored in the dtype (or format) of the matching leaf of `like`.
 
     A leaf whose dtype is narrower than the value's (a bfloat16 average formed in float32) is
     stored by `stochastic_round` with the key ``jax.random.fold_in(key, i)`` (leaf i of the
     flattened tree) when `key` is given, and by round-to-nearest otherwise; any other leaf is
-    cast as usual. Every jstep state that may be narrow is written through here.
+    cast as usual. A `jstep.QuantizedArray` leaf of `like` is quantized again in its layout,
+    with stochastic rounding between its codes under the same key. Every jstep state that may
+    be narrow is written through here.
     """
 
     def one(seed, value, old):
         if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
             return None
+        if quantization.is_quantized(old):
+            return quantization._encode(value, old.layout, seed)
         dtype = jnp.result_type(old)
         narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
         if seed is None or not narrower:

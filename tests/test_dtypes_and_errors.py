@@ -267,7 +267,10 @@ def test_every_public_factory_is_checked():
         "batch_norm",
         "batch_renorm",
         "batch_stats",
+        "blockwise",
         "check_vjp",
+        "dequantize",
+        "quantize",
         "running_average_update",
         "stochastic_round",
     }

@@ -427,8 +427,8 @@ def test_every_factory_is_listed():
     """FACTORIES names every optimizer factory jstep exports: every lower-case public name but the
     functions that are not transformations."""
     not_factories = {
-        "apply_updates", "batch_norm", "batch_renorm", "batch_stats", "check_vjp", "grouped", "running_average_update",
-        "stochastic_round",
+        "apply_updates", "batch_norm", "batch_renorm", "batch_stats", "blockwise", "check_vjp", "dequantize", "grouped",
+        "quantize", "running_average_update", "stochastic_round",
     }  # fmt: skip
     exported = {name for name in jstep.__all__ if name.islower()} - not_factories
     assert set(FACTORIES) == exported

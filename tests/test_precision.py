@@ -681,7 +681,9 @@ def test_bad_rounding_seed_fails_at_construction(name, value, error, message):
 @pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad", "scale_by_rss", "adadelta", "momentum"])
 def test_integer_state_dtype_fails_at_construction(name):
     with pytest.raises(
-        TypeError, match=r"(accumulator|mu)_dtype must be None or a floating dtype such as jnp.bfloat16, got int8"
+        TypeError,
+        match=r"(accumulator|mu)_dtype must be None, a floating dtype such as jnp.bfloat16 or a format such as "
+        r"jstep.blockwise\(8\), got int8",
     ):
         STATEFUL[name][0](accumulator_dtype=jnp.int8)
 
