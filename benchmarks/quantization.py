@@ -33,7 +33,8 @@ QuantizedArray's uint8 codes and float32 scales, float32 leaves under ``min_size
 count) / the number of parameters. The targets: Adam with 8-bit m and v <= 2.07, 4-bit <= 1.07,
 one-moment optimizers in 8 bits <= 1.04. bitsandbytes' 8-bit optimizers and torchao's AdamW8bit /
 AdamW4bit are counted the same way from the state they allocate for the same shapes
-(``init_state`` / ``_new_buffer``; the shared 256-entry maps counted once).
+(``init_state`` / ``_new_buffer``; the shared 256-entry maps counted once). The row with
+``min_size=0`` quantizes the small leaves too (biases and norms: 8 float32 bytes each otherwise).
 
     python benchmarks/quantization.py                 # both tables
     python benchmarks/quantization.py --size 65536    # a quick look
@@ -234,11 +235,21 @@ JSTEP_OPTIMIZERS: dict[str, Callable[[], Any]] = {
     "adam float32": lambda: jstep.adam(LEARNING_RATE),
     "adam 8-bit": lambda: jstep.adam(LEARNING_RATE, mu_dtype=jstep.blockwise(8), nu_dtype=jstep.blockwise(8)),
     "adam 4-bit": lambda: jstep.adam(LEARNING_RATE, mu_dtype=jstep.blockwise(4), nu_dtype=jstep.blockwise(4)),
+    "adam 4-bit min_size=0": lambda: jstep.adam(
+        LEARNING_RATE, mu_dtype=jstep.blockwise(4, min_size=0), nu_dtype=jstep.blockwise(4, min_size=0)
+    ),
     "momentum 8-bit": lambda: jstep.momentum(LEARNING_RATE, 0.9, accumulator_dtype=jstep.blockwise(8)),
     "rmsprop 8-bit": lambda: jstep.rmsprop(LEARNING_RATE, accumulator_dtype=jstep.blockwise(8)),
     "adagrad 8-bit": lambda: jstep.adagrad(LEARNING_RATE, accumulator_dtype=jstep.blockwise(8)),
 }
-TARGETS = {"adam 8-bit": 2.07, "adam 4-bit": 1.07, "momentum 8-bit": 1.04, "rmsprop 8-bit": 1.04, "adagrad 8-bit": 1.04}
+TARGETS = {
+    "adam 8-bit": 2.07,
+    "adam 4-bit": 1.07,
+    "adam 4-bit min_size=0": 1.07,
+    "momentum 8-bit": 1.04,
+    "rmsprop 8-bit": 1.04,
+    "adagrad 8-bit": 1.04,
+}
 
 
 def jstep_state_bytes(make: Callable[[], Any], shapes: dict[str, tuple[int, ...]]) -> int:
