@@ -554,7 +554,11 @@ HLO bytes/param: what the compiled step's kernels read and write (XLA's cost ana
 
     if args.quantized:
         chosen = [tree for tree in trees if tree in QUANTIZED_TREES]
-        quantized_rows = [row for tree in chosen for row in measure_quantized(tree, repeats, torch)]
+        quantized_rows = []
+        for tree in chosen:
+            for row in measure_quantized(tree, repeats, torch):
+                quantized_rows.append(row)
+                print(" | ".join(row), flush=True)
         header = ["tree", "adam", "ms", "/ jstep f32", "paired", "step err"]
         print("\nadam with m and v stored block-wise in 8 and 4 bits, timed in the same rounds\n")
         print(format_table(header, quantized_rows, text_columns=2))
