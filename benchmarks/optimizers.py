@@ -37,7 +37,9 @@ Quantized state (``--quantized``, off by default): Adam's step with m and v stor
 (``jstep.blockwise(8)`` and ``(4)``) against float32 jstep.adam, on the 4M leaf and the 1000
 leaves, beside PyTorch's float32 Adam, bitsandbytes' Adam8bit and torchao's AdamW8bit and
 AdamW4bit on the CPU (or the GPU where JAX measures one), in the same rounds. A peer that does
-not run here gets a row that says why.
+not run here gets a row that says why. On a 2-core CPU the peers' steps on 1000 leaves take
+seconds each (a Python loop over the leaves) and compiling jstep's quantized step on them takes
+minutes: ``--repeats 10`` keeps the table under a quarter of an hour.
 """
 
 from __future__ import annotations
