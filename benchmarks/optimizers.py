@@ -24,6 +24,7 @@ for the whole run (the JAX contenders' carries are moved to new buffers every 10
     python benchmarks/optimizers.py --trees resnet50 --optimizers adam --repeats 100
     python benchmarks/optimizers.py --no-torch       # without PyTorch
     python benchmarks/optimizers.py --optimizers adam --no-torch --no-grouped-table   # low precision only
+    python benchmarks/optimizers.py --quantized --optimizers adam --no-grouped-table --no-low-precision  # 8/4-bit only
 
 Low precision (with adam): the same step with params, gradients and Adam's m and v in
 bfloat16, stored by round-to-nearest (``jstep.adam(lr)`` on bfloat16 params, ``jstep.apply_updates``
@@ -31,11 +32,20 @@ without a key) and by stochastic rounding (``rounding_seed=0`` and ``apply_updat
 folded from the step count), timed in the same rounds as that step in float32. Its bytes are
 XLA's cost analysis of each compiled step: the step must read p, g, m, v and write p, m, v,
 7 arrays of 4 bytes per parameter in float32 and of 2 in bfloat16.
+
+Quantized state (``--quantized``, off by default): Adam's step with m and v stored block-wise
+(``jstep.blockwise(8)`` and ``(4)``) against float32 jstep.adam, on the 4M leaf and the 1000
+leaves, beside PyTorch's float32 Adam, bitsandbytes' Adam8bit and torchao's AdamW8bit and
+AdamW4bit on the CPU (or the GPU where JAX measures one), in the same rounds. A peer that does
+not run here gets a row that says why. On a 2-core CPU the peers' steps on 1000 leaves take
+seconds each (a Python loop over the leaves) and compiling jstep's quantized step on them takes
+minutes: ``--repeats 10`` keeps the table under a quarter of an hour.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import statistics
@@ -265,6 +275,99 @@ def measure_low_precision(tree: str, repeats: int, copy_bytes: int) -> list:
     ]  # fmt: skip
 
 
+# ------------------------------------------------------------------------- quantized state
+
+QUANTIZED_TREES = ("1x4M", "1000x4096")
+
+
+def jstep_adam(bits: int | None) -> optax.GradientTransformation:
+    """jstep.adam with float32 m and v (bits None) or both stored in ``jstep.blockwise(bits)``."""
+    if bits is None:
+        return jstep.adam(LEARNING_RATE)
+    return jstep.adam(LEARNING_RATE, mu_dtype=jstep.blockwise(bits), nu_dtype=jstep.blockwise(bits))
+
+
+# name: (module to import, the optimizer from that module and a list of tensors). torchao's AdamW
+# with weight_decay=0 is Adam.
+TORCH_QUANTIZED_ADAMS: dict[str, tuple[str, Callable[[Any, list], Any]]] = {
+    "torch Adam float32": ("torch", lambda torch, ps: torch.optim.Adam(ps, lr=LEARNING_RATE, foreach=True)),
+    "bitsandbytes Adam8bit": ("bitsandbytes", lambda bnb, ps: bnb.optim.Adam8bit(ps, lr=LEARNING_RATE)),
+    "torchao AdamW8bit": ("torchao.optim", lambda ao, ps: ao.AdamW8bit(ps, lr=LEARNING_RATE, weight_decay=0.0)),
+    "torchao AdamW4bit": ("torchao.optim", lambda ao, ps: ao.AdamW4bit(ps, lr=LEARNING_RATE, weight_decay=0.0)),
+}
+CHECK_STEPS = 3
+
+
+def torch_tensors(torch: Any, device: Any, params: Any, grads: Any) -> list:
+    """float32 torch copies of `params`' leaves, each with `.grad` set from `grads`."""
+    tensors = []
+    for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(grads), strict=True):
+        tensor = torch.tensor(np.asarray(p), device=device)
+        tensor.grad = torch.tensor(np.asarray(g), device=device)
+        tensors.append(tensor)
+    return tensors
+
+
+def step_error(after: list[np.ndarray], reference: list[np.ndarray], before: list[np.ndarray]) -> float:
+    """Median over all elements of |dW - dW_float32| / lr, dW the change of the params over the check steps."""
+    gaps = [np.abs((a - b) - (r - b)).ravel() for a, r, b in zip(after, reference, before, strict=True)]
+    return float(np.median(np.concatenate(gaps)) / LEARNING_RATE)
+
+
+def measure_quantized(tree: str, repeats: int, torch: Any) -> list[list[str]]:
+    """Adam's step with 8- and 4-bit m and v against float32, jstep's and the PyTorch peers', in the same rounds.
+
+    Every contender first takes CHECK_STEPS steps from the same params and gradients (compiling
+    jstep's step and torchao's), whose change of the params is compared with float32 jstep.adam's;
+    a peer that fails on this machine gets a row that says so.
+    """
+    shapes = tree_shapes(tree)
+    params, grads = random_tree(shapes, seed=0), random_tree(shapes, seed=1)
+    before = [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
+    steps, carries, after, failures = {}, {}, {}, {}
+    for name, bits in (("jstep float32", None), ("jstep 8-bit", 8), ("jstep 4-bit", 4)):
+        try:
+            optimizer = jstep_adam(bits)
+            jitted = training_step(optimizer)
+            p, s = copy_tree(params), optimizer.init(params)
+            for _ in range(CHECK_STEPS):
+                p, s = jitted(p, s, grads)
+        except Exception as error:  # shown in the table, not hidden
+            failures[name] = f"fails: {type(error).__name__}: {str(error)[:80]}"
+            continue
+        after[name] = [np.asarray(leaf) for leaf in jax.tree.leaves(p)]
+        carries[name] = (copy_tree(params), optimizer.init(params))
+        steps[name] = lambda p, s, step=jitted: step(p, s, grads)
+    if torch is None:
+        failures.update(dict.fromkeys(TORCH_QUANTIZED_ADAMS, "not run: PyTorch is off or missing"))
+    else:
+        device = torch_device(torch)
+        for name, (module, make) in TORCH_QUANTIZED_ADAMS.items():
+            try:
+                tensors = torch_tensors(torch, device, params, grads)
+                opt = make(importlib.import_module(module), tensors)
+                for _ in range(CHECK_STEPS):
+                    opt.step()
+            except Exception as error:  # a peer that does not run here is reported, not hidden
+                failures[name] = f"fails on {device.type}: {type(error).__name__}: {str(error)[:80]}"
+                continue
+            after[name] = [t.detach().cpu().numpy().copy() for t in tensors]  # before the timed steps move them
+            steps[name], carries[name] = torch_step(torch, device, opt.step), ()
+    times = interleaved_times(steps, carries, repeats) if steps else {}
+    baseline = times.get("jstep float32")
+    rows = []
+    for name in ["jstep float32", "jstep 8-bit", "jstep 4-bit", *TORCH_QUANTIZED_ADAMS]:
+        if name in failures:
+            rows.append([tree, name, failures[name], "", "", ""])
+            continue
+        ms = 1e3 * statistics.median(times[name])
+        ratio = "" if baseline is None else f"{statistics.median(times[name]) / statistics.median(baseline):.3f}"
+        paired = "" if baseline is None else f"{paired_ratio(times[name], baseline):.3f}"
+        error = "" if "jstep float32" not in after else f"{step_error(after[name], after['jstep float32'], before):.4f}"
+        rows.append([tree, name, f"{ms:.2f}", ratio, paired, error])
+    return rows
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -368,6 +471,11 @@ def main(argv: list[str] | None = None) -> None:
         "--low-precision", action=argparse.BooleanOptionalAction, default=True,
         help="time Adam's step in bfloat16, round-to-nearest and stochastic, against float32 (with adam; default on)",
     )  # fmt: skip
+    parser.add_argument(
+        "--quantized", action=argparse.BooleanOptionalAction, default=False,
+        help="time Adam's step with 8- and 4-bit m and v (jstep.blockwise) against float32 and against "
+        "bitsandbytes' and torchao's, on the trees among 1x4M,1000x4096 (default off)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 50)
     trees = choices(args.trees, TREES, "--trees")
@@ -444,6 +552,28 @@ HLO bytes/param: what the compiled step's kernels read and write (XLA's cost ana
             bits are computed, not read (a hash of each element's position). On a tree of many
             leaves the analysis counts the small (leaves x 4) array of per-leaf seeds once for
             every leaf's kernel that slices it, which inflates the stochastic figure there."""
+        )
+
+    if args.quantized:
+        chosen = [tree for tree in trees if tree in QUANTIZED_TREES]
+        quantized_rows = []
+        for tree in chosen:
+            for row in measure_quantized(tree, repeats, torch):
+                quantized_rows.append(row)
+                print(" | ".join(row), flush=True)
+        header = ["tree", "adam", "ms", "/ jstep f32", "paired", "step err"]
+        print("\nadam with m and v stored block-wise in 8 and 4 bits, timed in the same rounds\n")
+        print(format_table(header, quantized_rows, text_columns=2))
+        print(
+            f"""
+jstep 8-bit: jstep.adam(lr, mu_dtype=jstep.blockwise(8), nu_dtype=jstep.blockwise(8)) (blocks of 256;
+             4-bit: blockwise(4), blocks of 128); target on the CPU: 8-bit / jstep f32 <= 2.0
+torch Adam float32: torch.optim.Adam(foreach=True); bitsandbytes Adam8bit: blocks of 256 on the CPU;
+             torchao AdamW8bit / AdamW4bit with weight_decay=0 (Adam), its step compiled by torch.compile
+/ jstep f32: ms / jstep float32 ms (medians); paired: median over repeats of the side-by-side ratio
+step err:    median over elements of |dW - dW_f32| / lr after {CHECK_STEPS} steps from the same params and
+             gradients, dW_f32 jstep float32's (each step moves a weight by about lr)
+compile excluded (the check steps compile jstep's and torchao's steps); jstep's params and state donated"""
         )
 
 
