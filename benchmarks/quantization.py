@@ -8,9 +8,9 @@ values read back, and jstep's figure / the peer's (the issue's target: <= 1.25 a
 
 - jstep: ``jstep.dequantize(jstep.quantize(x, jstep.blockwise(bits), signed=...))`` (block 256
   for 8 bits, 128 for 4).
-- nearest: the float64 reference of tests/quantization_reference.py on the design's maps and
-  jstep's blocks (each element the code nearest to x / absmax): the floor for those maps. The
-  script also prints whether jstep's code tables are those maps.
+- nearest: the float64 reference of tests/quantization_reference.py on jstep's maps
+  (``jstep.quantization.code_table``) and jstep's blocks (each element the code nearest to
+  x / absmax): the floor for those maps.
 - bitsandbytes: ``bitsandbytes.functional.quantize_blockwise(x, code, blocksize)`` then
   ``dequantize_blockwise`` on the CPU, with the map its 8-bit optimizers use:
   ``create_dynamic_map(signed)``, blocksize 256 (its optimizers' block size on the CPU); for 4
@@ -105,10 +105,8 @@ def jstep_round_trip(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:
 
 
 def jstep_code(bits: int, signed: bool) -> np.ndarray:
-    """The map jstep's design names: the dynamic map, the unsigned one without zero, or {k/16}."""
-    if signed:
-        return ref.dynamic_map(True, bits - 1, bits)
-    return ref.unsigned_map_without_zero(bits) if bits == 8 else ref.linear_map_without_zero(bits)
+    """jstep's map (see the module docstring of jstep.quantization), in float64."""
+    return np.asarray(jstep.quantization.code_table(bits, signed), np.float64)
 
 
 def nearest_round_trip(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -373,21 +371,6 @@ def check_reference(peers: dict[str, Any]) -> str:
     )
 
 
-def check_jstep_maps() -> str:
-    """jstep's code tables (``jstep.quantization.code_table``) against the design's maps, rounded to float32."""
-    results = []
-    for bits in (8, 4):
-        for signed in (True, False):
-            mine = np.asarray(jstep.quantization.code_table(bits, signed))
-            design = jstep_code(bits, signed).astype(np.float32)
-            differ = int(np.sum(mine != design)) if mine.shape == design.shape else mine.size
-            results.append(
-                f"{bits}-bit {'signed' if signed else 'unsigned'}: "
-                + (f"DIFFERENT ({differ} of {design.size})" if differ else "equal")
-            )
-    return "jstep's code tables against tests/quantization_reference's: " + ", ".join(results)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1 << 20, help="elements per data set (default 2^20)")
@@ -400,7 +383,6 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_report())
     print(versions(peers))
     print(check_reference(peers))
-    print(check_jstep_maps())
 
     header = ["data", "bits", "map", "who", "mean |err|", "rms err", "median rel", "p99 rel",
               "jstep/who mean", "rms", "median rel"]  # fmt: skip
@@ -408,8 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(header, error_rows(peers, args.size), text_columns=4))
     print(
         """
-nearest:  float64 reference: the nearest code of the design's map (bitsandbytes' dynamic map for
-          signed values, the unsigned one without zero, {k/16}) in jstep's blocks: the floor for that map
+nearest:  float64 reference: the nearest code of jstep's map in jstep's blocks: the floor for that map
 jstep/who: jstep's figure / the row's (target <= 1.25 against bitsandbytes' 8 bits)
 4 bits:   bitsandbytes: create_dynamic_map(True, 3, 4) through quantize_blockwise, block 128, one
           code per byte (it has no unsigned 4-bit map); torchao: AdamW4bit's maps and quantizer"""

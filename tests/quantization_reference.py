@@ -15,10 +15,6 @@ Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization") and from t
   ``end - step * (n - 1 - i)`` for the second, each one fused multiply-add, i.e. rounded once).
   ``dynamic_map`` rounded to float32 differs from it by one or two float32 ulps in some entries
   (72 of the signed 8-bit map's 256, 100 of the unsigned one's, 4 of the signed 4-bit map's 16).
-- ``unsigned_map_without_zero(total_bits=8)``: the unsigned dynamic map with its 0 replaced by the
-  midpoint of one more decade below the smallest, 10^-E * (0.1 + 1) / 2 = 0.55e-7 for E = 7, so
-  that no non-zero second moment is stored as 0 (a v rounded to 0 makes m / (sqrt(v) + eps)
-  explode).
 - ``linear_map_without_zero(total_bits=4)``: {k / 2^T : k = 1 .. 2^T}, torchao's 4-bit map for v.
 
 ``quantize_blockwise`` / ``dequantize_blockwise``: the array is read in row-major order and cut
@@ -93,16 +89,6 @@ def dynamic_map_float32(signed: bool = True, max_exponent_bits: int = 7, total_b
         scale = f32(10 ** (i - max_exponent_bits + 1))
         decades.append((scale * midpoints).astype(f32))
     return _assemble(decades, signed, total_bits).astype(f32)
-
-
-def unsigned_map_without_zero(total_bits: int = 8) -> np.ndarray:
-    """The unsigned dynamic map (max_exponent_bits = total_bits - 1) with 0 replaced by 10^-E * 0.55."""
-    max_exponent_bits = total_bits - 1
-    values = dynamic_map(False, max_exponent_bits, total_bits)
-    assert values[0] == 0.0
-    values[0] = 10.0**-max_exponent_bits * (0.1 + 1.0) / 2
-    assert np.all(np.diff(values) > 0)
-    return values
 
 
 def linear_map_without_zero(total_bits: int = 4) -> np.ndarray:

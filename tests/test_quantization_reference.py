@@ -36,16 +36,11 @@ def test_float32_table_is_the_float64_map_within_two_ulps(signed, bits):
     np.testing.assert_array_less(np.abs(table - exact), 2 * np.spacing(np.abs(exact).astype(np.float32)) + 1e-45)
 
 
-def test_unsigned_maps_have_no_zero():
-    without_zero = ref.unsigned_map_without_zero(8)
-    assert without_zero[0] == pytest.approx(0.55e-7, rel=1e-15)
-    np.testing.assert_array_equal(without_zero[1:], ref.dynamic_map(False, 7, 8)[1:])
+def test_linear_map_has_no_zero():
     np.testing.assert_array_equal(ref.linear_map_without_zero(4), np.arange(1, 17) / 16)
 
 
-@pytest.mark.parametrize(
-    "code", [ref.dynamic_map(True), ref.unsigned_map_without_zero(), ref.linear_map_without_zero()]
-)
+@pytest.mark.parametrize("code", [ref.dynamic_map(True), ref.dynamic_map(False), ref.linear_map_without_zero()])
 def test_quantize_blockwise_is_the_nearest_code_of_each_block(code):
     rng = np.random.default_rng(0)
     block_size = 64
