@@ -51,7 +51,10 @@ m / s ~ 1e-6) is divided by eps, and the step explodes (about 100 learning rates
 eps = 1e-8). A linear map (k / 255) rounds to 0 everything under s / 510, most of such a
 block: that is how linearly quantized v blows up. A dynamic exponent is not enough either: its
 lowest decades have one or two codes each, so a v there can be stored 3 to 5 times too small,
-and the step of that weight about 2 times too large.
+and the step of that weight about 2 times too large. Near the block's maximum a geometric map
+is coarser than the dynamic exponent (its absolute error on squares of heavy-tailed data is
+about 2.6 times bitsandbytes'), but that costs the step 3% at most, where coarse low decades
+cost it a factor of 2.
 
 v enters the step only through 1 / sqrt(v), so what it needs is the same *relative* precision
 at every size, not fine steps near its maximum: a geometric map. m's signed map reaches down
@@ -323,7 +326,9 @@ def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> 
     two around y, the upper with probability (|y| - lo) / (hi - lo) (module docstring)."""
     tables = _buckets(bits, signed)
     magnitudes = tables.magnitudes
-    magnitude = jnp.clip(jnp.abs(y), magnitudes[0], 1.0)
+    magnitude = jnp.clip(
+        jnp.abs(y) if signed else y, magnitudes[0], 1.0
+    )  # unsigned: y < 0 is stored as the smallest code
     key = (lax.bitcast_convert_type(magnitude, jnp.int32) >> tables.shift) - tables.first
     key = jnp.clip(key, 0, tables.lower.size - 1)
     if uniform is None:
@@ -423,8 +428,8 @@ def quantize(x: Any, fmt: BlockwiseFormat, *, signed: bool = True, key: jax.Arra
       x: a real floating array, any shape.
       fmt: a format, ``jstep.blockwise(bits, block_size)``.
       signed: True for values of either sign (the dynamic-exponent map of first moments),
-        False for non-negative values (the map of second moments, without zero; negative
-        values are refused by no check and stored as its smallest code).
+        False for non-negative values (the map of second moments, without zero; a negative
+        value is stored as its smallest code).
       key: None (round to nearest), or a JAX random key: round at random between the two
         neighbouring codes so that ``E[dequantize(quantize(x, fmt, key=k))] = x`` within the
         map's range.
