@@ -376,11 +376,17 @@ def step_keys(rounding_seed: Any, count: jax.Array, streams: int) -> tuple[jax.A
 def load(state: Any) -> Any:
     """A state tree as the values it stands for: each `jstep.QuantizedArray` leaf dequantized
     to float32, every other leaf as it is. Every jstep state that may be narrow is read here."""
-    return jax.tree.map(
-        lambda leaf: quantization.dequantize(leaf) if quantization.is_quantized(leaf) else leaf,
-        state,
-        is_leaf=quantization.is_quantized,
-    )
+
+    def one(leaf):
+        if not quantization.is_quantized(leaf):
+            return leaf
+        # Dequantized once into a float32 buffer the size of this leaf, which every use in the
+        # step then reads: left to fusion, XLA:CPU recomputes the decoding in each consumer
+        # (the new average, its block maxima, its codes, the update) and copies the codes it
+        # still reads after the new ones overwrite them.
+        return lax.optimization_barrier(quantization.dequantize(leaf))
+
+    return jax.tree.map(one, state, is_leaf=quantization.is_quantized)
 
 
 def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:

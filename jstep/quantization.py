@@ -17,50 +17,56 @@ per element (1.6% at B = 256). The table is where the precision goes: the averag
 notes span many decades inside one block (a weight that sees gradients of 1e-6 beside one that
 sees 1), so a uniform grid of 2^8 levels would round most of a block to 0.
 
-The signed map (m_t, velocities, any average of g)
--------------------------------------------------
-A dynamic exponent (Dettmers 2016, the map of bitsandbytes' 8-bit optimizers). After the sign
-bit, a run of z zeros and a 1 says that the magnitude lies in the decade [0.1, 1) 10^-z; the
-n - 1 - z bits that remain (n = bits - 1 magnitude bits) number 2^(n-1-z) equal cells of
-that decade, and the code is the cell's midpoint::
+The maps: piecewise-uniform grids over decades
+----------------------------------------------
+A uniform grid in [-1, 1] cannot hold the averages of the notes: within one block they span
+many decades, and 2^8 equal steps round to 0 everything under s / 256. A dynamic exponent
+(Dettmers 2016, the map of bitsandbytes' 8-bit optimizers) spends the codes on decades
+instead. With n = bits - 1 bits after the sign, a run of z zeros and a 1 says that the
+magnitude lies in the decade (0.1, 1] 10^-z, and the n - 1 - z bits that remain count
+S_z = 2^(n-1-z) equal steps across it::
 
-    q = +-10^-z (0.1 + 0.9 (k + 1/2) / 2^(n-1-z)),   z = 0 .. n-1,  k = 0 .. 2^(n-1-z) - 1.
+    signed:  q = +-10^-z (0.1 + 0.9 k / S_z),    z = 0 .. n-1,  k = 1 .. S_z,   and 0.
 
-The top decade gets 2^(n-1) codes, each decade below half as many: the relative spacing is
-0.9 / 2^(n-1-z) / 0.1 at the decade's low end, 1.4% at the top decade for 8 bits, while values
-down to 10^-(n-1) (1e-6 for 8 bits, 1e-2 for 4) keep a code of their own. The all-zero
-pattern is 0, and the pattern of sign 1 with all zeros (minus zero) is 1, so that the block's
-largest positive element is exact. 8 bits: 127 negative codes, 0, 128 positive (up to 1);
-4 bits: 7, 0, 8 (``create_dynamic_map(True, 7, 8)`` and ``(True, 3, 4)`` of bitsandbytes,
-whose codes these are, and torchao's 4-bit first moment). The block's most negative element,
-when it is the block's largest magnitude, is stored as the lowest code, -0.993 s for 8 bits.
+The top decade has 2^(n-1) codes and each decade below half as many: steps of 1.4% of the
+value near 1 for 8 bits, coarser further down, while magnitudes down to 10^-(n-1) (1e-6 for 8
+bits, 1e-2 for 4) keep codes of their own. The grid is uniform inside each decade and the top
+of decade z + 1 (10^-(z+1)) is the bottom of decade z, so the codes form runs of equal steps
+that meet at codes: 127 magnitudes per sign for 8 bits (1e-6 .. 1), 7 for 4 bits
+(0.01 .. 1), 0 twice (the +0 and -0 patterns, as in floats). The map is symmetric and holds
++-1: every y = x / s lies between two codes, which unbiased rounding needs (bitsandbytes'
+map, whose codes are the midpoints of the steps, has +1 but not -1, so the block's most
+negative value could only be rounded toward 0). It has the same decades and the same number
+of codes in each as bitsandbytes' ``create_dynamic_map(signed=True)``; used for m_t, momentum's
+velocities and every average of g.
 
-The unsigned maps (v_t and every average of g^2)
------------------------------------------------
-Second moments are never negative, so the sign bit becomes one more bit of fraction: decade z
-gets 2^(n-z) codes, 254 codes over seven decades for 8 bits, plus 1. But they must not
-contain 0. The step is m_hat / (sqrt(v_hat) + eps): a v that rounds to 0 while m does not
-(a weight whose gradients are 1e-6 in a block where another's are 1: v/s ~ 1e-12, m/s ~ 1e-6)
-divides by eps and the step explodes (m_hat / eps ~ 100 learning rates). A linear map
-(s k / 255) rounds to 0 everything under s / 510, most of such a block. So the code that
-would be 0 is instead the midpoint of one decade further down, 0.55e-7, and a v under it is
-stored as that: rounded up, never to 0, so the step of such a weight can only shrink. With
-the smallest v code v_min = c s_v and m within its own block's codes, the step of a weight is
-at most about max(|m|) / sqrt(c max(v)) * (its share): bounded by the block, never 1/eps.
+Second moments (v_t, every average of g^2) are never negative, so the sign bit becomes one
+more step bit, C_z = 2^(n-z) steps per decade (254 codes over 1e-7 .. 1 for 8 bits), and they
+must not contain 0. The step is m_hat / (sqrt(v_hat) + eps): a v that rounds to 0 while m
+does not (a weight whose gradients are 1e-6 beside one whose gradients are 1 in its block:
+v / s ~ 1e-12, m / s ~ 1e-6) is divided by eps, and the step explodes (about 100 learning
+rates with eps = 1e-8). A linear map (k / 255) rounds to 0 everything under s / 510, most of
+such a block: that is how linearly quantized v blows up. So the unsigned 8-bit map ends one
+decade further down with two codes, 0.55e-7 and 1e-7, and has no zero: a v under 0.55e-7 s
+is stored as 0.55e-7 s, rounded up, so the step of such a weight can only shrink. For 4 bits
+(Li et al. 2023, "Memory efficient optimizers with 4-bit states"), 16 codes cannot cover
+decades; the second moment's map is linear without zero, q = k / 16 for k = 1 .. 16 (as in
+torchao), and blocks are smaller (128) so that fewer weights share a scale::
 
-For 4 bits (Li et al. 2023, "Memory efficient optimizers with 4-bit states"), the second
-moment's 16 codes are linear without zero, q = k / 16 for k = 1 .. 16: 4 bits cannot cover
-decades, and any zero code is the failure above. Blocks are smaller (128) so that fewer
-weights share a scale.
+    unsigned, 8 bits:  q = 10^-z (0.1 + 0.9 k / C_z),  z = 0 .. 6, k = 1 .. C_z;  0.55e-7, 1e-7
+    unsigned, 4 bits:  q = k / 16,  k = 1 .. 16
 
 Rounding
 --------
-Round to nearest picks the nearest code. With a key the code is chosen at random between the
-two neighbouring codes lo <= y <= hi of y = x / s, hi with probability (y - lo) / (hi - lo),
-so that E[s q(c)] = x for every x within the map's range, as `jstep.stochastic_round` does
-for narrow floats (a resumed run draws the same bits: the keys come from the rounding seed,
-the step count and the leaf). Values outside the range ([-0.993 s, s] for the signed 8-bit
-map, below 0.55e-7 s or s / 16 for the unsigned ones) go to the nearest end.
+Every map is a few runs of equal steps (7 for the signed 8-bit map, 8 for the unsigned), so
+the code is found by arithmetic, not by a search of the table: the run is the last whose
+first code L is <= |y|, and within it |y| lies u = (|y| - L) / step steps above L. Round to
+nearest takes the nearest whole u. With a key the code is floor(u) + 1 with probability
+u - floor(u) and floor(u) otherwise: one of the two neighbouring codes, chosen so that
+E[s q(c)] = x for every x with |x| <= s (for the unsigned maps, x >= their smallest code
+times s; values below are stored as that code), as `jstep.stochastic_round` does for narrow
+floats. The keys come from the rounding seed, the step count and the leaf, so a resumed run
+draws the same bits as an uninterrupted one.
 
 Arithmetic always runs in float32: a state is dequantized to float32, the notes' rule is
 applied, and the result is quantized, one leaf at a time.
@@ -72,11 +78,13 @@ import dataclasses
 import functools
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jstep import precision
 
@@ -201,52 +209,117 @@ def is_quantized(leaf: Any) -> bool:
 # -------------------------------------------------------------------------------- the maps
 
 
-def _signed_map(bits: int) -> np.ndarray:
-    """The signed dynamic-exponent codes (module docstring), sorted, in float64: 2^bits values."""
-    magnitude_bits = bits - 1
-    decades = []
-    for z in range(magnitude_bits):
-        steps = 2 ** (magnitude_bits - 1 - z)
-        decades.append(10.0**-z * (0.1 + 0.9 * np.arange(1, steps + 1) / steps))
-    magnitudes = np.concatenate(decades)
-    return np.sort(np.concatenate([-magnitudes, [0.0, 0.0], magnitudes]))  # 0 twice: +0 and -0
+def _decades(steps: Callable[[int], int], count: int) -> list[np.ndarray]:
+    """The codes 10^-z (0.1 + 0.9 k / steps(z)), k = 1 .. steps(z), of the decades z < count."""
+    return [10.0**-z * (0.1 + 0.9 * np.arange(1, steps(z) + 1) / steps(z)) for z in range(count)]
 
 
-def _unsigned_map(bits: int) -> np.ndarray:
-    """The unsigned dynamic-exponent codes without zero (module docstring), sorted, in float64."""
-    magnitude_bits = bits - 1
-    values = [1.0, 10.0**-magnitude_bits * 0.55]  # 1, and the code that would be 0 in bitsandbytes' map
-    for z in range(magnitude_bits):
-        cells = 2 ** (magnitude_bits - z)
-        values += (10.0**-z * (0.1 + 0.9 * (np.arange(cells) + 0.5) / cells)).tolist()
-    return np.sort(np.asarray(values))
+def _magnitudes(bits: int, signed: bool) -> np.ndarray:
+    """The map's magnitudes, ascending, in float64 (module docstring): the codes >= 0 of a
+    signed map, 0 first; every code of an unsigned one."""
+    n = bits - 1
+    if signed:
+        return np.sort(np.concatenate([[0.0], *_decades(lambda z: 2 ** (n - 1 - z), n)]))
+    if bits == 4:
+        return np.arange(1, 17) / 16
+    return np.sort(np.concatenate([[0.55e-7, 1e-7], *_decades(lambda z: 2 ** (n - z), n)]))
 
 
 @functools.cache
 def code_table(bits: int, signed: bool) -> np.ndarray:
-    """The 2^bits codes q(c) of a map, sorted (code c is the c-th smallest), as float32."""
-    if signed:
-        table = _signed_map(bits)
-    elif bits == 4:
-        table = np.arange(1, 17, dtype=np.float64) / 16
-    else:
-        table = _unsigned_map(bits)
+    """The 2^bits codes q(c) of a map, sorted (code c means q(c) = table[c]), as float32.
+
+    A signed map holds -m[::-1], then m (m its magnitudes, 0 first), so 0 appears twice.
+    """
+    magnitudes = _magnitudes(bits, signed)
+    table = np.concatenate([-magnitudes[::-1], magnitudes]) if signed else magnitudes
     assert table.size == 2**bits
     return table.astype(np.float32)
 
 
+class _Buckets(NamedTuple):
+    """Tables that find a magnitude's codes without a search (see `_buckets`)."""
+
+    shift: int  # key = (float32 bits of |y|) >> shift
+    first: int  # the key of bucket 0
+    nearest_below: np.ndarray  # per bucket: the nearest code's index at the bucket's lower end
+    nearest_cut: np.ndarray  # per bucket: the midpoint between two codes inside it, or inf
+    lower: np.ndarray  # per bucket: the index of the largest code <= the bucket's lower end
+    next_code: np.ndarray  # per bucket: the code above `lower` when it lies inside the bucket, or inf
+    magnitudes: np.ndarray  # the map's magnitudes, ascending (float32)
+
+
+def _float_bits(x: Any) -> np.ndarray:
+    return np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+
+
+@functools.cache
+def _buckets(bits: int, signed: bool) -> _Buckets:
+    """Cut [0, 1] into buckets by the leading bits of a float32 (its exponent and the top
+    `mantissa` bits of its fraction, so each bucket is 2^-mantissa of its value wide), with
+    enough bits that no bucket holds two codes or two midpoints between codes: the nearest code
+    of |y| is then its bucket's code at the lower end, or the next one when |y| is past the one
+    midpoint inside; and the two codes around |y| are found the same way. Two or four table
+    reads per element instead of a binary search of the codes."""
+    table = code_table(bits, signed)
+    magnitudes = table[table.size // 2 :] if signed else table
+    cuts = ((magnitudes[:-1].astype(np.float64) + magnitudes[1:]) / 2).astype(np.float32)
+    points = np.concatenate([magnitudes[magnitudes > 0], cuts[cuts > 0]])
+    for mantissa in range(1, 24):
+        shift = 23 - mantissa
+        first = int(_float_bits(points.min() / 2) >> shift)  # bucket 0 also holds everything below
+        keys = np.arange(first, int(_float_bits(1.0) >> shift) + 1)
+        low = (keys << shift).astype(np.int32).view(np.float32)
+        low[0] = 0.0
+        high = ((keys + 1) << shift).astype(np.int32).view(np.float32)
+
+        def inside(values, low=low, high=high):
+            return (values[None, :] > low[:, None]) & (values[None, :] < high[:, None])
+
+        if inside(cuts).sum(1).max() <= 1 and inside(magnitudes).sum(1).max() <= 1:
+            break
+    below = np.searchsorted(cuts, low, side="right")
+    cut = np.where(inside(cuts).any(1), cuts[np.minimum(below, cuts.size - 1)], np.inf)
+    lower = np.searchsorted(magnitudes, low, side="right") - 1
+    above = np.minimum(lower + 1, magnitudes.size - 1)
+    next_code = np.where((magnitudes[above] > low) & (magnitudes[above] < high), magnitudes[above], np.inf)
+    return _Buckets(
+        shift,
+        first,
+        below.astype(np.int32),
+        cut.astype(np.float32),
+        lower.astype(np.int32),
+        next_code.astype(np.float32),
+        magnitudes,
+    )
+
+
+def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> jax.Array:
+    """The code (int32) of each y = x / s in [-1, 1]: the nearest, or with `uniform` one of the
+    two around y, the upper with probability (|y| - lo) / (hi - lo) (module docstring)."""
+    tables = _buckets(bits, signed)
+    magnitudes = tables.magnitudes
+    magnitude = jnp.clip(jnp.abs(y), magnitudes[0], 1.0)
+    key = (lax.bitcast_convert_type(magnitude, jnp.int32) >> tables.shift) - tables.first
+    key = jnp.clip(key, 0, tables.lower.size - 1)
+    if uniform is None:
+        index = jnp.asarray(tables.nearest_below)[key]
+        index = index + (magnitude >= jnp.asarray(tables.nearest_cut)[key]).astype(jnp.int32)
+    else:
+        index = jnp.asarray(tables.lower)[key]
+        index = index + (magnitude >= jnp.asarray(tables.next_code)[key]).astype(jnp.int32)
+        low = jnp.asarray(magnitudes)[index]
+        high = jnp.asarray(magnitudes)[jnp.minimum(index + 1, magnitudes.size - 1)]
+        gap = high - low
+        fraction = (magnitude - low) / jnp.where(gap > 0, gap, 1)
+        index = index + (uniform < fraction).astype(jnp.int32)
+    if not signed:
+        return index
+    half = 2 ** (bits - 1)
+    return jnp.where(y < 0, half - 1 - index, half + index)
+
+
 # ---------------------------------------------------------------------------- quantization
-
-
-def _search(thresholds: np.ndarray, y: jax.Array) -> jax.Array:
-    """The number of `thresholds` (sorted, 2^k - 1 of them) that are <= y: a branchless binary search."""
-    padded = jnp.asarray(np.append(thresholds, np.float32(np.inf)))
-    index = jnp.zeros(y.shape, jnp.int32)
-    step = padded.size // 2
-    while step:
-        index = index + step * (padded[index + step - 1] <= y).astype(jnp.int32)
-        step //= 2
-    return index
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
@@ -268,33 +341,26 @@ def _pack(codes: jax.Array) -> jax.Array:
         codes = codes.reshape(1)
     if codes.shape[-1] % 2:
         codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    pairs = lax.bitcast_convert_type(codes.reshape(*codes.shape[:-1], -1, 2), jnp.uint16)  # 2j low byte
+    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(jnp.uint8)
 
 
 def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    pairs = jnp.stack([packed & 15, packed >> 4], axis=-1)
+    wide = packed.astype(jnp.uint16)
+    pairs = lax.bitcast_convert_type((wide & 0x0F) | ((wide & 0xF0) << 4), jnp.uint8)
     codes = pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
     return codes[..., : shape[-1] if shape else 1].reshape(shape)
 
 
 def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArray:
     """Quantize `x` (any real dtype, computed in float32) to `layout`; stochastically with `seed`."""
-    table = code_table(layout.bits, layout.signed)
     blocks = _blocks(x.astype(jnp.float32), layout.block_size)
     scale = jnp.max(jnp.abs(blocks), axis=1)
     y = blocks / jnp.where(scale > 0, scale, 1)[:, None]
-    if seed is None:
-        codes = _search((table[1:] + table[:-1]) / 2, y)
-    else:
-        y = jnp.clip(y, table[0], table[-1])
-        below = _search(table[1:], y)  # table[below] <= y < table[below + 1]
-        above = jnp.minimum(below + 1, table.size - 1)
-        low, high = jnp.asarray(table)[below], jnp.asarray(table)[above]
-        gap = high - low
-        fraction = jnp.where(gap > 0, (y - low) / jnp.where(gap > 0, gap, 1), 0)
+    uniform = None
+    if seed is not None:
         uniform = precision._uniform(precision._hashed_bits(seed, y.shape, 1), jnp.float32)
-        codes = below + (uniform < fraction).astype(jnp.int32)
-    codes = _unblock(codes.astype(jnp.uint8), layout.shape)
+    codes = _unblock(_codes(y, layout.bits, layout.signed, uniform).astype(jnp.uint8), layout.shape)
     if layout.bits == 4:
         codes = _pack(codes)
     return QuantizedArray(codes, scale, layout)
@@ -304,8 +370,7 @@ def _decode(q: QuantizedArray) -> jax.Array:
     layout = q.layout
     codes = _unpack(q.codes, layout.shape) if layout.bits == 4 else q.codes
     values = jnp.asarray(code_table(layout.bits, layout.signed))[codes.astype(jnp.int32)]
-    blocks = _blocks(values, layout.block_size) * q.scale[:, None]
-    return _unblock(blocks, layout.shape)
+    return _unblock(_blocks(values, layout.block_size) * q.scale[:, None], layout.shape)
 
 
 def _check_real(name: str, x: Any) -> jax.Array:
@@ -351,7 +416,7 @@ def quantize(x: Any, fmt: BlockwiseFormat, *, signed: bool = True, key: jax.Arra
       >>> print(q.codes.dtype, q.scale)
       uint8 [1.]
       >>> print(jstep.dequantize(q))
-      [ 1.         -0.49921876  0.00099688  0.        ]
+      [ 1.      -0.49375  0.001    0.     ]
     """
     fmt = _check_format(fmt)
     x = _check_real("x", x)
