@@ -538,7 +538,7 @@ def training_runs(
     state only; params in `precision`)."""
     from jstep import _demo
 
-    runs = []
+    runs: list[tuple[str, str, str | None]] = []
     for name in optimizers:
         runs += [(name, dtype, None) for dtype in dict.fromkeys(["float32", precision])]
         if _demo.keeps_state(name):
