@@ -13,60 +13,75 @@ q(c_i) nearest to x_i / s in a table of 2^bits codes in [-1, 1]::
     x_i  ~  s * q(c_i),     |x_i / s| <= 1.
 
 One outlier then costs the precision of its own block only, and the scale costs 4 / B bytes
-per element (1.6% at B = 256). The table is where the precision goes: the averages of the
-notes span many decades inside one block (a weight that sees gradients of 1e-6 beside one that
-sees 1), so a uniform grid of 2^8 levels would round most of a block to 0.
+per element (1.6% at B = 256). The table is where the precision goes.
 
-The maps: piecewise-uniform grids over decades
-----------------------------------------------
+The signed map (m_t, momentum's velocities, every average of g)
+----------------------------------------------------------------
 A uniform grid in [-1, 1] cannot hold the averages of the notes: within one block they span
 many decades, and 2^8 equal steps round to 0 everything under s / 256. A dynamic exponent
 (Dettmers 2016, the map of bitsandbytes' 8-bit optimizers) spends the codes on decades
-instead. With n = bits - 1 bits after the sign, a run of z zeros and a 1 says that the
+instead: with n = bits - 1 bits after the sign, a run of z zeros and a 1 says that the
 magnitude lies in the decade (0.1, 1] 10^-z, and the n - 1 - z bits that remain count
-S_z = 2^(n-1-z) equal steps across it::
+S_z = 2^(n-1-z) equal steps across it. jstep keeps that for the top two decades, where a
+block's large values are and the absolute error is made::
 
-    signed:  q = +-10^-z (0.1 + 0.9 k / S_z),    z = 0 .. n-1,  k = 1 .. S_z,   and 0.
+    q = +-10^-z (0.1 + 0.9 k / S_z),    z = 0, 1,   k = 1 .. S_z
 
-The top decade has 2^(n-1) codes and each decade below half as many: steps of 1.4% of the
-value near 1 for 8 bits, coarser further down, while magnitudes down to 10^-(n-1) (1e-6 for 8
-bits, 1e-2 for 4) keep codes of their own. The grid is uniform inside each decade and the top
-of decade z + 1 (10^-(z+1)) is the bottom of decade z, so the codes form runs of equal steps
-that meet at codes: 127 magnitudes per sign for 8 bits (1e-6 .. 1), 7 for 4 bits
-(0.01 .. 1), 0 twice (the +0 and -0 patterns, as in floats). The map is symmetric and holds
-+-1: every y = x / s lies between two codes, which unbiased rounding needs (bitsandbytes'
-map, whose codes are the midpoints of the steps, has +1 but not -1, so the block's most
-negative value could only be rounded toward 0). It has the same decades and the same number
-of codes in each as bitsandbytes' ``create_dynamic_map(signed=True)``; used for m_t, momentum's
-velocities and every average of g.
+(8 bits: 64 codes in (0.1, 1], 1.4% apart near 1, and 32 in (0.01, 0.1]; 4 bits: 4 and 2).
+Below, the dynamic exponent has 16, 8, 4, 2 and 1 codes per decade, so neighbouring codes
+are up to 10 times apart: a small m is stored up to 5 times too large, and with stochastic
+rounding that is not rare but the price of being right on average. An m enters the step
+relative to its own v, so what the small values need is relative precision, and the
+remaining 2^(n-2) - 1 codes are spaced geometrically from 10^-2 down to the dynamic
+exponent's smallest code, 10^-(n-1)::
 
-Second moments (v_t, every average of g^2) are never negative, so the sign bit becomes one
-more step bit, C_z = 2^(n-z) steps per decade (254 codes over 1e-7 .. 1 for 8 bits), and they
-must not contain 0. The step is m_hat / (sqrt(v_hat) + eps): a v that rounds to 0 while m
-does not (a weight whose gradients are 1e-6 beside one whose gradients are 1 in its block:
-v / s ~ 1e-12, m / s ~ 1e-6) is divided by eps, and the step explodes (about 100 learning
-rates with eps = 1e-8). A linear map (k / 255) rounds to 0 everything under s / 510, most of
-such a block: that is how linearly quantized v blows up. So the unsigned 8-bit map ends one
-decade further down with two codes, 0.55e-7 and 1e-7, and has no zero: a v under 0.55e-7 s
-is stored as 0.55e-7 s, rounded up, so the step of such a weight can only shrink. For 4 bits
-(Li et al. 2023, "Memory efficient optimizers with 4-bit states"), 16 codes cannot cover
-decades; the second moment's map is linear without zero, q = k / 16 for k = 1 .. 16 (as in
-torchao), and blocks are smaller (128) so that fewer weights share a scale::
+    q = +-10^(-2 - (n - 3) j / (2^(n-2) - 2)),    j = 0 .. 2^(n-2) - 2
 
-    unsigned, 8 bits:  q = 10^-z (0.1 + 0.9 k / C_z),  z = 0 .. 6, k = 1 .. C_z;  0.55e-7, 1e-7
+(8 bits: 31 codes from 1e-2 to 1e-6, each 1.36 times the one below; 4 bits: the one code
+1e-2), and 0. The map is symmetric, with 127 magnitudes per sign for 8 bits and 7 for 4, 0
+twice (the +0 and -0 patterns, as in floats), and +-1: every y = x / s lies between two
+codes, which unbiased rounding needs (bitsandbytes' map, whose codes are the midpoints of the
+steps, has +1 but not -1). On heavy-tailed data its error is within a few percent of
+bitsandbytes' map (``benchmarks/quantization.py``).
+
+Second moments (v_t, every average of g^2) are never negative, and they must not contain 0.
+The step is m_hat / (sqrt(v_hat) + eps): a v that rounds to 0 while m does not (a weight
+whose gradients are 1e-6 beside one whose gradients are 1 in its block: v / s ~ 1e-12,
+m / s ~ 1e-6) is divided by eps, and the step explodes (about 100 learning rates with
+eps = 1e-8). A linear map (k / 255) rounds to 0 everything under s / 510, most of such a
+block: that is how linearly quantized v blows up. A dynamic exponent is not enough either: its
+lowest decades have one or two codes each, so a v there can be stored 3 to 5 times too small,
+and the step of that weight about 2 times too large.
+
+v enters the step only through 1 / sqrt(v), so what it needs is the same *relative* precision
+at every size, not fine steps near its maximum: a geometric map. m's signed map reaches down
+to 10^-(n-1) = 1e-6 of its block's maximum, so v, which holds squares, needs twice as many
+decades::
+
+    unsigned, 8 bits:  q = 10^(-12 (255 - k) / 255),  k = 0 .. 255      (1e-12 .. 1)
+
+each code 1.115 times the one below: round to nearest stores v within 5.6% (the step within
+3%), and a v under 1e-12 s is stored as 1e-12 s, rounded up, so the step of such a weight can
+only shrink. Since 1e-12 is the square of m's smallest nonzero code, a tiny m rounded up to that
+code is still divided by at least its own size: |m| / sqrt(v) stays bounded by the block's own
+values, never m / eps.
+
+For 4 bits (Li et al. 2023, "Memory efficient optimizers with 4-bit states"), 16 codes cannot
+cover decades; the second moment's map is linear without zero, q = k / 16 for k = 1 .. 16 (as
+in torchao), and blocks are smaller (128) so that fewer weights share a scale::
+
     unsigned, 4 bits:  q = k / 16,  k = 1 .. 16
 
 Rounding
 --------
-Every map is a few runs of equal steps (7 for the signed 8-bit map, 8 for the unsigned), so
-the code is found by arithmetic, not by a search of the table: the run is the last whose
-first code L is <= |y|, and within it |y| lies u = (|y| - L) / step steps above L. Round to
-nearest takes the nearest whole u. With a key the code is floor(u) + 1 with probability
-u - floor(u) and floor(u) otherwise: one of the two neighbouring codes, chosen so that
-E[s q(c)] = x for every x with |x| <= s (for the unsigned maps, x >= their smallest code
-times s; values below are stored as that code), as `jstep.stochastic_round` does for narrow
-floats. The keys come from the rounding seed, the step count and the leaf, so a resumed run
-draws the same bits as an uninterrupted one.
+Within any two neighbouring codes lo < hi, round to nearest takes the nearer; with a key the
+code is hi with probability (|y| - lo) / (hi - lo) and lo otherwise, so that E[s q(c)] = x for
+every x with |x| <= s (for the unsigned maps, x >= their smallest code times s; values below
+are stored as that code), as `jstep.stochastic_round` does for narrow floats. The keys come
+from the rounding seed, the step count and the leaf, so a resumed run draws the same bits as an
+uninterrupted one. The two neighbours are found without a search of the table: the leading
+bits of |y|'s float32 word (its exponent and the top bits of its fraction) number buckets
+narrow enough that each holds at most one code, and a table per bucket gives the code below.
 
 Arithmetic always runs in float32: a state is dequantized to float32, the notes' rule is
 applied, and the result is quantized, one leaf at a time.
@@ -78,7 +93,6 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -125,7 +139,7 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     of `bits` bits per element and one float32 scale per block of `block_size` elements
     (1 + 4 / 256 bytes per element for 8 bits, 1/2 + 4 / 128 for 4). Smaller leaves (biases,
     norms) stay float32, as in bitsandbytes. First moments and velocities use the signed
-    dynamic-exponent map, second moments the unsigned map without zero (see the module's
+    dynamic-exponent map, second moments the unsigned (geometric) map without zero (see the module's
     docstring for both). The arithmetic of every step runs in float32.
 
     Args:
@@ -209,20 +223,18 @@ def is_quantized(leaf: Any) -> bool:
 # -------------------------------------------------------------------------------- the maps
 
 
-def _decades(steps: Callable[[int], int], count: int) -> list[np.ndarray]:
-    """The codes 10^-z (0.1 + 0.9 k / steps(z)), k = 1 .. steps(z), of the decades z < count."""
-    return [10.0**-z * (0.1 + 0.9 * np.arange(1, steps(z) + 1) / steps(z)) for z in range(count)]
-
-
 def _magnitudes(bits: int, signed: bool) -> np.ndarray:
     """The map's magnitudes, ascending, in float64 (module docstring): the codes >= 0 of a
     signed map, 0 first; every code of an unsigned one."""
     n = bits - 1
-    if signed:
-        return np.sort(np.concatenate([[0.0], *_decades(lambda z: 2 ** (n - 1 - z), n)]))
+    if signed:  # the top two decades: 10^-z (0.1 + 0.9 k / S_z), S_z = 2^(n-1-z); below: geometric
+        linear = [10.0**-z * (0.1 + 0.9 * np.arange(1, 2 ** (n - 1 - z) + 1) / 2 ** (n - 1 - z)) for z in (0, 1)]
+        count = 2 ** (n - 2) - 1
+        geometric = 10.0 ** (-2 - (n - 3) * np.arange(count) / max(count - 1, 1))
+        return np.sort(np.concatenate([[0.0], geometric, *linear]))
     if bits == 4:
         return np.arange(1, 17) / 16
-    return np.sort(np.concatenate([[0.55e-7, 1e-7], *_decades(lambda z: 2 ** (n - z), n)]))
+    return 10.0 ** (-12 * np.arange(255, -1, -1) / 255)
 
 
 @functools.cache
@@ -411,12 +423,12 @@ def quantize(x: Any, fmt: BlockwiseFormat, *, signed: bool = True, key: jax.Arra
     Example:
       >>> import jax.numpy as jnp
       >>> import jstep
-      >>> x = jnp.array([1.0, -0.5, 1e-3, 0.0])
+      >>> x = jnp.array([2.0, -0.65, 0.02, 0.0, 0.3])  # 0.3 / 2 lies between two codes
       >>> q = jstep.quantize(x, jstep.blockwise(8))
-      >>> print(q.codes.dtype, q.scale)
-      uint8 [1.]
+      >>> print(q.codes.dtype, q.codes.shape, q.scale)
+      uint8 (5,) [2.]
       >>> print(jstep.dequantize(q))
-      [ 1.      -0.49375  0.001    0.     ]
+      [ 2.     -0.65    0.02    0.      0.3125]
     """
     fmt = _check_format(fmt)
     x = _check_real("x", x)
