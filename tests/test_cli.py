@@ -396,3 +396,29 @@ def test_state_formats_hold_the_bytes_of_their_codes_and_scales(quantized_run):
         assert adam["bytes_per_parameter"] == pytest.approx((4 * count + 2 * moment + 4) / count, rel=1e-12)
     assert runs["adam", "float32"]["state_bytes_per_parameter"] == pytest.approx((8 * count + 4) / count, rel=1e-12)
     assert runs["sgd", "float32"]["state_bytes_per_parameter"] == pytest.approx(4 / count, rel=1e-12)  # a count
+
+
+def test_training_runs_and_labels_with_a_narrow_precision_and_state_formats():
+    """With --precision bfloat16 the 8- and 4-bit runs keep bfloat16 params: each optimizer with
+    state trains in float32, in bfloat16, then in bfloat16 with each state format."""
+    from jstep import _demo
+
+    runs = cli.training_runs(["sgd", "adam"], "bfloat16", ["blockwise8", "blockwise4"])
+    assert runs == [
+        ("sgd", "float32", None),
+        ("sgd", "bfloat16", None),
+        ("adam", "float32", None),
+        ("adam", "bfloat16", None),
+        ("adam", "bfloat16", "blockwise8"),
+        ("adam", "bfloat16", "blockwise4"),
+    ]
+    assert [cli.run_label(*run) for run in runs[3:]] == [
+        "adam bfloat16",
+        "adam bfloat16 blockwise8",
+        "adam bfloat16 blockwise4",
+    ]
+    assert _demo.describe_precision("bfloat16", True, "blockwise8") == "bfloat16 8-bit stochastic"
+    assert _demo.describe_precision("float32", False, "blockwise4") == "4-bit nearest"
+    assert cli.training_runs(["adam"], "float32", []) == [("adam", "float32", None)]
+    with pytest.raises(ValueError, match="sgd keeps no state"):
+        _demo.make_optimizer("sgd", state_format="blockwise8")
