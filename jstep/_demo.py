@@ -48,6 +48,12 @@ OPTIMIZERS = tuple(OPTIMIZER_SETTINGS)
 # The dtypes params, gradients and optimizer state can be kept in. Arithmetic is float32 in all.
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# The block-wise formats optimizer state can be stored in instead (params keep their dtype).
+STATE_FORMATS = {"blockwise8": jstep.blockwise(8), "blockwise4": jstep.blockwise(4)}
+
+# The arguments that set an optimizer's state dtype (every optimizer with state has one of them).
+STATE_DTYPE_ARGUMENTS = ("mu_dtype", "nu_dtype", "accumulator_dtype")
+
 
 class Dataset(NamedTuple):
     """Features float32 (n, 64) in [0, 1]; labels int32 (n,)."""
@@ -61,8 +67,9 @@ class Dataset(NamedTuple):
 class RunResult(NamedTuple):
     """One optimizer's run: the per-step batch losses and the trained network.
 
-    `precision` names the dtype of params and optimizer state (and how narrow values were
-    stored); `bytes_per_parameter` is what params plus optimizer state hold, per parameter.
+    `precision` names the dtype of params and optimizer state, or the state's block-wise format
+    (and how narrow values were stored); `bytes_per_parameter` is what params plus optimizer
+    state hold, per parameter, `state_bytes_per_parameter` what the optimizer state alone holds.
     """
 
     optimizer: str
@@ -75,6 +82,7 @@ class RunResult(NamedTuple):
     state: Any
     precision: str = "float32"
     bytes_per_parameter: float = float("nan")
+    state_bytes_per_parameter: float = float("nan")
 
 
 def features(images: np.ndarray) -> np.ndarray:
@@ -93,29 +101,52 @@ def digits_dataset() -> Dataset:
     )
 
 
+def keeps_state(name: str) -> bool:
+    """Whether optimizer `name` keeps state whose dtype or format can be chosen (all but sgd)."""
+    return bool(STATE_DTYPE_ARGUMENTS & inspect.signature(getattr(jstep, name)).parameters.keys())
+
+
 def make_optimizer(
-    name: str, settings: dict | None = None, rounding_seed: int | None = None
+    name: str, settings: dict | None = None, rounding_seed: int | None = None, state_format: str | None = None
 ) -> optax.GradientTransformation:
     """``jstep.<name>(**settings)``, by default with ``OPTIMIZER_SETTINGS[name]``; with
-    `rounding_seed`, narrow state is stored by stochastic rounding (optimizers with state)."""
+    `rounding_seed`, narrow or quantized state is stored by stochastic rounding (optimizers with
+    state); with `state_format` (a key of `STATE_FORMATS`), every state (m and v, a velocity, an
+    average of g^2) is stored in that format."""
     factory = getattr(jstep, name)
     settings = OPTIMIZER_SETTINGS[name] if settings is None else settings
-    if rounding_seed is not None and "rounding_seed" in inspect.signature(factory).parameters:
+    parameters = inspect.signature(factory).parameters
+    if rounding_seed is not None and "rounding_seed" in parameters:
         settings = {**settings, "rounding_seed": rounding_seed}
+    if state_format is not None:
+        if not keeps_state(name):
+            raise ValueError(f"state_format={state_format!r}: {name} keeps no state to store in it")
+        fmt = STATE_FORMATS[state_format]
+        settings = {**settings, **{argument: fmt for argument in STATE_DTYPE_ARGUMENTS if argument in parameters}}
     return factory(**settings)
 
 
-def describe_precision(precision: str, stochastic: bool) -> str:
-    """'float32', 'bfloat16 stochastic' or 'bfloat16 nearest' (how narrow values are stored)."""
+def describe_precision(precision: str, stochastic: bool, state_format: str | None = None) -> str:
+    """How params and state were stored: 'float32', 'bfloat16 stochastic', 'bfloat16 nearest';
+    with a block-wise `state_format`, '8-bit stochastic' (float32 params) or 'bfloat16 4-bit
+    nearest' (bfloat16 params)."""
+    if state_format is not None:
+        bits = f"{STATE_FORMATS[state_format].bits}-bit"
+        wide = PRECISIONS[precision] == jnp.float32
+        return f"{bits if wide else f'{precision} {bits}'} {'stochastic' if stochastic else 'nearest'}"
     if PRECISIONS[precision] == jnp.float32:
         return precision
     return f"{precision} {'stochastic' if stochastic else 'nearest'}"
 
 
+def bytes_held(tree: Any) -> int:
+    """Bytes of every array in `tree` (a `jstep.QuantizedArray` counts its codes and scales)."""
+    return sum(np.dtype(leaf.dtype).itemsize * np.size(leaf) for leaf in jax.tree.leaves(tree))
+
+
 def bytes_per_parameter(params: Any, opt_state: Any) -> float:
     """Bytes held by params and optimizer state together, divided by the number of parameters."""
-    held = sum(np.dtype(leaf.dtype).itemsize * np.size(leaf) for leaf in jax.tree.leaves((params, opt_state)))
-    return held / sum(np.size(leaf) for leaf in jax.tree.leaves(params))
+    return bytes_held((params, opt_state)) / sum(np.size(leaf) for leaf in jax.tree.leaves(params))
 
 
 def describe_settings(settings: dict) -> str:
@@ -290,6 +321,7 @@ def train(
     use_batch_norm: bool = True,
     settings: dict | None = None,
     precision: str = "float32",
+    state_format: str | None = None,
     stochastic_rounding: bool = True,
     seed: int = 0,
     on_progress: Callable[[int, jax.Array], None] = lambda step, loss: None,
@@ -302,7 +334,9 @@ def train(
     optimizer state; the batch-norm running statistics stay float32 and all arithmetic runs in
     at least float32. Below float32, `stochastic_rounding` stores params (`jstep.apply_updates`
     with a key) and optimizer state (``rounding_seed``) by stochastic rounding, keys from
-    `seed`; without it both are rounded to nearest.
+    `seed`; without it both are rounded to nearest. With `state_format` (a key of
+    `STATE_FORMATS`; optimizers with state only) the optimizer state is stored block-wise in 8
+    or 4 bits instead, stochastically rounded by the same rule.
 
     `on_progress(step, loss)` is called every `progress_every` steps and after the last one
     (`loss` is that step's batch loss, a device scalar). Steps per second exclude the first
@@ -310,15 +344,17 @@ def train(
     """
     settings = OPTIMIZER_SETTINGS[name] if settings is None else settings
     dtype = PRECISIONS[precision]
-    rounding_seed = seed if stochastic_rounding and dtype != jnp.float32 else None
-    optimizer = make_optimizer(name, settings, rounding_seed)
+    narrow_params = dtype != jnp.float32
+    rounding_seed = seed if stochastic_rounding and (narrow_params or state_format is not None) else None
+    optimizer = make_optimizer(name, settings, rounding_seed, state_format)
     bn = batch_norm_layer(AXIS if mesh is not None else None) if use_batch_norm else None
-    step = make_train_step(optimizer, bn, mesh, rounding_seed=rounding_seed)
+    step = make_train_step(optimizer, bn, mesh, rounding_seed=rounding_seed if narrow_params else None)
     replicated = NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0]
     split = NamedSharding(mesh, P(AXIS)) if mesh is not None else jax.devices()[0]
 
     params, state, opt_state = jax.device_put(fresh_start(optimizer, init, dtype), replicated)
     held = bytes_per_parameter(params, opt_state)
+    state_held = bytes_held(opt_state) / sum(np.size(leaf) for leaf in jax.tree.leaves(params))
     step_losses = []
     start = time.perf_counter()
     for t, indices in enumerate(batches, start=1):
@@ -337,8 +373,10 @@ def train(
     params, state = jax.device_get((params, state))
     final_loss, _ = evaluate(params, state, data.x_train, data.y_train)
     _, accuracy = evaluate(params, state, data.x_test, data.y_test)
-    label = describe_precision(precision, stochastic_rounding)
-    return RunResult(name, settings, losses, final_loss, accuracy, steps_per_second, params, state, label, held)
+    label = describe_precision(precision, stochastic_rounding, state_format)
+    return RunResult(
+        name, settings, losses, final_loss, accuracy, steps_per_second, params, state, label, held, state_held
+    )
 
 
 def smooth(values: np.ndarray, decay: float = 0.95) -> np.ndarray:

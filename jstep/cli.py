@@ -2,9 +2,11 @@
 
 Trains the batch-normalized MLP of `jstep._demo` on the shipped 8x8 digits once per optimizer,
 from the same initialisation and the same batches (with ``--precision bfloat16``, once in
-float32 and once in bfloat16 with stochastic rounding); shows a progress bar per run, then a
-table (optimizer, precision, settings, final training loss, test accuracy, bytes per
-parameter of params and optimizer state, steps per second); writes
+float32 and once in bfloat16 with stochastic rounding; with ``--state-format
+blockwise8,blockwise4``, each optimizer with state once more per format, its state stored
+block-wise in 8 or 4 bits); shows a progress bar per run, then a table (optimizer,
+precision, settings, final training loss, test accuracy, bytes per parameter of the
+optimizer state and of params and state, steps per second); writes
 ``loss_curves.png`` (one panel of every optimizer; with several precisions, a panel per
 optimizer), with several precisions ``precisions_against_float32.png`` (accuracy, loss and
 bytes per parameter against float32), and ``loss_curves.json`` into ``--out``; and ends with
@@ -32,6 +34,7 @@ from typing import Any, NamedTuple, NoReturn, TextIO
 
 OPTIMIZERS = ("sgd", "momentum", "ema_momentum", "rmsprop", "adagrad", "adadelta", "adam")
 PRECISIONS = ("float32", "bfloat16")
+STATE_FORMATS = ("blockwise8", "blockwise4")
 ROUNDINGS = ("stochastic", "nearest")
 DEFAULT_STEPS = 1000
 DEFAULT_BATCH_SIZE = 128
@@ -76,6 +79,16 @@ def _optimizer_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _state_format_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STATE_FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown state format {', '.join(map(repr, unknown)) or repr(text)}; choose from {','.join(STATE_FORMATS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _seed(text: str) -> int:
     value = _whole_number(text)
     if not 0 <= value < 2**31:
@@ -90,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a small MLP with batch normalization (64-128-BN-relu-64-BN-relu-10) on the "
             "8x8 handwritten digits that ship with jstep, once per optimizer of the notes, from "
             "the same initialisation and the same batches. Prints a table, writes "
-            f"{PNG_NAME} (with --precision bfloat16 also {AGAINST_FLOAT32_PNG_NAME}) and {JSON_NAME}, and checks "
+            f"{PNG_NAME} (with --precision bfloat16 or --state-format also {AGAINST_FLOAT32_PNG_NAME}) and "
+            f"{JSON_NAME}, and checks "
             "the batch-norm gradient with check_vjp."
         ),
     )
@@ -132,11 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
         "and in bfloat16 (arithmetic in float32), and shows them side by side (default float32)",
     )
     parser.add_argument(
+        "--state-format",
+        type=_state_format_list,
+        default=[],
+        metavar="FORMATS",
+        help="comma-separated subset of: blockwise8, blockwise4. Trains each optimizer with state once more per "
+        "format, its optimizer state stored block-wise in 8 or 4 bits (jstep.blockwise(8), jstep.blockwise(4)) "
+        "and its params in the --precision dtype, and shows accuracy and bytes per parameter beside float32's "
+        "(default: none)",
+    )
+    parser.add_argument(
         "--rounding",
         choices=ROUNDINGS,
         default="stochastic",
-        help="how bfloat16 params and state are stored after each step: stochastic rounding (unbiased: small "
-        "steps and slow decays survive) or round-to-nearest (default stochastic)",
+        help="how bfloat16 params and state, and 8- and 4-bit state, are stored after each step: stochastic "
+        "rounding (unbiased: small steps and slow decays survive) or round-to-nearest (default stochastic)",
     )
     parser.add_argument(
         "--out",
@@ -223,7 +247,16 @@ class ProgressBar:
 
 def format_table(rows: Sequence[dict]) -> str:
     """The results as an aligned text table."""
-    header = ("optimizer", "precision", "settings", "final train loss", "test accuracy", "bytes/param", "steps/s")
+    header = (
+        "optimizer",
+        "precision",
+        "settings",
+        "final train loss",
+        "test accuracy",
+        "state bytes/param",
+        "bytes/param",
+        "steps/s",
+    )
     lines = [
         (
             row["optimizer"],
@@ -231,13 +264,14 @@ def format_table(rows: Sequence[dict]) -> str:
             row["settings"],
             f"{row['final_train_loss']:.4f}",
             f"{100 * row['test_accuracy']:.1f}%",
+            f"{row['state_bytes_per_parameter']:.2f}",
             f"{row['bytes_per_parameter']:.2f}",
             f"{row['steps_per_second']:.0f}",
         )
         for row in rows
     ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines, strict=True)]
-    left = (True, True, True, False, False, False, False)
+    left = (True, True, True, False, False, False, False, False)
 
     def fmt(cells):
         return "  ".join(
@@ -248,7 +282,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def compare_precisions(rows: Sequence[dict]) -> list[str]:
-    """One line per optimizer trained in float32 and in a narrower dtype: accuracy and bytes side by side."""
+    """One line per optimizer trained in float32 and in a narrower dtype or state format:
+    accuracy, bytes of params and state, and bytes of the state alone side by side."""
     lines = []
     for wide in (row for row in rows if row["precision"] == "float32"):
         for narrow in (r for r in rows if r["optimizer"] == wide["optimizer"] and r["precision"] != "float32"):
@@ -257,7 +292,9 @@ def compare_precisions(rows: Sequence[dict]) -> list[str]:
             lines.append(
                 f"{wide['optimizer']}: {narrow['precision']} test accuracy {accuracy:.1f}% against "
                 f"float32's {100 * wide['test_accuracy']:.1f}% ({change:+.1f} points), "
-                f"{narrow['bytes_per_parameter']:.2f} against {wide['bytes_per_parameter']:.2f} bytes per parameter"
+                f"{narrow['bytes_per_parameter']:.2f} against {wide['bytes_per_parameter']:.2f} bytes per parameter "
+                f"(state alone {narrow['state_bytes_per_parameter']:.2f} against "
+                f"{wide['state_bytes_per_parameter']:.2f})"
             )
     return lines
 
@@ -480,7 +517,10 @@ def write_pictures(
     title = f"The notes' optimizers on the 8x8 digits ({batch_size}-example batches, MLP with batch norm)"
     pictures = [(out / PNG_NAME, draw_curves(curves, title))]
     if len(_in_order(row["precision"] for row in rows)) > 1:
-        subtitle = f"What a narrower precision changes against float32 (8x8 digits, {batch_size}-example batches)"
+        subtitle = (
+            f"What a narrower precision or state format changes against float32 (8x8 digits, {batch_size}-example "
+            "batches)"
+        )
         pictures.append((out / AGAINST_FLOAT32_PNG_NAME, draw_against_baseline(rows, subtitle)))
     for path, figure in pictures:
         figure.savefig(path, dpi=120)
@@ -488,6 +528,27 @@ def write_pictures(
 
 
 # ----------------------------------------------------------------------------------- main
+
+
+def training_runs(
+    optimizers: Sequence[str], precision: str, state_formats: Sequence[str]
+) -> list[tuple[str, str, str | None]]:
+    """(optimizer, params dtype, state format or None) of each run, in the table's order: per
+    optimizer float32, then `precision` if narrower, then each state format (optimizers with
+    state only; params in `precision`)."""
+    from jstep import _demo
+
+    runs: list[tuple[str, str, str | None]] = []
+    for name in optimizers:
+        runs += [(name, dtype, None) for dtype in dict.fromkeys(["float32", precision])]
+        if _demo.keeps_state(name):
+            runs += [(name, precision, state_format) for state_format in state_formats]
+    return runs
+
+
+def run_label(name: str, dtype: str, state_format: str | None) -> str:
+    """The progress bar's label: 'adam', 'adam bfloat16', 'adam blockwise8'."""
+    return " ".join([name, *([] if dtype == "float32" else [dtype]), *([state_format] if state_format else [])])
 
 
 def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
@@ -508,12 +569,11 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
         flush=True,
     )
 
-    precisions = list(dict.fromkeys(["float32", args.precision]))
     stochastic = args.rounding == "stochastic"
-    runs = [(name, precision) for name in args.optimizers for precision in precisions]
-    labels = [name if precision == "float32" else f"{name} {precision}" for name, precision in runs]
+    runs = training_runs(args.optimizers, args.precision, args.state_format)
+    labels = [run_label(name, dtype, state_format) for name, dtype, state_format in runs]
     results = []
-    for (name, precision), label in zip(runs, labels, strict=True):
+    for (name, dtype, state_format), label in zip(runs, labels, strict=True):
         bar = ProgressBar(label, args.steps, stderr, label_width=max(13, *map(len, labels)))
 
         def show(t: int, loss: Any, bar: ProgressBar = bar) -> None:
@@ -521,8 +581,8 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
 
         results.append(
             _demo.train(
-                name, init, data, batches, mesh=mesh, precision=precision, stochastic_rounding=stochastic,
-                seed=args.seed, on_progress=show,
+                name, init, data, batches, mesh=mesh, precision=dtype, state_format=state_format,
+                stochastic_rounding=stochastic, seed=args.seed, on_progress=show,
             )
         )  # fmt: skip
 
@@ -533,6 +593,7 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
             "settings": _demo.describe_settings(r.settings),
             "final_train_loss": r.final_train_loss,
             "test_accuracy": r.test_accuracy,
+            "state_bytes_per_parameter": r.state_bytes_per_parameter,
             "bytes_per_parameter": r.bytes_per_parameter,
             "steps_per_second": r.steps_per_second,
         }
@@ -540,13 +601,30 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
     ]
     print("\n" + format_table(rows), file=stdout)
     print("final train loss: the whole training set in evaluation mode (running batch-norm statistics).", file=stdout)
-    print("bytes/param: what the params and the optimizer state hold, per parameter.", file=stdout)
+    print(
+        "bytes/param: what the params and the optimizer state hold, per parameter; state bytes/param: the "
+        "optimizer state alone.",
+        file=stdout,
+    )
+    rounded = "stochastic rounding" if stochastic else "round-to-nearest"
     if args.precision != "float32":
         print(
             f"{args.precision}: params, gradients and optimizer state in {args.precision}, arithmetic in float32; "
-            f"after each step both are stored by {'stochastic rounding' if stochastic else 'round-to-nearest'}.",
+            f"after each step both are stored by {rounded}.",
             file=stdout,
         )
+    for state_format in args.state_format:
+        fmt = _demo.STATE_FORMATS[state_format]
+        print(
+            f"{fmt.bits}-bit: optimizer state stored by {fmt} (leaves under {fmt.min_size} elements stay float32), "
+            f"params and gradients in {args.precision}; arithmetic in float32, the state stored by {rounded} "
+            "after each step.",
+            file=stdout,
+        )
+    stateless = [name for name in args.optimizers if not _demo.keeps_state(name)]
+    if args.state_format and stateless:
+        print(f"{', '.join(stateless)} keeps no optimizer state: no 8- or 4-bit row.", file=stdout)
+    if len(runs) > len(args.optimizers):
         print("\n".join(compare_precisions(rows)), file=stdout)
     if {"momentum", "ema_momentum"} <= set(args.optimizers):
         print(
@@ -567,17 +645,18 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
         "seed": args.seed,
         "devices": args.devices,
         "precision": args.precision,
+        "state_formats": args.state_format,
         "rounding": args.rounding,
         "runs": [
             {
                 **row,
                 "dtype": dtype,
-                "state_format": dtype,
-                "rounding": None if dtype == "float32" else args.rounding,
+                "state_format": state_format or dtype,
+                "rounding": None if dtype == "float32" and state_format is None else args.rounding,
                 "settings": r.settings,
                 "loss": r.losses.tolist(),
             }
-            for row, r, (_, dtype) in zip(rows, results, runs, strict=True)
+            for row, r, (_, dtype, state_format) in zip(rows, results, runs, strict=True)
         ],
         "check_vjp": check_record(check) if check else {"passed": False, "report": failure},
     }

@@ -102,6 +102,7 @@ def test_help_documents_every_flag():
         "--devices",
         "--precision",
         "--rounding",
+        "--state-format",
     ):
         assert flag in result.stdout
     assert all(name in result.stdout for name in cli.OPTIMIZERS)
@@ -121,6 +122,8 @@ def test_help_documents_every_flag():
         (["--devices", "0"], "--devices: must be > 0"),
         (["--precision", "float16"], "--precision: invalid choice: 'float16'"),
         (["--rounding", "up"], "--rounding: invalid choice: 'up'"),
+        (["--state-format", "blockwise2"], "unknown state format 'blockwise2'; choose from blockwise8,blockwise4"),
+        (["--state-format", ","], "unknown state format ','"),
         (["--seed", "-1"], "--seed: must be in [0, 2^31), got -1"),
         (["--colour", "red"], "unrecognized arguments: --colour red"),
     ],
@@ -161,7 +164,9 @@ def test_parse_args_defaults_and_dedup(tmp_path):
     args = cli.parse_args(["--out", str(tmp_path), "--optimizers", "adam, sgd,adam"])
     assert args.optimizers == ["adam", "sgd"]
     assert (args.steps, args.batch_size, args.seed, args.devices) == (cli.DEFAULT_STEPS, cli.DEFAULT_BATCH_SIZE, 0, 1)
-    assert (args.precision, args.rounding) == ("float32", "stochastic")
+    assert (args.precision, args.rounding, args.state_format) == ("float32", "stochastic", [])
+    formats = cli.parse_args(["--out", str(tmp_path), "--state-format", "blockwise4, blockwise8,blockwise4"])
+    assert formats.state_format == ["blockwise4", "blockwise8"]
     assert cli.parse_args(["--out", str(tmp_path)]).optimizers == list(cli.OPTIMIZERS)
 
 
@@ -194,12 +199,13 @@ def test_table_alignment():
         "settings": "lr=0.1",
         "final_train_loss": 0.01234,
         "test_accuracy": 0.97,
+        "state_bytes_per_parameter": 0.0,
         "bytes_per_parameter": 4.0002,
         "steps_per_second": 812.4,
     }
     table = cli.format_table([row, {**row, "optimizer": "ema_momentum"}]).splitlines()
     assert len(table) == 4 and len({len(line) for line in table}) == 1
-    assert table[2].split() == ["sgd", "float32", "lr=0.1", "0.0123", "97.0%", "4.00", "812"]
+    assert table[2].split() == ["sgd", "float32", "lr=0.1", "0.0123", "97.0%", "0.00", "4.00", "812"]
 
 
 def test_same_seed_same_batches_and_init():
@@ -329,3 +335,90 @@ def test_rounding_nearest_runs_and_loses_the_small_steps(bfloat16_run, bfloat16_
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("adam ")]
     assert [row[1:3] for row in rows] == [["float32", "lr=0.002"], ["bfloat16", "nearest"]]
     assert "stored by round-to-nearest" in result.stdout
+
+
+# ----------------------------------------------------------------------- 8- and 4-bit state
+
+# The network's leaves: two weight matrices of 8192 elements (quantized: at least min_size = 4096
+# elements) and 640 + 10 + 2 * (128 + 64) = 1034 parameters in small leaves that stay float32.
+LARGE, SMALL = (64 * 128, 128 * 64), 64 * 10 + 10 + 2 * (128 + 64)
+
+
+def quantized_moment_bytes(bits, block_size):
+    """Bytes of one moment: per large leaf, bits/8 per element and a float32 scale per block."""
+    return sum(size * bits // 8 + 4 * (size // block_size) for size in LARGE) + 4 * SMALL
+
+
+@pytest.fixture(scope="module")
+def quantized_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized")
+    flags = ["--steps", "60", "--batch-size", "64", "--optimizers", "sgd,momentum,adam"]
+    result = run_jstep(*flags, "--state-format", "blockwise8,blockwise4", "--rounding", "nearest", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return result, out, json.loads((out / cli.JSON_NAME).read_text())
+
+
+def test_state_formats_add_a_row_per_optimizer_with_state(quantized_run):
+    result, out, record = quantized_run
+    assert record["state_formats"] == ["blockwise8", "blockwise4"]
+    assert [(r["optimizer"], r["precision"], r["dtype"], r["state_format"], r["rounding"]) for r in record["runs"]] == [
+        ("sgd", "float32", "float32", "float32", None),
+        ("momentum", "float32", "float32", "float32", None),
+        ("momentum", "8-bit nearest", "float32", "blockwise8", "nearest"),
+        ("momentum", "4-bit nearest", "float32", "blockwise4", "nearest"),
+        ("adam", "float32", "float32", "float32", None),
+        ("adam", "8-bit nearest", "float32", "blockwise8", "nearest"),
+        ("adam", "4-bit nearest", "float32", "blockwise4", "nearest"),
+    ]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("sgd ", "momentum ", "adam "))]
+    assert [row[1] for row in rows[:7]] == ["float32", "float32", "8-bit", "4-bit", "float32", "8-bit", "4-bit"]
+    assert "sgd keeps no optimizer state: no 8- or 4-bit row." in result.stdout
+    assert "adam: 8-bit nearest test accuracy" in result.stdout
+    bars = [line.split("[")[0].split() for line in result.stderr.splitlines() if "60/60" in line]
+    assert bars[-2:] == [["adam", "blockwise8"], ["adam", "blockwise4"]]
+    assert (out / cli.AGAINST_FLOAT32_PNG_NAME).read_bytes()[:8] == PNG_SIGNATURE
+    for run in record["runs"]:
+        assert all(np.isfinite(run["loss"])) and np.mean(run["loss"][-5:]) < 0.6 * np.mean(run["loss"][:5])
+
+
+def test_state_formats_hold_the_bytes_of_their_codes_and_scales(quantized_run):
+    """State bytes per parameter, counted from the layout: adam (m, v and an int32 count) 41556 / 17418
+    = 2.39 bytes in 8 bits and 25684 / 17418 = 1.47 in 4 bits against 8.00; momentum one moment
+    (its velocity) and an int32 count."""
+    _, _, record = quantized_run
+    count = sum(LARGE) + SMALL
+    runs = {(r["optimizer"], r["state_format"]): r for r in record["runs"]}
+    for bits, name in ((8, "blockwise8"), (4, "blockwise4")):
+        moment = quantized_moment_bytes(bits, 256 if bits == 8 else 128)
+        adam, momentum = runs["adam", name], runs["momentum", name]
+        assert adam["state_bytes_per_parameter"] == pytest.approx((2 * moment + 4) / count, rel=1e-12)
+        assert momentum["state_bytes_per_parameter"] == pytest.approx((moment + 4) / count, rel=1e-12)
+        assert adam["bytes_per_parameter"] == pytest.approx((4 * count + 2 * moment + 4) / count, rel=1e-12)
+    assert runs["adam", "float32"]["state_bytes_per_parameter"] == pytest.approx((8 * count + 4) / count, rel=1e-12)
+    assert runs["sgd", "float32"]["state_bytes_per_parameter"] == pytest.approx(4 / count, rel=1e-12)  # a count
+
+
+def test_training_runs_and_labels_with_a_narrow_precision_and_state_formats():
+    """With --precision bfloat16 the 8- and 4-bit runs keep bfloat16 params: each optimizer with
+    state trains in float32, in bfloat16, then in bfloat16 with each state format."""
+    from jstep import _demo
+
+    runs = cli.training_runs(["sgd", "adam"], "bfloat16", ["blockwise8", "blockwise4"])
+    assert runs == [
+        ("sgd", "float32", None),
+        ("sgd", "bfloat16", None),
+        ("adam", "float32", None),
+        ("adam", "bfloat16", None),
+        ("adam", "bfloat16", "blockwise8"),
+        ("adam", "bfloat16", "blockwise4"),
+    ]
+    assert [cli.run_label(*run) for run in runs[3:]] == [
+        "adam bfloat16",
+        "adam bfloat16 blockwise8",
+        "adam bfloat16 blockwise4",
+    ]
+    assert _demo.describe_precision("bfloat16", True, "blockwise8") == "bfloat16 8-bit stochastic"
+    assert _demo.describe_precision("float32", False, "blockwise4") == "4-bit nearest"
+    assert cli.training_runs(["adam"], "float32", []) == [("adam", "float32", None)]
+    with pytest.raises(ValueError, match="sgd keeps no state"):
+        _demo.make_optimizer("sgd", state_format="blockwise8")

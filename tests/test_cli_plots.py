@@ -367,3 +367,37 @@ def test_bfloat16_run_writes_both_pictures_and_every_curve(tmp_path):
     ]:
         assert png_size(path) == tuple(round(120 * inches) for inches in figure.get_size_inches())
     assert len(cli.draw_curves(drawn, TITLE).axes) == 2
+
+
+def test_state_format_run_draws_every_format_and_leaves_sgd_without_one(tmp_path):
+    """--state-format: sgd (no state) has one curve and no 8- or 4-bit bars; adam three curves;
+    nothing hidden in either picture, drawn from the rows and curves the file holds."""
+    flags = [
+        "--steps",
+        "30",
+        "--batch-size",
+        "64",
+        "--optimizers",
+        "sgd,adam",
+        "--state-format",
+        "blockwise8,blockwise4",
+    ]
+    assert cli.run(cli.parse_args([*flags, "--out", str(tmp_path)]), io.StringIO(), io.StringIO()) == 0
+    runs = json.loads((tmp_path / cli.JSON_NAME).read_text())["runs"]
+    labels = ["float32", "8-bit stochastic", "4-bit stochastic"]
+    assert [(run["optimizer"], run["precision"]) for run in runs] == [("sgd", "float32")] + [
+        ("adam", p) for p in labels
+    ]
+    drawn = [cli.Curve(run["optimizer"], run["precision"], run["loss"], run["loss"]) for run in runs]
+    curves, against = cli.draw_curves(drawn, TITLE), cli.draw_against_baseline(runs, TITLE)
+    assert [[line.get_label() for line in ax.get_lines()] for ax in curves.axes] == [["float32"], labels]
+    accuracy_ax, _, bytes_ax = against.axes
+    bars = {container.get_label(): [bar.get_height() for bar in container] for container in bytes_ax.containers}
+    assert list(bars) == labels
+    for label in labels[1:]:  # sgd: no bar; adam: its state's bytes with the params'
+        assert math.isnan(bars[label][0]) and 4 < bars[label][1] < 7
+    assert [len(container) for container in accuracy_ax.containers] == [2, 2]
+    for figure in (curves, against):
+        assert_nothing_hidden(figure)
+    for path, figure in [(tmp_path / cli.PNG_NAME, curves), (tmp_path / cli.AGAINST_FLOAT32_PNG_NAME, against)]:
+        assert png_size(path) == tuple(round(120 * inches) for inches in figure.get_size_inches())

@@ -18,6 +18,7 @@ NAMES = [
     "05_flax_and_equinox",
     "06_low_precision",
     "07_batch_renorm",
+    "08_quantized_state",
 ]
 
 
