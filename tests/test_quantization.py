@@ -230,11 +230,14 @@ def test_quantized_array_is_a_jittable_pytree_of_two_arrays():
     assert jax.tree.unflatten(treedef, leaves).layout == q.layout
 
 
-def test_scale_zero_block_comes_back_zero():
+def test_zero_block_has_scale_zero_and_the_code_of_zero():
+    """A block of zeros: scale 0, codes of 0 (signed) or of the smallest code (unsigned), not of 0 / 0."""
     for signed in (True, False):
         q = quantize(jnp.zeros((2, 8)), jstep.blockwise(8, 4), signed=signed)
         np.testing.assert_array_equal(np.asarray(q.scale), np.zeros(4))
         np.testing.assert_array_equal(np.asarray(dequantize(q)), np.zeros((2, 8)))
+        nearest_to_zero = np.abs(code_table(8, signed)).min()
+        np.testing.assert_array_equal(code_table(8, signed)[np.asarray(q.codes)], nearest_to_zero)
 
 
 # ------------------------------------------------------------------- stochastic rounding
@@ -574,16 +577,19 @@ def test_every_state_dtype_takes_a_format_and_each_step_is_float32s_on_the_store
         state = new_state
 
 
-TRACKED = {  # name: (bits, rounding_seed, {field: decay of that average})
-    "adam-8bit": ("adam", 8, None, {"mu": 0.9, "nu": 0.999}),
-    "adam-4bit": ("adam", 4, None, {"mu": 0.9, "nu": 0.999}),
-    "adam-8bit-stochastic": ("adam_seeded", 8, 0, {"mu": 0.9, "nu": 0.999}),
-    "momentum-8bit": ("momentum", 8, None, {"velocity": 0.9}),
-    "momentum-4bit": ("momentum", 4, None, {"velocity": 0.9}),
-    "adagrad-8bit": ("adagrad", 8, None, {"sum_of_squares": 1.0}),
-    "cumulative_average-4bit": ("cumulative_average", 4, None, {"average": 1.0}),
+def seeded_adam(fmt):
+    return jstep.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt, rounding_seed=0)
+
+
+TRACKED = {  # case: (optimizer, bits, stochastic, {field: decay of that average (1 bounds any)})
+    "adam-8bit": (OPTIMIZERS["adam"], 8, False, {"mu": 0.9, "nu": 0.999}),
+    "adam-4bit": (OPTIMIZERS["adam"], 4, False, {"mu": 0.9, "nu": 0.999}),
+    "adam-8bit-stochastic": (seeded_adam, 8, True, {"mu": 0.9, "nu": 0.999}),
+    "momentum-8bit": (OPTIMIZERS["momentum"], 8, False, {"velocity": 0.9}),
+    "momentum-4bit": (OPTIMIZERS["momentum"], 4, False, {"velocity": 0.9}),
+    "adagrad-8bit": (OPTIMIZERS["adagrad"], 8, False, {"sum_of_squares": 1.0}),
+    "cumulative_average-4bit": (OPTIMIZERS["cumulative_average"], 4, False, {"average": 1.0}),
 }
-OPTIMIZERS["adam_seeded"] = lambda f: jstep.adam(1e-2, mu_dtype=f, nu_dtype=f, rounding_seed=None if f is None else 0)
 
 
 @pytest.mark.parametrize("case", list(TRACKED))
@@ -592,9 +598,9 @@ def test_twenty_steps_track_float32_within_the_accumulated_resolution(case):
     e_t = gamma e_{t-1} + r_t with |r_t| <= w s_t (w the map's worst error, s_t the block's scale
     that step): |e_t| <= sum_k gamma^k w s_(t-k), computed from the run's own scales. 4 bits'
     w (0.1125 signed, 1/16 unsigned) is 16 to 18 times 8 bits'; stochastic rounding's is a whole step."""
-    name, bits, seed, decays = TRACKED[case]
+    make, bits, stochastic, decays = TRACKED[case]
     fmt = jstep.blockwise(bits, 64 if bits == 8 else 32, min_size=MIN_SIZE)
-    quantized, full = OPTIMIZERS[name](fmt), OPTIMIZERS[name](None)
+    quantized, full = make(fmt), make(None)
     step, reference_step = jax.jit(quantized.update), jax.jit(full.update)
     state, reference_state = quantized.init(PARAMS), full.init(PARAMS)
     bounds = {}
@@ -605,15 +611,15 @@ def test_twenty_steps_track_float32_within_the_accumulated_resolution(case):
         for key, leaf in state_arrays(state).items():
             if not isinstance(leaf, QuantizedArray):
                 continue
-            worst = worst_error(bits, leaf.layout.signed, stochastic=seed is not None) + 2 * F32_EPS
+            worst = worst_error(bits, leaf.layout.signed, stochastic=stochastic) + 2 * F32_EPS
             bounds[key] = decays[key[1]] * bounds.get(key, 0.0) + worst * block_scales(leaf)
             error = np.abs(np.asarray(dequantize(leaf), np.float64) - np.asarray(reference_arrays[key]))
             assert np.all(error <= bounds[key]), (t + 1, key)
             assert error.max() > 0  # the state is really quantized
-        if name == "momentum":  # the update is -V: the same bound
+        if case.startswith("momentum"):  # the update is -V: the same bound
             error = np.abs(np.asarray(updates["w"], np.float64) - np.asarray(reference_updates["w"]))
             assert np.all(error <= next(b for k, b in bounds.items() if k[1:] == ("velocity", "w"))), t + 1
-    if name == "adam" and bits == 8:  # the bound is not vacuous: under a tenth of the largest m
+    if case == "adam-8bit":  # the bound is not vacuous: under a tenth of the largest m
         mu = state_arrays(reference_state)
         key = next(k for k in mu if k[1:] == ("mu", "w"))
         assert bounds[key].max() < 0.1 * np.abs(np.asarray(mu[key])).max()
@@ -624,13 +630,17 @@ def test_twenty_steps_track_float32_within_the_accumulated_resolution(case):
 
 @pytest.mark.parametrize(("bits", "block_size"), [(8, 256), (4, 128), (8, 64)])
 def test_bytes_per_parameter_are_codes_plus_four_per_block(bits, block_size):
-    """blockwise(8): 1 + 4/256 bytes per element; blockwise(4): 1/2 + 4/128 (README)."""
+    """blockwise(8): 1 + 4/256 bytes per element; blockwise(4): 1/2 + 4/128 (README); the issue's
+    figures: Adam's two states <= 2.07 bytes per parameter in 8 bits, <= 1.07 in 4, one state <= 1.04."""
     shape = (4, 512)
     q = quantize(jnp.ones(shape), jstep.blockwise(bits, block_size))
     assert q.nbytes / q.size == bits / 8 + 4 / block_size
     fmt = jstep.blockwise(bits, block_size, min_size=q.size)
     state = jstep.adam(1e-3, mu_dtype=fmt, nu_dtype=fmt).init(jnp.zeros(shape))
-    adam_state = state
-    assert isinstance(adam_state, jstep.ScaleByAdamState)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(adam_state.mu) + jax.tree.leaves(adam_state.nu))
+    assert isinstance(state, jstep.ScaleByAdamState)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state.mu) + jax.tree.leaves(state.nu))
     assert state_bytes / q.size == 2 * (bits / 8 + 4 / block_size)
+    if block_size == jstep.blockwise(bits).block_size:  # the defaults
+        assert state_bytes / q.size <= (2.07 if bits == 8 else 1.07)
+        velocity = jstep.momentum(0.1, 0.9, accumulator_dtype=fmt).init(jnp.zeros(shape)).velocity
+        assert velocity.nbytes / q.size <= (1.04 if bits == 8 else 0.54)
