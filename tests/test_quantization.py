@@ -242,15 +242,8 @@ def test_zero_block_has_scale_zero_and_the_code_of_zero():
 
 # ------------------------------------------------------------------- stochastic rounding
 
-KEYS = 1024
-
-
-def neighbours(y, table):
-    """The largest code <= y and the smallest >= y (float64; y clipped to the table's range)."""
-    y = np.clip(y, table[0], table[-1])
-    below = table[np.searchsorted(table, y, side="right") - 1]
-    above = table[np.searchsorted(table, y, side="left")]
-    return below, above
+KEYS = 4096
+ELEMENTS = 256  # one block: 255 values between codes and its maximum
 
 
 def draws_of(x, fmt, signed, keys):
@@ -273,17 +266,17 @@ def pooled_sigmas(draws, x, low, high):
 
 
 def between_codes(bits, signed, seed, scale=3.0, fraction=None):
-    """(x, low, high): 64 values strictly between neighbouring codes, times `scale`, in one block
+    """(x, y, low, high): ELEMENTS values strictly between neighbouring codes, times `scale`, in one block
     whose maximum is `scale` (element 0). `fraction` places every value that far from its lower code."""
     rng = np.random.default_rng(seed)
     table = codes_of(bits, signed)
     positive = table[table > 0] if signed else table
-    index = rng.integers(0, positive.size - 1, 64)
+    index = rng.integers(0, positive.size - 1, ELEMENTS)
     low, high = positive[index], positive[index + 1]
-    p = rng.uniform(0.05, 0.95, 64) if fraction is None else np.full(64, fraction)
+    p = rng.uniform(0.05, 0.95, ELEMENTS) if fraction is None else np.full(ELEMENTS, fraction)
     y = low + p * (high - low)
     if signed and fraction is None:  # negative values between the negative codes
-        sign = rng.choice([-1.0, 1.0], 64)
+        sign = rng.choice([-1.0, 1.0], ELEMENTS)
         y, low, high = sign * y, np.where(sign > 0, low, -high), np.where(sign > 0, high, -low)
     y[0], low[0], high[0] = 1.0, 1.0, 1.0
     x = (y * scale).astype(np.float32)
@@ -295,7 +288,7 @@ def between_codes(bits, signed, seed, scale=3.0, fraction=None):
 def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(bits, signed):
     scale = 3.0
     x, y, low, high = between_codes(bits, signed, seed=bits + signed, scale=scale)
-    fmt = jstep.blockwise(bits, 64)
+    fmt = jstep.blockwise(bits, ELEMENTS)
     keys = jax.random.split(jax.random.key(11), KEYS)
     draws = draws_of(jnp.asarray(x), fmt, signed, keys) / scale  # in units of the scale
 
@@ -320,7 +313,7 @@ def test_round_to_nearest_fails_the_bias_check_that_stochastic_rounding_passes()
     """Every value 30% of a step above its lower code: nearest always rounds down (mean error
     -0.3 steps per element), stochastic rounding is right on average."""
     x, y, low, high = between_codes(8, True, seed=5, scale=1.0, fraction=0.3)
-    fmt = jstep.blockwise(8, 64)
+    fmt = jstep.blockwise(8, ELEMENTS)
     keys = jax.random.split(jax.random.key(2), 256)
     stochastic = draws_of(jnp.asarray(x), fmt, True, keys)[:, 1:]
     nearest = np.asarray(dequantize(quantize(jnp.asarray(x), fmt)), np.float64)[None, 1:]
