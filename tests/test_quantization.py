@@ -521,10 +521,13 @@ def block_scales(q):
 @pytest.mark.parametrize(("name", "bits"), OPTIMIZER_CASES, ids=[f"{n}-{b}bit" for n, b in OPTIMIZER_CASES])
 def test_every_state_dtype_takes_a_format_and_each_step_is_float32s_on_the_stored_state(name, bits):
     """Per step t, with S the quantized state before it:
-    * the update equals the float32 optimizer's update from dequantize(S) (the arithmetic is
-      float32 on the dequantized values; at step 1 from float32's own initial state, bit for bit);
+    * the update is the float32 optimizer's update from dequantize(S): the arithmetic is float32
+      on the dequantized values, so they agree to a few ulps (the two programs are compiled
+      apart), and at step 1, from float32's own initial state, bit for bit (the update uses the
+      new averages before they are stored);
     * each new quantized leaf is within the map's worst rounding error (half its widest step,
-      times the block's scale) of the float32 optimizer's new leaf; float32 leaves are equal."""
+      times the block's scale) of the float32 optimizer's new leaf, its scales are the block
+      maxima of that leaf, and the leaves under min_size (float32) agree to a few ulps."""
     fmt = jstep.blockwise(bits, 64 if bits == 8 else 32, min_size=MIN_SIZE)
     quantized, full = OPTIMIZERS[name](fmt), OPTIMIZERS[name](None)
     state = quantized.init(PARAMS)
