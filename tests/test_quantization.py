@@ -44,22 +44,26 @@ dequantize = jax.jit(jstep.dequantize)
 
 
 def reference_map(bits, signed):
-    """The module docstring's map in float64, sorted. n = bits - 1 bits after the sign;
-    decade z holds 10^-z (0.1 + 0.9 k / S) for k = 1 .. S:
-    signed:            S = 2^(n-1-z), z = 0 .. n-1, mirrored, with 0 on each side;
-    unsigned, 8 bits:  S = 2^(n-z),   z = 0 .. n-1, plus 0.55e-7 and 1e-7;
-    unsigned, 4 bits:  k / 16, k = 1 .. 16."""
+    """The module docstring's maps in float64, sorted; n = bits - 1.
+
+    signed: 0 twice and +-q, q over the top two decades linear, 10^-z (0.1 + 0.9 k / S_z) for
+      z = 0, 1, k = 1 .. S_z, S_z = 2^(n-1-z); below them 2^(n-2) - 1 codes geometric,
+      10^(-2 - (n - 3) j / (2^(n-2) - 2)), j = 0 .. 2^(n-2) - 2 (4 bits: the one code 1e-2).
+    unsigned, 8 bits: 10^(-12 (255 - k) / 255), k = 0 .. 255 (1e-12 .. 1, no zero).
+    unsigned, 4 bits: k / 16, k = 1 .. 16."""
     n = bits - 1
-    if not signed and bits == 4:
-        return np.array([k / 16 for k in range(1, 17)])
-    magnitudes = [0.0] if signed else [0.55e-7, 1e-7]
-    for z in range(n):
-        steps = 2 ** (n - 1 - z) if signed else 2 ** (n - z)
+    if not signed:
+        if bits == 4:
+            return np.array([k / 16 for k in range(1, 17)])
+        return np.array([10.0 ** (-12 * (255 - k) / 255) for k in range(256)])
+    magnitudes = [0.0]
+    for z in (0, 1):
+        steps = 2 ** (n - 1 - z)
         magnitudes += [10.0**-z * (0.1 + 0.9 * k / steps) for k in range(1, steps + 1)]
+    count = 2 ** (n - 2) - 1
+    magnitudes += [10.0 ** (-2 - (n - 3) * j / (count - 1)) if j else 1e-2 for j in range(count)]
     magnitudes = sorted(magnitudes)
-    if signed:
-        return np.array([-m for m in reversed(magnitudes)] + magnitudes)
-    return np.array(magnitudes)
+    return np.array([-m for m in reversed(magnitudes)] + magnitudes)
 
 
 def codes_of(bits, signed):
@@ -68,13 +72,29 @@ def codes_of(bits, signed):
 
 
 def worst_error(bits, signed, stochastic=False):
-    """The largest |y - q(c)| / 1 over y in [0, 1] (times the block's scale: an element's error):
+    """The largest |y - q(c)| over y in [0, 1] (times the block's scale: an element's error):
     half the widest step for round-to-nearest, the widest step for stochastic rounding; an
     unsigned map also stores y < its smallest code as that code."""
     table = reference_map(bits, signed)
     step = np.diff(table).max()
     error = step if stochastic else step / 2
     return max(error, 0.0 if signed else table[0])
+
+
+def local_error(y, bits, signed):
+    """The largest round-to-nearest error |y - q(c)| at each y = x / s in [-1, 1]: half the step
+    between the two codes around y (either step where float32's rounding of y could put it on
+    a code), or, under an unsigned map's smallest code, the distance up to it."""
+    table = reference_map(bits, signed)
+    y = np.asarray(y, np.float64)
+
+    def half_step(v):
+        i = np.clip(np.searchsorted(table, v, side="right"), 1, table.size - 1)
+        return (table[i] - table[i - 1]) / 2
+
+    fuzz = 4 * F32_EPS * np.abs(y)
+    half = np.maximum(half_step(y - fuzz), half_step(y + fuzz))
+    return np.where(y < table[0], table[0] - y, half)
 
 
 @pytest.mark.parametrize(("bits", "signed"), MAPS, ids=MAP_IDS)
@@ -96,20 +116,26 @@ def test_code_table_is_the_docstring_map(bits, signed):
     else:
         assert np.all(np.diff(table) > 0) and table[0] > 0  # no zero
         if bits == 8:
-            assert table[0] == np.float32(0.55e-7) and table[1] == np.float32(1e-7)
+            assert table[0] == np.float32(1e-12)
         else:
             np.testing.assert_array_equal(table, np.arange(1, 17, dtype=np.float32) / 16)
 
 
-def test_decades_hold_halving_counts_of_equal_steps():
-    """Per decade (0.1, 1] 10^-z the 8-bit maps hold 64, 32, ... (signed) and 128, 64, ...
-    (unsigned) codes at equal steps: the densities of bitsandbytes' dynamic map."""
-    for signed, top in ((True, 64), (False, 128)):
-        magnitudes = code_table(8, signed).astype(np.float64)
-        for z in range(7):
-            inside = magnitudes[(magnitudes > 10.0 ** -(z + 1) * 1.0001) & (magnitudes <= 10.0**-z * 1.0001)]
-            assert inside.size == top >> z
-            np.testing.assert_allclose(np.diff(inside), 0.9 * 10.0**-z / (top >> z), rtol=1e-5)
+def test_signed_map_is_linear_over_two_decades_then_geometric():
+    """8 bits: 64 equal steps over (0.1, 1], 32 over (0.01, 0.1], then 31 codes from 1e-2 to
+    1e-6 each 10^(4/30) = 1.36 times the one below; the unsigned 8-bit map: each code
+    10^(12/255) = 1.115 times the one below, from 1e-12 to 1."""
+    magnitudes = code_table(8, True)[128:].astype(np.float64)
+    top = magnitudes[magnitudes > 0.1 * 1.0001]
+    middle = magnitudes[(magnitudes > 0.01 * 1.0001) & (magnitudes <= 0.1 * 1.0001)]
+    assert top.size == 64 and middle.size == 32
+    np.testing.assert_allclose(np.diff(top), 0.9 / 64, rtol=1e-5)
+    np.testing.assert_allclose(np.diff(middle), 0.09 / 32, rtol=1e-4)
+    low = magnitudes[(magnitudes > 0) & (magnitudes <= 0.01 * 1.0001)]
+    assert low.size == 31 and low[0] == np.float32(1e-6) and low[-1] == np.float32(1e-2)
+    np.testing.assert_allclose(low[1:] / low[:-1], 10 ** (4 / 30), rtol=1e-5)
+    unsigned = code_table(8, False).astype(np.float64)
+    np.testing.assert_allclose(unsigned[1:] / unsigned[:-1], 10 ** (12 / 255), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------ quantization
@@ -343,10 +369,10 @@ def test_stochastic_rounding_keys(bits, signed):
 
 
 def test_unsigned_values_under_the_smallest_code_are_stored_as_it():
-    x = jnp.array([1.0, 0.0, 1e-9, 3e-8, 0.01], jnp.float32)
+    x = jnp.array([1.0, 0.0, 1e-14, 6e-13, 0.01], jnp.float32)
     for key in (None, jax.random.key(0), jax.random.key(1)):
         values = np.asarray(dequantize(quantize(x, jstep.blockwise(8), signed=False, key=key)))
-        np.testing.assert_array_equal(values[1:4], np.float32(0.55e-7))
+        np.testing.assert_array_equal(values[1:4], np.float32(1e-12))
         assert values[0] == 1.0
 
 
@@ -525,8 +551,8 @@ def test_every_state_dtype_takes_a_format_and_each_step_is_float32s_on_the_store
       on the dequantized values, so they agree to a few ulps (the two programs are compiled
       apart), and at step 1, from float32's own initial state, bit for bit (the update uses the
       new averages before they are stored);
-    * each new quantized leaf is within the map's worst rounding error (half its widest step,
-      times the block's scale) of the float32 optimizer's new leaf, its scales are the block
+    * each new quantized leaf is within round-to-nearest's error (half the step between the
+      codes around each value, times the block's scale) of the float32 optimizer's new leaf, its scales are the block
       maxima of that leaf, and the leaves under min_size (float32) agree to a few ulps."""
     fmt = jstep.blockwise(bits, 64 if bits == 8 else 32, min_size=MIN_SIZE)
     quantized, full = OPTIMIZERS[name](fmt), OPTIMIZERS[name](None)
@@ -568,7 +594,9 @@ def test_every_state_dtype_takes_a_format_and_each_step_is_float32s_on_the_store
             absmax = np.abs(reference_blocks(want, leaf.layout.block_size)).max(1)
             np.testing.assert_allclose(np.asarray(leaf.scale), absmax, rtol=8 * F32_EPS)
             error = np.abs(np.asarray(dequantize(leaf), np.float64) - want)
-            bound = (worst_error(bits, leaf.layout.signed) + 10 * F32_EPS) * block_scales(leaf)
+            scales = block_scales(leaf)
+            y = want / np.where(scales > 0, scales, 1)
+            bound = (local_error(y, bits, leaf.layout.signed) + 10 * F32_EPS) * scales
             assert np.all(error <= bound), (t + 1, key, (error / np.maximum(bound, 1e-30)).max())
         state = new_state
 
@@ -592,8 +620,9 @@ TRACKED = {  # case: (optimizer, bits, stochastic, {field: decay of that average
 def test_twenty_steps_track_float32_within_the_accumulated_resolution(case):
     """Over 20 steps the stored average A_t = Q(gamma A_{t-1} + new) differs from float32's by
     e_t = gamma e_{t-1} + r_t with |r_t| <= w s_t (w the map's worst error, s_t the block's scale
-    that step): |e_t| <= sum_k gamma^k w s_(t-k), computed from the run's own scales. 4 bits'
-    w (0.1125 signed, 1/16 unsigned) is 16 to 18 times 8 bits'; stochastic rounding's is a whole step."""
+    that step): |e_t| <= sum_k gamma^k w s_(t-k), computed from the run's own scales. The signed
+    map's w is 0.9 / 128 for 8 bits and 16 times that for 4; the unsigned maps' is 0.051 (8 bits,
+    geometric) and 1/16 (4 bits); stochastic rounding's is a whole step."""
     make, bits, stochastic, decays = TRACKED[case]
     fmt = jstep.blockwise(bits, 64 if bits == 8 else 32, min_size=MIN_SIZE)
     quantized, full = make(fmt), make(None)
