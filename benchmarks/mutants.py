@@ -444,8 +444,8 @@ MUTANTS = [
     M(
         "quantization_unsigned_map_with_zero",
         "jstep/quantization.py",
-        "np.concatenate([[0.55e-7, 1e-7], *_decades(",
-        "np.concatenate([[0.0, 1e-7], *_decades(",
+        "return 10.0 ** (-12 * np.arange(255, -1, -1) / 255)",
+        "return np.concatenate([[0.0], 10.0 ** (-12 * np.arange(254, -1, -1) / 254)])",
         ("tests/test_quantization.py", "-k", "code_table or smallest_code"),
         why="v's map has no zero: a v that rounds to 0 divides the step by eps",
     ),
