@@ -432,6 +432,73 @@ MUTANTS = [
         ("tests/test_precision.py", "-k", "float16_squared_gradient_state"),
         why="README: the squared-gradient state of float16 params is float32",
     ),
+    # ------------------------------------------------------- block-wise 8- and 4-bit state
+    M(
+        "quantization_signed_map_without_minus_one",
+        "jstep/quantization.py",
+        "table = np.concatenate([-magnitudes[::-1], magnitudes]) if signed else magnitudes",
+        "table = np.concatenate([-magnitudes[::-1] * 0.99, magnitudes]) if signed else magnitudes",
+        ("tests/test_quantization.py", "-k", "code_table"),
+        why="the signed map is symmetric and holds -1 (bitsandbytes' lacks it): every block's minimum is a code",
+    ),
+    M(
+        "quantization_unsigned_map_with_zero",
+        "jstep/quantization.py",
+        "return 10.0 ** (-12 * np.arange(255, -1, -1) / 255)",
+        "return np.concatenate([[0.0], 10.0 ** (-12 * np.arange(254, -1, -1) / 254)])",
+        ("tests/test_quantization.py", "-k", "code_table or smallest_code"),
+        why="v's map has no zero: a v that rounds to 0 divides the step by eps",
+    ),
+    M(
+        "quantization_stochastic_probability_1pct_high",
+        "jstep/quantization.py",
+        "index = index + (uniform < fraction).astype(jnp.int32)",
+        "index = index + (uniform < fraction * 1.01).astype(jnp.int32)",
+        ("tests/test_quantization.py", "-k", "unbiased_between"),
+        why="E[dequantize(quantize(x, key=k))] = x: rounding up 1% too often",
+    ),
+    M(
+        "quantization_scale_max_not_absmax",
+        "jstep/quantization.py",
+        "scale = jnp.max(jnp.abs(blocks), axis=1)",
+        "scale = jnp.max(blocks, axis=1)",
+        ("tests/test_quantization.py", "-k", "absmax"),
+        why="each block's scale is its largest magnitude",
+    ),
+    M(
+        "quantization_four_bit_nibbles_swapped",
+        "jstep/quantization.py",
+        "    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(jnp.uint8)\n"
+        "\n"
+        "\n"
+        "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
+        "    wide = packed.astype(jnp.uint16)\n"
+        "    pairs = lax.bitcast_convert_type((wide & 0x0F) | ((wide & 0xF0) << 4), jnp.uint8)",
+        "    return (((pairs >> 8) & 0x0F) | ((pairs << 4) & 0xF0)).astype(jnp.uint8)\n"
+        "\n"
+        "\n"
+        "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
+        "    wide = packed.astype(jnp.uint16)\n"
+        "    pairs = lax.bitcast_convert_type(((wide & 0xF0) >> 4) | ((wide & 0x0F) << 8), jnp.uint8)",
+        ("tests/test_quantization.py", "-k", "four_bit_bytes"),
+        why="packing and unpacking agree, but the bytes break the documented layout (element 2j in the low nibble)",
+    ),
+    M(
+        "quantization_min_size_ignored",
+        "jstep/quantization.py",
+        "if value.size < fmt.min_size:",
+        "if False:",
+        ("tests/test_quantization.py", "-k", "float32s_on and adam-8bit"),
+        why="leaves under min_size stay float32, as in bitsandbytes",
+    ),
+    M(
+        "quantization_squares_on_the_signed_map",
+        "jstep/_core.py",
+        "signed=not nonnegative, like=leaf",
+        "signed=True, like=leaf",
+        ("tests/test_quantization.py", "-k", "float32s_on and adam-8bit"),
+        why="second moments use the unsigned map (twice the codes, no zero)",
+    ),
 ]
 
 

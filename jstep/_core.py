@@ -268,12 +268,13 @@ def full_like_tree(
 ) -> Any:
     """`zeros_like_tree` filled with `value` (initial accumulators; None: zeros)."""
 
-    def full(leaf):
+    def full(path, leaf):
         if isinstance(dtype, quantization.BlockwiseFormat):
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
                 raise TypeError(
-                    f"a block-wise state format ({dtype!r}) holds real values, but a param has dtype "
-                    f"{jnp.result_type(leaf)}; give None or a floating dtype for complex params"
+                    f"leaf {jax.tree_util.keystr(path) or '<root>'} of the params has dtype {jnp.result_type(leaf)}, "
+                    f"but a block-wise state format ({dtype!r}) holds real values; give None or a floating "
+                    "dtype as the state dtype (mu_dtype, nu_dtype, accumulator_dtype) of complex params"
                 )
             filled = _zeros(leaf, jnp.float32)
             if value is not None:
@@ -287,7 +288,7 @@ def full_like_tree(
         zeros = _zeros(leaf, leaf_dtype)
         return zeros if value is None else zeros + jnp.asarray(value, leaf_dtype)
 
-    return jax.tree.map(full, tree)
+    return jax.tree_util.tree_map_with_path(full, tree)
 
 
 def _positive_number(value: Any) -> bool:
