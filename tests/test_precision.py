@@ -396,13 +396,19 @@ def test_apply_updates_rounds_float16_params_stochastically():
         assert abs(away - n * p[0]) <= 5 * np.sqrt(n * p[0] * (1 - p[0])), (name, away / n, p[0])
 
 
-def test_apply_updates_gives_each_leaf_its_own_key():
-    x = jnp.full(1000, 1.0, jnp.bfloat16)
-    u = jnp.full(1000, 2.0**-9, jnp.float32)  # halfway between two bfloat16 values
-    out = jstep.apply_updates([x, x], [u, u], key=jax.random.key(0))
-    first, second = (np.asarray(leaf, np.float32) for leaf in out)
-    assert 0.2 < np.mean(first != second) < 0.8
-    single = jstep.stochastic_round(x.astype(jnp.float32) + u, jnp.bfloat16, jax.random.fold_in(jax.random.key(0), 0))
+def test_apply_updates_gives_each_leaf_its_own_bits():
+    """Leaves of one shape and value round independently: each element rounds up with p = 1/4, so
+    two leaves differ at 2 p (1 - p) = 3/8 of the elements (within 5 standard deviations); leaf
+    0 draws the bits `stochastic_round` draws with the same key."""
+    n = 1000
+    x = jnp.full(n, 1.0, jnp.bfloat16)
+    u = jnp.full(n, 2.0**-9, jnp.float32)  # a quarter of the way from 1 to the next bfloat16, 1 + 2^-7
+    out = jstep.apply_updates([x, x, x], [u, u, u], key=jax.random.key(0))
+    first, second, third = (np.asarray(leaf, np.float32) for leaf in out)
+    differ = 2 * 0.25 * 0.75
+    for a, b in ((first, second), (first, third), (second, third)):
+        assert abs(np.mean(a != b) - differ) <= 5 * np.sqrt(differ * (1 - differ) / n)
+    single = jstep.stochastic_round(x.astype(jnp.float32) + u, jnp.bfloat16, jax.random.key(0))
     np.testing.assert_array_equal(first, np.asarray(single, np.float32))
 
 
