@@ -524,8 +524,11 @@ def jitted_run(opt, state, grads, params=PARAMS):
 def assert_same_rounding(updates, reference_updates, state, reference_state):
     """Two runs that use the same keys on values equal up to float32 round-off (another program's
     fusion and order): the bfloat16 states agree bit for bit wherever that round-off did not move
-    a value across a rounding threshold (>= 99% of the entries; with another seed about half of
-    them differ), and everywhere within one bfloat16 ulp; the updates agree closely."""
+    a value across a rounding threshold, and everywhere within one bfloat16 ulp; the updates
+    agree closely. A relative difference d crosses a threshold with probability about d / 2^-8
+    per rounding (inject_hyperparams' 1 - b2, one float32 ulp off: d ~ 6e-5, 1.5% of v's
+    roundings), so the states agree at >= 95% of the entries; with another seed about half of
+    them differ."""
     assert jax.tree.structure(state) == jax.tree.structure(reference_state)
     narrow = [
         (np.asarray(x, np.float64), np.asarray(y, np.float64))
@@ -533,7 +536,7 @@ def assert_same_rounding(updates, reference_updates, state, reference_state):
         if x.dtype == BF16
     ]
     got, want = (np.concatenate([pair[i].ravel() for pair in narrow]) for i in (0, 1))
-    assert np.mean(got == want) >= 0.99
+    assert np.mean(got == want) >= 0.95
     np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=0)
     for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(reference_updates), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2.0**-6, atol=1e-6)
