@@ -26,10 +26,13 @@ constant written into it: a key (or a slice of a table of keys) per leaf made ev
 kernel a different program, and compiling 300 small leaves took 13 to 21 times as long as
 round-to-nearest. Here a key is drawn into four seed words once for the whole tree, and leaf i
 gets a `LeafSeed`: those words and the leaf's tag, four constant words that XLA keeps as a
-buffer of their own; its kernel mixes the two (`leaf_bits`). The per-leaf work is a jitted
+buffer of their own; its kernel xors the two (`leaf_bits`). The per-leaf work is a jitted
 function of the leaf and its `LeafSeed` (`_stochastic_cast`), so that it is also traced once per
-shape and dtype. Other per-leaf work that draws random bits (quantization, say) runs the same
-way: ``leaf_seeds(key, tree)``, then a jitted function of (leaf, seed) that calls `leaf_bits`.
+shape and dtype. What remains (about 3.4 times round-to-nearest's compile time there,
+`benchmarks/low_precision_scale.py`) is XLA's passes over the few dozen operations each
+rounded leaf adds to the program. Other per-leaf work that draws random bits (quantization,
+say) runs the same way: ``leaf_seeds(key, tree)``, then a function of (leaf, seed) that calls
+`leaf_bits` (or keys its own hash with ``seed.words ^ seed.tag``).
 """
 
 from __future__ import annotations
@@ -190,7 +193,7 @@ def leaf_bits(seed: LeafSeed, shape: tuple[int, ...], words: int = 1) -> tuple[j
 def random_bits(key: jax.Array, shape: tuple[int, ...], words: int = 1) -> tuple[jax.Array, ...]:
     """`words` (1 or 2) arrays of independent uniform uint32 bits of `shape`, from `key`.
 
-    ``jax.random.bits`` draws four 32-bit seed words from `key`, mixed with the tag of leaf 0
+    ``jax.random.bits`` draws four 32-bit seed words from `key`, xored with the tag of leaf 0
     into the words s (`leaf_bits`); each element's bits are then
     ``mix32(position * (s[2w] | 1) + s[2w + 1])``: a keyed odd multiple of the element's
     index (a bijection) through an avalanche mixer. That costs a few integer operations per
