@@ -61,8 +61,8 @@ def running_average_update(average: Any, value: Any, gamma: Any, *, key: jax.Arr
 
     Stored in bfloat16 by round-to-nearest, C_t = gamma C_{t-1} stops moving once
     (1 - gamma) C is under half an ulp of C (gamma = 0.999: always). With `key`, each narrow
-    leaf is stored by `jstep.stochastic_round` instead (``jax.random.fold_in(key, i)`` for
-    leaf i), so that E[C_t] follows the rule exactly.
+    leaf is stored by stochastic rounding instead (each leaf with bits of its own from `key`,
+    as `jstep.apply_updates` draws them), so that E[C_t] follows the rule exactly.
 
     Args:
       average: the tree of C_{t-1}.

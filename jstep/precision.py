@@ -18,11 +18,27 @@ Each stored value is then off by less than one ulp, but the errors average out i
 piling up on one side: a 0.1% decay happens on 1 step in 4 to 8 (an ulp is 0.4% to 0.8% of C),
 a step of a tenth of an ulp on 1 in 10, and the sums and averages of the notes are right in
 expectation.
+
+Many leaves. A network is hundreds of small arrays, and a jitted step compiles one kernel for
+each array it writes. XLA:CPU compiles a kernel once for all leaves whose kernels are the same
+program, so the per-leaf part of the random bits must reach a kernel as data, not as a
+constant written into it: a key (or a slice of a table of keys) per leaf made every leaf's
+kernel a different program, and compiling 300 small leaves took 13 to 21 times as long as
+round-to-nearest. Here a key is drawn into four seed words once for the whole tree, and leaf i
+gets a `LeafSeed`: those words and the leaf's tag, four constant words that XLA keeps as a
+buffer of their own; its kernel xors the two (`leaf_bits`). The per-leaf work is a jitted
+function of the leaf and its `LeafSeed` (`_stochastic_cast`), so that it is also traced once per
+shape and dtype. What remains (about 3.4 times round-to-nearest's compile time there,
+`benchmarks/low_precision_scale.py`) is XLA's passes over the few dozen operations each
+rounded leaf adds to the program. Other per-leaf work that draws random bits (quantization,
+say) runs the same way: ``leaf_seeds(key, tree)``, then a function of (leaf, seed) that calls
+`leaf_bits` (or keys its own hash with ``seed.words ^ seed.tag``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +49,15 @@ from jax.experimental.shard_alike import shard_alike
 from jstep import _core, quantization
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def _is_none(leaf: Any) -> bool:
+    return leaf is None
+
+
+def _is_seed_or_none(leaf: Any) -> bool:
+    """A leaf of a tree of `leaf_seeds` (a `LeafSeed` is itself a pytree, for jit)."""
+    return leaf is None or isinstance(leaf, LeafSeed)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -87,12 +112,14 @@ def _is_exact_cast(source: jnp.dtype, target: jnp.dtype) -> bool:
 # --------------------------------------------------------------------------- random bits
 
 
-def _mix32(h: jax.Array) -> jax.Array:
-    """A 32-bit avalanche mixer (Wellons' "lowbias32"): each output bit depends on every input bit."""
+def _mix32(h: Any) -> Any:
+    """A 32-bit avalanche mixer (Wellons' "lowbias32"): each output bit depends on every input bit.
+
+    Of a uint32 JAX array, or of a NumPy one (the leaves' tags, computed when the step is traced)."""
     h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
+    h = h * np.uint32(0x7FEB352D)
     h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
+    h = h * np.uint32(0x846CA68B)
     return h ^ (h >> 16)
 
 
@@ -108,17 +135,38 @@ def _positions(shape: tuple[int, ...]) -> jax.Array:
 
 
 def _seed_words(key: jax.Array) -> jax.Array:
-    """The four uint32 words `random_bits` keys its hash with, drawn from `key` by ``jax.random.bits``."""
+    """The four uint32 words a key's bits are hashed with, drawn from `key` by ``jax.random.bits``."""
     return jax.random.bits(key, (4,), jnp.uint32)
 
 
-def _leaf_seed_words(key: jax.Array, count: int) -> jax.Array:
-    """``_seed_words(jax.random.fold_in(key, i))`` for i < count, as one (count, 4) array.
+class LeafSeed(NamedTuple):
+    """What one leaf's random bits are drawn from: its key's seed words and the leaf's tag.
 
-    Computed for all leaves in one vectorised call: one threefry per leaf written out one by one
-    makes the step's program grow with the number of leaves (and its compilation slow).
+    `words` are the four words `_seed_words` draws from the key, once for a whole tree; `tag`
+    is leaf i's four constant words (`_tag`), a NumPy array, so that a jitted function of the
+    leaf and its seed is one program for every leaf of a shape and dtype.
     """
-    return jax.vmap(lambda i: _seed_words(jax.random.fold_in(key, i)))(jnp.arange(count, dtype=jnp.uint32))
+
+    words: jax.Array
+    tag: np.ndarray
+
+
+def _tag(index: int) -> np.ndarray:
+    """Leaf `index`'s tag: ``mix32(4 index + k)`` for k < 4, four words no other leaf's tag has (a
+    bijection of distinct numbers, below 2^30 leaves). Not a run like 4i, 4i + 1, ...: XLA would
+    write that as i and an iota, and the constant i would be back inside every leaf's kernel."""
+    with np.errstate(over="ignore"):  # the mixer multiplies modulo 2^32
+        return _mix32(np.uint32(4 * index % 2**32) + np.arange(4, dtype=np.uint32))
+
+
+def leaf_seeds(key: jax.Array | None, tree: Any) -> Any:
+    """`tree` with leaf i replaced by its `LeafSeed` (None counts as a leaf, in flattening order),
+    or by None everywhere when `key` is None. The key is drawn from once, for every leaf."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_none)
+    if key is None or not leaves:
+        return jax.tree.unflatten(treedef, [None] * len(leaves))
+    words = _seed_words(key)
+    return jax.tree.unflatten(treedef, [LeafSeed(words, _tag(i)) for i in range(len(leaves))])
 
 
 def _hashed_bits(seed: jax.Array, shape: tuple[int, ...], words: int) -> tuple[jax.Array, ...]:
@@ -127,11 +175,28 @@ def _hashed_bits(seed: jax.Array, shape: tuple[int, ...], words: int) -> tuple[j
     return tuple(_mix32(position * (seed[2 * w] | 1) + seed[2 * w + 1]) for w in range(words))
 
 
+def _leaf_words(seed: LeafSeed) -> jax.Array:
+    """The leaf's own four seed words, ``seed.words ^ seed.tag`` (what `_hashed_bits` is keyed with)."""
+    return seed.words ^ seed.tag
+
+
+def leaf_bits(seed: LeafSeed, shape: tuple[int, ...], words: int = 1) -> tuple[jax.Array, ...]:
+    """`words` (1 or 2) arrays of uniform uint32 bits of `shape` for the leaf of `seed`.
+
+    The leaf's seed words are ``s = seed.words ^ seed.tag``: uniform, since the key's words
+    are, and different for every leaf, since the tags are; each element's bits are
+    ``mix32(position * (s[2w] | 1) + s[2w + 1])`` (see `random_bits`). One xor per leaf: every
+    operation a leaf adds is compiled once per leaf of the step.
+    """
+    return _hashed_bits(_leaf_words(seed), shape, words)
+
+
 def random_bits(key: jax.Array, shape: tuple[int, ...], words: int = 1) -> tuple[jax.Array, ...]:
     """`words` (1 or 2) arrays of independent uniform uint32 bits of `shape`, from `key`.
 
-    ``jax.random.bits`` draws four 32-bit seed words from `key`; each element's bits are then
-    ``mix32(position * (seed[2w] | 1) + seed[2w + 1])``: a keyed odd multiple of the element's
+    ``jax.random.bits`` draws four 32-bit seed words from `key`, xored with the tag of leaf 0
+    into the words s (`leaf_bits`); each element's bits are then
+    ``mix32(position * (s[2w] | 1) + s[2w + 1])``: a keyed odd multiple of the element's
     index (a bijection) through an avalanche mixer. That costs a few integer operations per
     element, where threefry for every element costs about nine times a copy of the array on a
     CPU (measured), too much for a step that is otherwise memory-bound. Stochastic rounding
@@ -143,7 +208,7 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], words: int = 1) -> tuple
     blocks of a split array would share bits: fold the device's ``jax.lax.axis_index`` into the
     key there (replicated arrays need nothing: each device computes the same values).
     """
-    return _hashed_bits(_seed_words(key), shape, words)
+    return leaf_bits(LeafSeed(_seed_words(key), _tag(0)), shape, words)
 
 
 def _uniform(bits: tuple[jax.Array, ...], dtype: jnp.dtype) -> jax.Array:
@@ -275,33 +340,25 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     _floating_dtype("x's dtype", jnp.result_type(x))
     target = _floating_dtype("dtype", dtype)
     _check_key(key)
-    return _round_with_seed(jnp.asarray(x), target, _seed_words(key))
+    return _stochastic_cast(jnp.asarray(x), target, LeafSeed(_seed_words(key), _tag(0)))
 
 
-def _round_with_seed(x: jax.Array, dtype: jnp.dtype, seed: jax.Array) -> jax.Array:
-    """`stochastic_round` with the seed words (`_seed_words` of its key) already drawn."""
+def _round_with_seed(x: jax.Array, dtype: jnp.dtype, seed: LeafSeed) -> jax.Array:
+    """`stochastic_round` with the leaf's seed (`LeafSeed`) given instead of a key."""
     if _is_exact_cast(x.dtype, dtype):
         return x.astype(dtype)
     if x.dtype == jnp.float32 and dtype == jnp.bfloat16:
-        return _round_float32_to_bfloat16(x, _hashed_bits(seed, x.shape, 1)[0])
+        return _round_float32_to_bfloat16(x, leaf_bits(seed, x.shape, 1)[0])
     words = 2 if _core.compute_dtype(x.dtype) == jnp.float64 else 1
-    return _round_by_neighbours(x, dtype, _hashed_bits(seed, x.shape, words))
+    return _round_by_neighbours(x, dtype, leaf_bits(seed, x.shape, words))
+
+
+# Jitted, so that leaves of one shape and dtype share one trace (and, their tags being data, one
+# compiled kernel) inside a step over many leaves.
+_stochastic_cast = functools.partial(jax.jit, static_argnums=1)(_round_with_seed)
 
 
 # ------------------------------------------------------------------------------- updates
-
-
-def _is_none(leaf: Any) -> bool:
-    return leaf is None
-
-
-def _leaf_seeds(key: jax.Array | None, tree: Any) -> Any:
-    """`tree` with leaf i replaced by the seed words of ``jax.random.fold_in(key, i)`` (None counts
-    as a leaf, in flattening order), or by None everywhere when `key` is None."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_none)
-    if key is None or not leaves:
-        return jax.tree.unflatten(treedef, [None] * len(leaves))
-    return jax.tree.unflatten(treedef, list(_leaf_seed_words(key, len(leaves))))
 
 
 def _is_low_precision(dtype: Any) -> bool:
@@ -314,10 +371,11 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
 
     Without `key` this is ``optax.apply_updates`` with the sum in at least float32 (Optax
     adds two bfloat16 arrays in bfloat16) and a round-to-nearest cast back. With `key`,
-    the sum for each low-precision leaf (bfloat16, float16) is stored by `stochastic_round`
-    with the key ``jax.random.fold_in(key, i)`` for leaf i of the flattened `params`, so
-    that steps smaller than half an ulp of W still move it on average (W_t is W_{t-1} + u_t
-    in expectation). float32 and float64 leaves are untouched by the key: bit for bit
+    the sum for each low-precision leaf (bfloat16, float16) is stored by stochastic rounding,
+    leaf i of the flattened `params` with bits of its own drawn from `key` and i (leaf 0's
+    are those of ``stochastic_round(sum, dtype, key)``; see `leaf_seeds`), so that steps
+    smaller than half an ulp of W still move it on average (W_t is W_{t-1} + u_t in
+    expectation). float32 and float64 leaves are untouched by the key: bit for bit
     ``optax.apply_updates``. Use a new key every step (e.g. ``jax.random.fold_in(key, step)``).
 
     Args:
@@ -353,9 +411,9 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
         total = p.astype(_core.compute_dtype(jnp.result_type(p, u))) + u
         if seed is None or not _is_low_precision(p.dtype):
             return total.astype(p.dtype)
-        return _round_with_seed(total, p.dtype, seed)
+        return _stochastic_cast(total, p.dtype, seed)
 
-    return jax.tree.map(add, _leaf_seeds(key, params), params, updates, is_leaf=_is_none)
+    return jax.tree.map(add, leaf_seeds(key, params), params, updates, is_leaf=_is_seed_or_none)
 
 
 # -------------------------------------------------------------------- optimizer state
@@ -394,11 +452,11 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     """Each leaf of `values` stored in the dtype (or format) of the matching leaf of `like`.
 
     A leaf whose dtype is narrower than the value's (a bfloat16 average formed in float32) is
-    stored by `stochastic_round` with the key ``jax.random.fold_in(key, i)`` (leaf i of the
-    flattened tree) when `key` is given, and by round-to-nearest otherwise; any other leaf is
-    cast as usual. A `jstep.QuantizedArray` leaf of `like` is quantized again in its layout,
-    with stochastic rounding between its codes under the same key. Every jstep state that may
-    be narrow is written through here.
+    stored by stochastic rounding when `key` is given (leaf i of the flattened tree with bits
+    of its own from `key` and i, as in `apply_updates`), and by round-to-nearest otherwise;
+    any other leaf is cast as usual. A `jstep.QuantizedArray` leaf of `like` is quantized
+    again in its layout, with stochastic rounding between its codes from the same leaf's bits.
+    Every jstep state that may be narrow is written through here.
     """
 
     def one(seed, value, old):
@@ -406,7 +464,7 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
             return None
         if quantization.is_quantized(old):
             # A step keeps the state where it was: the new codes and scales go where the old ones are.
-            new = quantization.encode(value, old.layout, seed)
+            new = quantization.encode(value, old.layout, None if seed is None else _leaf_words(seed))
             codes, _ = shard_alike(new.codes, old.codes)
             scale, _ = shard_alike(new.scale, old.scale)
             return quantization.QuantizedArray(codes, scale, old.layout)
@@ -414,6 +472,6 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
         narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
         if seed is None or not narrower:
             return value.astype(dtype)
-        return _round_with_seed(value, dtype, seed)
+        return _stochastic_cast(value, dtype, seed)
 
-    return jax.tree.map(one, _leaf_seeds(key, values), values, like, is_leaf=_is_none)
+    return jax.tree.map(one, leaf_seeds(key, values), values, like, is_leaf=_is_seed_or_none)

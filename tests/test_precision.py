@@ -396,13 +396,19 @@ def test_apply_updates_rounds_float16_params_stochastically():
         assert abs(away - n * p[0]) <= 5 * np.sqrt(n * p[0] * (1 - p[0])), (name, away / n, p[0])
 
 
-def test_apply_updates_gives_each_leaf_its_own_key():
-    x = jnp.full(1000, 1.0, jnp.bfloat16)
-    u = jnp.full(1000, 2.0**-9, jnp.float32)  # halfway between two bfloat16 values
-    out = jstep.apply_updates([x, x], [u, u], key=jax.random.key(0))
-    first, second = (np.asarray(leaf, np.float32) for leaf in out)
-    assert 0.2 < np.mean(first != second) < 0.8
-    single = jstep.stochastic_round(x.astype(jnp.float32) + u, jnp.bfloat16, jax.random.fold_in(jax.random.key(0), 0))
+def test_apply_updates_gives_each_leaf_its_own_bits():
+    """Leaves of one shape and value round independently: each element rounds up with p = 1/4, so
+    two leaves differ at 2 p (1 - p) = 3/8 of the elements (within 5 standard deviations); leaf
+    0 draws the bits `stochastic_round` draws with the same key."""
+    n = 1000
+    x = jnp.full(n, 1.0, jnp.bfloat16)
+    u = jnp.full(n, 2.0**-9, jnp.float32)  # a quarter of the way from 1 to the next bfloat16, 1 + 2^-7
+    out = jstep.apply_updates([x, x, x], [u, u, u], key=jax.random.key(0))
+    first, second, third = (np.asarray(leaf, np.float32) for leaf in out)
+    differ = 2 * 0.25 * 0.75
+    for a, b in ((first, second), (first, third), (second, third)):
+        assert abs(np.mean(a != b) - differ) <= 5 * np.sqrt(differ * (1 - differ) / n)
+    single = jstep.stochastic_round(x.astype(jnp.float32) + u, jnp.bfloat16, jax.random.key(0))
     np.testing.assert_array_equal(first, np.asarray(single, np.float32))
 
 
@@ -518,8 +524,11 @@ def jitted_run(opt, state, grads, params=PARAMS):
 def assert_same_rounding(updates, reference_updates, state, reference_state):
     """Two runs that use the same keys on values equal up to float32 round-off (another program's
     fusion and order): the bfloat16 states agree bit for bit wherever that round-off did not move
-    a value across a rounding threshold (>= 99% of the entries; with another seed about half of
-    them differ), and everywhere within one bfloat16 ulp; the updates agree closely."""
+    a value across a rounding threshold, and everywhere within one bfloat16 ulp; the updates
+    agree closely. A relative difference d crosses a threshold with probability about d / 2^-8
+    per rounding (inject_hyperparams' 1 - b2, one float32 ulp off: d ~ 6e-5, 1.5% of v's
+    roundings), so the states agree at >= 95% of the entries; with another seed about half of
+    them differ."""
     assert jax.tree.structure(state) == jax.tree.structure(reference_state)
     narrow = [
         (np.asarray(x, np.float64), np.asarray(y, np.float64))
@@ -527,7 +536,7 @@ def assert_same_rounding(updates, reference_updates, state, reference_state):
         if x.dtype == BF16
     ]
     got, want = (np.concatenate([pair[i].ravel() for pair in narrow]) for i in (0, 1))
-    assert np.mean(got == want) >= 0.99
+    assert np.mean(got == want) >= 0.95
     np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=0)
     for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(reference_updates), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2.0**-6, atol=1e-6)
