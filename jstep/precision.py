@@ -378,15 +378,30 @@ def load(state: Any) -> Any:
     to float32, every other leaf as it is. Every jstep state that may be narrow is read here."""
 
     def one(leaf):
-        if not quantization.is_quantized(leaf):
-            return leaf
-        # Dequantized once into a float32 buffer the size of this leaf, which every use in the
-        # step then reads: left to fusion, XLA:CPU recomputes the decoding in each consumer
-        # (the new average, its block maxima, its codes, the update) and copies the codes it
-        # still reads after the new ones overwrite them.
-        return lax.optimization_barrier(quantization.dequantize(leaf))
+        return quantization.dequantize(leaf) if quantization.is_quantized(leaf) else leaf
 
     return jax.tree.map(one, state, is_leaf=quantization.is_quantized)
+
+
+def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -> tuple[Any, Any]:
+    """A state's new values and the new state: ``values = jax.tree.map(rule, load(state), *others)``
+    and ``store(values, state, key)``, the same numbers.
+
+    `rule` maps a leaf's old value (float32 where quantized) and the matching leaves of `others`
+    to its new value, element by element (``lambda m, g: b1 m + (1 - b1) g``, say). Each
+    `jstep.QuantizedArray` leaf is read again for its new blocks' maxima and again for its new
+    codes (see ``jstep.quantization._refresh``), so that the compiled step holds no float32 copy
+    of it; every other leaf is stored as `store` stores it.
+    """
+    values = jax.tree.map(rule, load(state), *others)
+    seeds = _leaf_seeds(key, values)
+
+    def one(seed, value, old, *other):
+        if value is not None and quantization.is_quantized(old):
+            return quantization._refresh(old, lambda decoded: rule(decoded, *other), seed)
+        return _store_leaf(seed, value, old)
+
+    return values, jax.tree.map(one, seeds, values, state, *others, is_leaf=_is_none)
 
 
 def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
@@ -400,15 +415,17 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     be narrow is written through here.
     """
 
-    def one(seed, value, old):
-        if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
-            return None
-        if quantization.is_quantized(old):
-            return quantization._encode(value, old.layout, seed)
-        dtype = jnp.result_type(old)
-        narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
-        if seed is None or not narrower:
-            return value.astype(dtype)
-        return _round_with_seed(value, dtype, seed)
+    return jax.tree.map(_store_leaf, _leaf_seeds(key, values), values, like, is_leaf=_is_none)
 
-    return jax.tree.map(one, _leaf_seeds(key, values), values, like, is_leaf=_is_none)
+
+def _store_leaf(seed: jax.Array | None, value: Any, old: Any) -> Any:
+    """One leaf of `store`: `value` in the dtype or layout of `old`, by stochastic rounding with `seed`."""
+    if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
+        return None
+    if quantization.is_quantized(old):
+        return quantization._encode(value, old.layout, seed)
+    dtype = jnp.result_type(old)
+    narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
+    if seed is None or not narrower:
+        return value.astype(dtype)
+    return _round_with_seed(value, dtype, seed)
