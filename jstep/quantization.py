@@ -384,9 +384,14 @@ def _pack(codes: jax.Array) -> jax.Array:
 
 
 def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    wide = packed.astype(jnp.uint16)
-    pairs = lax.bitcast_convert_type((wide & 0x0F) | ((wide & 0xF0) << 4), jnp.uint8)
-    codes = pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.
+
+    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so
+    that it fuses into the lookups that read it at the cost of a few integer operations.
+    """
+    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))
+    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1) * jnp.uint8(4)
+    codes = ((pairs >> shift) & jnp.uint8(0x0F)).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
     return codes[..., : shape[-1] if shape else 1].reshape(shape)
 
 
