@@ -84,7 +84,11 @@ bits of |y|'s float32 word (its exponent and the top bits of its fraction) numbe
 narrow enough that each holds at most one code, and a table per bucket gives the code below.
 
 Arithmetic always runs in float32: a state is dequantized to float32, the notes' rule is
-applied, and the result is quantized, one leaf at a time.
+applied, and the result is quantized, one leaf at a time. The new value is needed three
+times (for the step, for its blocks' maxima and for its codes) and the maxima must be known
+before any code, so a compiled step either writes a float32 copy of the leaf to memory or
+reads the codes more than once. jstep reads them three times (``jstep.precision.advance``):
+the step then holds no float32 buffer of the state's size, only a copy of the codes.
 """
 
 from __future__ import annotations
