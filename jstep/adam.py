@@ -34,7 +34,7 @@ import optax
 from jstep import _core
 from jstep.averages import running_average_value
 from jstep.grouping import Packed
-from jstep.precision import load, step_keys, store
+from jstep.precision import advance, load, step_keys
 
 
 class ScaleByAdamState(NamedTuple):
@@ -98,13 +98,14 @@ def scale_by_adam(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        old_mu, old_nu = load(state.mu), load(state.nu)
-        _core.check_same_shapes(updates, old_mu, holds_values=True)
+        _core.check_same_shapes(updates, load(state.mu), holds_values=True)
         count = _core.increment(state.count)
         mu_key, nu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with m_t and v_t as computed (float32), then they are stored in their dtypes.
-        mu = running_average_value(old_mu, updates, b1)
-        nu = running_average_value(old_nu, jax.tree.map(_core.squared_magnitude, updates), b2)
+        mu, new_mu = advance(lambda m, g: running_average_value(m, g, b1), state.mu, updates, key=mu_key)
+        nu, new_nu = advance(
+            lambda v, g: running_average_value(v, _core.squared_magnitude(g), b2), state.nu, updates, key=nu_key
+        )
         correction1 = _core.bias_correction(b1, count)
         correction2 = _core.bias_correction(b2, count)
         if nesterov:
@@ -122,7 +123,7 @@ def scale_by_adam(
             return _core.adaptive_step(m_hat, v_hat, eps=eps, eps_root=eps_root).astype(g.dtype)
 
         directions = jax.tree.map(direction, updates, mu, nu)
-        return directions, ScaleByAdamState(count, store(mu, state.mu, mu_key), store(nu, state.nu, nu_key))
+        return directions, ScaleByAdamState(count, new_mu, new_nu)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

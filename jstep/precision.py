@@ -437,15 +437,30 @@ def load(state: Any) -> Any:
     to float32, every other leaf as it is. Every jstep state that may be narrow is read here."""
 
     def one(leaf):
-        if not quantization.is_quantized(leaf):
-            return leaf
-        # Dequantized once into a float32 buffer the size of this leaf, which every use in the
-        # step then reads: left to fusion, XLA:CPU recomputes the decoding in each consumer
-        # (the new average, its block maxima, its codes, the update) and copies the codes it
-        # still reads after the new ones overwrite them.
-        return lax.optimization_barrier(quantization.dequantize(leaf))
+        return quantization.dequantize(leaf) if quantization.is_quantized(leaf) else leaf
 
     return jax.tree.map(one, state, is_leaf=quantization.is_quantized)
+
+
+def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -> tuple[Any, Any]:
+    """A state's new values and the new state: ``values = jax.tree.map(rule, load(state), *others)``
+    and ``store(values, state, key)``, the same numbers.
+
+    `rule` maps a leaf's old value (float32 where quantized) and the matching leaves of `others`
+    to its new value, element by element (``lambda m, g: b1 m + (1 - b1) g``, say). Each
+    `jstep.QuantizedArray` leaf is read again for its new blocks' maxima and again for its new
+    codes (see ``jstep.quantization._refresh``), so that the compiled step holds no float32 copy
+    of it; every other leaf is stored as `store` stores it.
+    """
+    values = jax.tree.map(rule, load(state), *others)
+
+    def one(seed, value, old, *other):
+        if value is not None and quantization.is_quantized(old) and quantization._explicit_sharding(old.codes) is None:
+            words = None if seed is None else _leaf_words(seed)
+            return _kept_in_place(quantization._refresh(old, lambda decoded: rule(decoded, *other), words), old)
+        return _store_leaf(seed, value, old)
+
+    return values, jax.tree.map(one, leaf_seeds(key, values), values, state, *others, is_leaf=_is_seed_or_none)
 
 
 def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
@@ -459,19 +474,24 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     Every jstep state that may be narrow is written through here.
     """
 
-    def one(seed, value, old):
-        if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
-            return None
-        if quantization.is_quantized(old):
-            # A step keeps the state where it was: the new codes and scales go where the old ones are.
-            new = quantization.encode(value, old.layout, None if seed is None else _leaf_words(seed))
-            codes, _ = shard_alike(new.codes, old.codes)
-            scale, _ = shard_alike(new.scale, old.scale)
-            return quantization.QuantizedArray(codes, scale, old.layout)
-        dtype = jnp.result_type(old)
-        narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
-        if seed is None or not narrower:
-            return value.astype(dtype)
-        return _stochastic_cast(value, dtype, seed)
+    return jax.tree.map(_store_leaf, leaf_seeds(key, values), values, like, is_leaf=_is_seed_or_none)
 
-    return jax.tree.map(one, leaf_seeds(key, values), values, like, is_leaf=_is_seed_or_none)
+
+def _kept_in_place(new: Any, old: Any) -> Any:
+    """A step keeps the state where it was: the new codes and scales go where the old ones are."""
+    codes, _ = shard_alike(new.codes, old.codes)
+    scale, _ = shard_alike(new.scale, old.scale)
+    return quantization.QuantizedArray(codes, scale, old.layout)
+
+
+def _store_leaf(seed: Any, value: Any, old: Any) -> Any:
+    """One leaf of `store`: `value` in the dtype or layout of `old`, by stochastic rounding with `seed`."""
+    if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
+        return None
+    if quantization.is_quantized(old):
+        return _kept_in_place(quantization.encode(value, old.layout, None if seed is None else _leaf_words(seed)), old)
+    dtype = jnp.result_type(old)
+    narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
+    if seed is None or not narrower:
+        return value.astype(dtype)
+    return _stochastic_cast(value, dtype, seed)

@@ -87,7 +87,11 @@ bits of |y|'s float32 word (its exponent and the top bits of its fraction) numbe
 narrow enough that each holds at most one code, and a table per bucket gives the code below.
 
 Arithmetic always runs in float32: a state is dequantized to float32, the notes' rule is
-applied, and the result is quantized, one leaf at a time.
+applied, and the result is quantized, one leaf at a time. The new value is needed three
+times (for the step, for its blocks' maxima and for its codes) and the maxima must be known
+before any code, so a compiled step either writes a float32 copy of the leaf to memory or
+reads the codes more than once. jstep reads them three times (``jstep.precision.advance``):
+the step then holds no float32 buffer of the state's size, only a copy of the codes.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ import dataclasses
 import functools
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -290,7 +295,10 @@ def _buckets(bits: int, signed: bool) -> _Buckets:
     reads per element instead of a binary search of the codes."""
     table = code_table(bits, signed)
     magnitudes = table[table.size // 2 :] if signed else table
-    cuts = ((magnitudes[:-1].astype(np.float64) + magnitudes[1:]) / 2).astype(np.float32)
+    midpoints = (magnitudes[:-1].astype(np.float64) + magnitudes[1:]) / 2  # exact: float32 sums fit
+    cuts = midpoints.astype(np.float32)
+    # The first float32 at or above each midpoint: |y| >= cut exactly when |y| >= the midpoint.
+    cuts = np.where(cuts < midpoints, np.nextafter(cuts, np.float32(np.inf)), cuts)
     points = np.concatenate([magnitudes[magnitudes > 0], cuts[cuts > 0]])
     for mantissa in range(1, 24):
         shift = 23 - mantissa
@@ -321,19 +329,39 @@ def _buckets(bits: int, signed: bool) -> _Buckets:
     )
 
 
+@functools.cache
+def _nearest_words(bits: int, signed: bool) -> np.ndarray:
+    """Per bucket, one uint32 that gives the nearest code in a single table read (see `_codes`):
+    (index << 24) + 2^24 - cut, where index is the nearest code at the bucket's lower end and
+    cut the offset of the one midpoint inside the bucket from that end, in units of the float32
+    word's last bit (2^shift, past every offset, when the bucket holds no midpoint). Adding the
+    low `shift` bits of |y|'s word carries into bit 24 exactly when |y| >= the midpoint."""
+    tables = _buckets(bits, signed)
+    bucket_low = (np.arange(tables.lower.size, dtype=np.int64) + tables.first) << tables.shift
+    inside = np.isfinite(tables.nearest_cut)
+    cut = np.where(inside, _float_bits(np.where(inside, tables.nearest_cut, 0)) - bucket_low, 1 << tables.shift)
+    # Bucket 0 (everything below the smallest code) holds no midpoint; |y| there reads low bits 0.
+    assert not inside[0] and (cut >= 0).all() and (cut <= 1 << tables.shift).all() and bits <= 8
+    return ((tables.nearest_below.astype(np.int64) << 24) + (1 << 24) - cut).astype(np.uint32)
+
+
 def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> jax.Array:
     """The code (int32) of each y = x / s in [-1, 1]: the nearest, or with `uniform` one of the
-    two around y, the upper with probability (|y| - lo) / (hi - lo) (module docstring)."""
+    two around y, the upper with probability (|y| - lo) / (hi - lo) (module docstring).
+
+    Table reads (gathers) are the costly part of this on a CPU, so round to nearest reads one
+    word per element (`_nearest_words`) and uses it once: XLA then reads it inside the fusion
+    that computes y instead of writing the words out to memory first.
+    """
     tables = _buckets(bits, signed)
     magnitudes = tables.magnitudes
-    magnitude = jnp.clip(
-        jnp.abs(y) if signed else y, magnitudes[0], 1.0
-    )  # unsigned: y < 0 is stored as the smallest code
-    key = (lax.bitcast_convert_type(magnitude, jnp.int32) >> tables.shift) - tables.first
-    key = jnp.clip(key, 0, tables.lower.size - 1)
+    magnitude = jnp.clip(jnp.abs(y) if signed else y, magnitudes[0], 1.0)  # unsigned: y < 0 -> the smallest code
+    word = lax.bitcast_convert_type(magnitude, jnp.uint32)
+    raw_key = (word >> tables.shift).astype(jnp.int32) - tables.first
+    key = jnp.clip(raw_key, 0, tables.lower.size - 1)
     if uniform is None:
-        index = jnp.asarray(tables.nearest_below)[key]
-        index = index + (magnitude >= jnp.asarray(tables.nearest_cut)[key]).astype(jnp.int32)
+        low_bits = jnp.where(raw_key > 0, word & jnp.uint32((1 << tables.shift) - 1), jnp.uint32(0))
+        index = ((jnp.asarray(_nearest_words(bits, signed))[key] + low_bits) >> 24).astype(jnp.int32)
     else:
         index = jnp.asarray(tables.lower)[key]
         index = index + (magnitude >= jnp.asarray(tables.next_code)[key]).astype(jnp.int32)
@@ -375,16 +403,43 @@ def _pack(codes: jax.Array) -> jax.Array:
 
 
 def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    wide = packed.astype(jnp.uint16)
-    pairs = lax.bitcast_convert_type((wide & 0x0F) | ((wide & 0xF0) << 4), jnp.uint8)
-    codes = pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.
+
+    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so
+    that it fuses into the lookups that read it at the cost of a few integer operations.
+    """
+    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))
+    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1) * jnp.uint8(4)
+    codes = ((pairs >> shift) & jnp.uint8(0x0F)).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
     return codes[..., : shape[-1] if shape else 1].reshape(shape)
 
 
-def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArray:
-    """Quantize `x` (any real dtype, computed in float32) to `layout`; stochastically with `seed`."""
+def _block_absmax(blocks: jax.Array) -> jax.Array:
+    """max_i |x_i| of each row of `blocks` (NaN when the row holds one, as ``jnp.max``).
+
+    Two reductions: the largest float32 word of |x| (its sign bit cleared; the words of
+    non-negative floats are ordered like their values, NaN above inf) over runs of at most 32
+    elements, then the largest of those. XLA reads the values for the first one inside the
+    fusion that computes them: a single reduction over more than 32 elements is rewritten by
+    XLA:CPU into a windowed one that needs its input written to memory first, a float32 copy
+    of the leaf.
+    """
+    rows, size = blocks.shape
+    run = min(size, 32)
+    words = lax.bitcast_convert_type(blocks, jnp.int32) & jnp.int32(0x7FFFFFFF)
+    largest = jnp.max(words.reshape(rows, size // run, run), axis=2)
+    return jnp.max(lax.bitcast_convert_type(largest, jnp.float32), axis=1)
+
+
+def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None, scale: jax.Array | None = None) -> QuantizedArray:
+    """Quantize `x` (any real dtype, computed in float32) to `layout`; stochastically with `seed`.
+
+    `scale`: the blocks' maxima when already computed (`_refresh` computes them from another
+    read of the state), else computed here.
+    """
     blocks = _blocks(x.astype(jnp.float32), layout.block_size)
-    scale = jnp.max(jnp.abs(blocks), axis=1)
+    if scale is None:
+        scale = _block_absmax(blocks)
     y = blocks / jnp.where(scale > 0, scale, 1)[:, None]
     uniform = None
     if seed is not None:
@@ -395,11 +450,33 @@ def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedAr
     return QuantizedArray(codes, scale, layout)
 
 
-def _decode(q: QuantizedArray) -> jax.Array:
+def _decode(q: QuantizedArray, read: int = 0) -> jax.Array:
+    """s q(c) for each element, in float32.
+
+    `read` numbers independent reads of the same state within one step (see `_refresh`): each
+    looks its codes up in its own copy of the table (padded with `read` unused entries), so
+    that XLA, which merges identical lookups and never repeats one in several fusions, reads
+    the codes again in each fusion that needs the values instead of writing them to memory.
+    """
     layout = q.layout
     codes = _unpack(q.codes, layout.shape) if layout.bits == 4 else q.codes
-    values = jnp.asarray(code_table(layout.bits, layout.signed))[codes.astype(jnp.int32)]
+    table = np.concatenate([code_table(layout.bits, layout.signed), np.zeros(read, np.float32)])
+    values = jnp.asarray(table)[codes.astype(jnp.int32)]
     return _unblock(_blocks(values, layout.block_size) * q.scale[:, None], layout.shape)
+
+
+def _refresh(old: QuantizedArray, rule: Callable[[jax.Array], jax.Array], seed: jax.Array | None) -> QuantizedArray:
+    """``rule(dequantize(old))`` quantized in `old`'s layout, for a `rule` that works element by element.
+
+    The rule is applied to two more reads of `old` than the step's own (`_decode`'s `read` 1
+    for the blocks' maxima, 2 for the codes). On a CPU that costs two table lookups per
+    element but no float32 buffer: with one read, XLA writes the whole dequantized leaf to
+    memory and reads it back for the new value, its maxima, its codes and the update, and
+    copies the codes it still reads after the new codes overwrite them.
+    """
+    layout = old.layout
+    scale = _block_absmax(_blocks(jnp.asarray(rule(_decode(old, 1)), jnp.float32), layout.block_size))
+    return _encode(rule(_decode(old, 2)), layout, seed, scale)
 
 
 def _check_real(name: str, x: Any) -> jax.Array:
