@@ -24,7 +24,7 @@ import optax
 from jstep import _core
 from jstep.averages import running_average_value
 from jstep.momentum import momentum as jstep_momentum
-from jstep.precision import load, step_keys, store
+from jstep.precision import advance, load, step_keys
 
 
 class ScaleByRmsState(NamedTuple):
@@ -117,15 +117,17 @@ def scale_by_rms(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        old_nu, old_mu = load(state.nu), load(state.mu) if centered else None
-        _core.check_same_shapes(updates, old_nu)
+        _core.check_same_shapes(updates, load(state.nu))
         if centered:
-            _core.check_same_shapes(updates, old_mu, holds_values=True)
+            _core.check_same_shapes(updates, load(state.mu), holds_values=True)
         count = _core.increment(state.count)
         nu_key, mu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with G_t (and M_t) as computed, then they are stored in their dtypes.
-        nu = running_average_value(old_nu, jax.tree.map(_core.squared_magnitude, updates), gamma)
-        mu = running_average_value(old_mu, updates, gamma) if centered else None
+        nu, new_nu = advance(
+            lambda G, g: running_average_value(G, _core.squared_magnitude(g), gamma), state.nu, updates, key=nu_key
+        )
+        if centered:
+            mu, new_mu = advance(lambda M, g: running_average_value(M, g, gamma), state.mu, updates, key=mu_key)
         correction = _core.bias_correction(gamma, count) if bias_correction else None
 
         def second_moment(G, M=None):
@@ -144,8 +146,8 @@ def scale_by_rms(
 
         if centered:
             directions = jax.tree.map(direction, updates, nu, mu)
-            return directions, ScaleByCenteredRmsState(count, store(mu, state.mu, mu_key), store(nu, state.nu, nu_key))
-        return jax.tree.map(direction, updates, nu), ScaleByRmsState(count, store(nu, state.nu, nu_key))
+            return directions, ScaleByCenteredRmsState(count, new_mu, new_nu)
+        return jax.tree.map(direction, updates, nu), ScaleByRmsState(count, new_nu)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -271,17 +273,20 @@ def scale_by_rss(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        old_sum = load(state.sum_of_squares)
-        _core.check_same_shapes(updates, old_sum)
-
-        def step(g, G):
-            G_new = G.astype(_core.compute_dtype(G.dtype)) + _core.squared_magnitude(g)
-            return _core.adaptive_step(g, G_new, **placement).astype(g.dtype), G_new
-
-        directions, sum_of_squares = _core.unzip_pairs(jax.tree.map(step, updates, old_sum), updates)
+        _core.check_same_shapes(updates, load(state.sum_of_squares))
         count = _core.increment(state.count)
         (key,) = step_keys(rounding_seed, count, 1)
-        return directions, ScaleByRssState(count, store(sum_of_squares, state.sum_of_squares, key))
+        sum_of_squares, stored = advance(
+            lambda G, g: G.astype(_core.compute_dtype(G.dtype)) + _core.squared_magnitude(g),
+            state.sum_of_squares,
+            updates,
+            key=key,
+        )
+
+        def direction(g, G_new):
+            return _core.adaptive_step(g, G_new, **placement).astype(g.dtype)
+
+        return jax.tree.map(direction, updates, sum_of_squares), ScaleByRssState(count, stored)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -359,21 +364,27 @@ def scale_by_adadelta(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        old_e_g, old_e_x = load(state.e_g), load(state.e_x)
-        _core.check_same_shapes(updates, old_e_g)
+        _core.check_same_shapes(updates, load(state.e_g))
         count = _core.increment(state.count)
         e_g_key, e_x_key = step_keys(rounding_seed, count, 2)
         # Steps are taken with E[g^2]_t as computed, then both averages are stored in their dtypes.
-        e_g = running_average_value(old_e_g, jax.tree.map(_core.squared_magnitude, updates), rho)
+        e_g, new_e_g = advance(
+            lambda Eg, g: running_average_value(Eg, _core.squared_magnitude(g), rho), state.e_g, updates, key=e_g_key
+        )
 
         def step(g, Eg, Ex):
             Ex = Ex.astype(_core.compute_dtype(Ex.dtype))
             return _core.adaptive_step(g, Eg, eps=0.0, eps_root=eps) * jnp.sqrt(Ex + eps)
 
-        steps = jax.tree.map(step, updates, e_g, old_e_x)
-        e_x = running_average_value(old_e_x, jax.tree.map(_core.squared_magnitude, steps), rho)
-        stored = AdadeltaState(count, store(e_g, state.e_g, e_g_key), store(e_x, state.e_x, e_x_key))
-        return _core.cast_like(steps, updates), stored
+        steps = jax.tree.map(step, updates, e_g, load(state.e_x))
+        _, new_e_x = advance(
+            lambda Ex, g, Eg: running_average_value(Ex, _core.squared_magnitude(step(g, Eg, Ex)), rho),
+            state.e_x,
+            updates,
+            e_g,
+            key=e_x_key,
+        )
+        return _core.cast_like(steps, updates), AdadeltaState(count, new_e_g, new_e_x)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

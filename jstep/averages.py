@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jstep import _core
-from jstep.precision import load, step_keys, store
+from jstep.precision import advance, load, step_keys, store
 
 Gamma = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -114,13 +114,12 @@ def running_average(
 
     def update(values, state, params=None, **extra_args):
         del params, extra_args
-        old = load(state.average)
-        _core.check_same_shapes(values, old, holds_values=True)
+        _core.check_same_shapes(values, load(state.average), holds_values=True)
         count = _core.increment(state.count)
         gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
         (key,) = step_keys(rounding_seed, count, 1)
-        average = running_average_value(old, values, gamma_t)
-        return _core.cast_like(average, values), RunningAverageState(count, store(average, state.average, key))
+        average, stored = advance(lambda c, x: running_average_value(c, x, gamma_t), state.average, values, key=key)
+        return _core.cast_like(average, values), RunningAverageState(count, stored)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -21,7 +21,7 @@ import optax
 
 from jstep import _core
 from jstep.averages import moving_average
-from jstep.precision import load, step_keys, store
+from jstep.precision import advance, load, step_keys
 
 
 class MomentumState(NamedTuple):
@@ -39,10 +39,13 @@ def velocity_step(velocity: jax.Array, gradient: jax.Array, gamma: Any, eta: Any
     T_t = gamma T_{t-1} + g_t (``jstep.optax.sgd`` steps by that trace).
     """
     dtype = _core.compute_dtype(velocity.dtype)
-    g = gradient.astype(dtype)
-    v_new = gamma * velocity.astype(dtype) + eta * g
-    direction = gamma * v_new + eta * g if nesterov else v_new
-    return direction, v_new
+    v_new = gamma * velocity.astype(dtype) + eta * gradient.astype(dtype)
+    return velocity_direction(v_new, gradient, gamma, eta, nesterov=nesterov), v_new
+
+
+def velocity_direction(v_new: jax.Array, gradient: jax.Array, gamma: Any, eta: Any, *, nesterov: bool = False):
+    """The direction from V_t: V_t itself, or gamma V_t + eta g_t with `nesterov`."""
+    return gamma * v_new + eta * gradient.astype(v_new.dtype) if nesterov else v_new
 
 
 def sgd(learning_rate: _core.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
@@ -122,18 +125,16 @@ def momentum(
         old = load(state.velocity)
         _core.check_same_shapes(updates, old, holds_values=True)
         eta = _core.learning_rate_at(learning_rate, state.count)
-
-        def step(v, g):
-            direction, v_new = velocity_step(v, g, gamma, eta, nesterov=nesterov)
-            # -1 * V, the same bits as -V: XLA:CPU compiles W + (-V) after the fusion to a
-            # slower kernel than W + c * V (about 10% of the step, benchmarks/optimizers.py).
-            return (-1.0 * direction).astype(g.dtype), v_new
-
-        out = jax.tree.map(step, old, updates)
-        new_updates, velocity = _core.unzip_pairs(out, updates)
         count = _core.increment(state.count)
         (key,) = step_keys(rounding_seed, count, 1)
-        return new_updates, MomentumState(count, store(velocity, state.velocity, key))
+        velocity, stored = advance(lambda v, g: velocity_step(v, g, gamma, eta)[1], state.velocity, updates, key=key)
+
+        def step(v_new, g):
+            # -1 * V, the same bits as -V: XLA:CPU compiles W + (-V) after the fusion to a
+            # slower kernel than W + c * V (about 10% of the step, benchmarks/optimizers.py).
+            return (-1.0 * velocity_direction(v_new, g, gamma, eta, nesterov=nesterov)).astype(g.dtype)
+
+        return jax.tree.map(step, velocity, updates), MomentumState(count, stored)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
