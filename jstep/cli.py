@@ -69,24 +69,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _optimizer_list(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in OPTIMIZERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown optimizer {', '.join(map(repr, unknown)) or repr(text)}; choose from {','.join(OPTIMIZERS)}"
-        )
-    return list(dict.fromkeys(names))
+def _names_from(choices: tuple[str, ...], kind: str):
+    """An argparse type: a comma-separated list of `choices`, each once, in the order given."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(map(repr, unknown)) or repr(text)}; choose from {','.join(choices)}"
+            )
+        return list(dict.fromkeys(names))
+
+    return parse
 
 
-def _state_format_list(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in STATE_FORMATS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown state format {', '.join(map(repr, unknown)) or repr(text)}; choose from {','.join(STATE_FORMATS)}"
-        )
-    return list(dict.fromkeys(names))
+_optimizer_list = _names_from(OPTIMIZERS, "optimizer")
+_state_format_list = _names_from(STATE_FORMATS, "state format")
 
 
 def _seed(text: str) -> int:
