@@ -460,8 +460,8 @@ MUTANTS = [
     M(
         "quantization_scale_max_not_absmax",
         "jstep/quantization.py",
-        "scale = jnp.max(jnp.abs(blocks), axis=1)",
-        "scale = jnp.max(blocks, axis=1)",
+        "words = lax.bitcast_convert_type(blocks, jnp.int32) & jnp.int32(0x7FFFFFFF)",
+        "words = lax.bitcast_convert_type(blocks, jnp.int32)",
         ("tests/test_quantization.py", "-k", "absmax"),
         why="each block's scale is its largest magnitude",
     ),
@@ -472,14 +472,24 @@ MUTANTS = [
         "\n"
         "\n"
         "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
-        "    wide = packed.astype(jnp.uint16)\n"
-        "    pairs = lax.bitcast_convert_type((wide & 0x0F) | ((wide & 0xF0) << 4), jnp.uint8)",
+        '    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.\n'
+        "\n"
+        "    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so\n"
+        "    that it fuses into the lookups that read it at the cost of a few integer operations.\n"
+        '    """\n'
+        "    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))\n"
+        "    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1) * jnp.uint8(4)",
         "    return (((pairs >> 8) & 0x0F) | ((pairs << 4) & 0xF0)).astype(jnp.uint8)\n"
         "\n"
         "\n"
         "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
-        "    wide = packed.astype(jnp.uint16)\n"
-        "    pairs = lax.bitcast_convert_type(((wide & 0xF0) >> 4) | ((wide & 0x0F) << 8), jnp.uint8)",
+        '    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.\n'
+        "\n"
+        "    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so\n"
+        "    that it fuses into the lookups that read it at the cost of a few integer operations.\n"
+        '    """\n'
+        "    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))\n"
+        "    shift = (jnp.uint8(1) - lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1)) * jnp.uint8(4)",
         ("tests/test_quantization.py", "-k", "four_bit_bytes"),
         why="packing and unpacking agree, but the bytes break the documented layout (element 2j in the low nibble)",
     ),
