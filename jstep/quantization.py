@@ -147,9 +147,10 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     Each state leaf with at least `min_size` elements becomes a `QuantizedArray`: one code
     of `bits` bits per element and one float32 scale per block of `block_size` elements
     (1 + 4 / 256 bytes per element for 8 bits, 1/2 + 4 / 128 for 4). Smaller leaves (biases,
-    norms) stay float32, as in bitsandbytes. First moments and velocities use the signed
-    dynamic-exponent map, second moments the unsigned (geometric) map without zero (see the module's
-    docstring for both). The arithmetic of every step runs in float32.
+    norms) stay float32, as in bitsandbytes. First moments and velocities use the signed map
+    (a dynamic exponent, geometric below 1e-2), second moments an unsigned map without zero
+    (geometric for 8 bits, k / 16 for 4); the module's docstring derives both. The arithmetic
+    of every step runs in float32.
 
     Args:
       bits: 8 or 4.
