@@ -162,8 +162,8 @@ MUTANTS = [
     M(
         "momentum_nesterov_dropped",
         "jstep/momentum.py",
-        "direction = gamma * v_new + eta * g if nesterov else v_new",
-        "direction = v_new",
+        "return gamma * v_new + eta * gradient.astype(v_new.dtype) if nesterov else v_new",
+        "return v_new",
         ("tests/test_momentum.py", "-k", "nesterov"),
     ),
     M(
@@ -222,8 +222,8 @@ MUTANTS = [
     M(
         "rmsprop_squared_average_1pct",
         "jstep/adaptive.py",
-        "(state.nu, jax.tree.map(_core.squared_magnitude, updates), gamma)",
-        "(state.nu, jax.tree.map(lambda g: 1.01 * _core.squared_magnitude(g), updates), gamma)",
+        "lambda G, g: running_average_value(G, _core.squared_magnitude(g), gamma), state.nu",
+        "lambda G, g: running_average_value(G, 1.01 * _core.squared_magnitude(g), gamma), state.nu",
         ("tests/test_adaptive.py", "-k", "matches_reference and rmsprop-float32"),
     ),
     M(
@@ -244,8 +244,8 @@ MUTANTS = [
     M(
         "adagrad_sum_1pct",
         "jstep/adaptive.py",
-        "G_new = G.astype(_core.compute_dtype(G.dtype)) + _core.squared_magnitude(g)",
-        "G_new = G.astype(_core.compute_dtype(G.dtype)) + 1.01 * _core.squared_magnitude(g)",
+        "lambda G, g: G.astype(_core.compute_dtype(G.dtype)) + _core.squared_magnitude(g),",
+        "lambda G, g: G.astype(_core.compute_dtype(G.dtype)) + 1.01 * _core.squared_magnitude(g),",
         ("tests/test_adaptive.py", "-k", "matches_reference and adagrad-float32"),
     ),
     M(
@@ -272,8 +272,8 @@ MUTANTS = [
     M(
         "adam_nu_dtype_ignored",
         "jstep/adam.py",
-        "_core.zeros_like_tree(params, nu_dtype, real=True, squares=True),",
-        "_core.zeros_like_tree(params, None, real=True, squares=True),",
+        "_core.zeros_like_tree(params, nu_dtype, real=True, squares=True, nonnegative=True),",
+        "_core.zeros_like_tree(params, None, real=True, squares=True, nonnegative=True),",
         ("tests/test_precision.py", "-k", "adam"),
         why="README: the state is stored in the dtype asked for, with exactly its bytes",
     ),
