@@ -648,13 +648,13 @@ def _place(q: QuantizedArray, like: Any) -> QuantizedArray:
 
 
 def state_leaf(value: jax.Array, fmt: BlockwiseFormat, *, signed: bool, like: Any = None) -> Any:
-    """An optimizer's state leaf in `fmt`: `value` quantized, or float32 when smaller than ``fmt.min_size``.
+    """An optimizer's state leaf in `fmt`: `value` (float32, from `_core.full_like_tree`, which
+    refuses params that are not real floats) quantized, or float32 when smaller than ``fmt.min_size``.
 
     `like` (the param, possibly sharded or abstract) decides the block size, so that blocks
     never straddle the param's shards, and where the codes and scales go: the codes keep the
     param's sharding (when it is known: a concrete array or a ShapeDtypeStruct with one).
     """
-    value = _check_real("a param given to init with a block-wise state format", value)
     if value.size < fmt.min_size:
         return value.astype(jnp.float32)
     like = value if like is None else like
