@@ -457,10 +457,17 @@ def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -
     def one(seed, value, old, *other):
         if value is not None and quantization.is_quantized(old) and quantization._explicit_sharding(old.codes) is None:
             words = None if seed is None else _leaf_words(seed)
-            return _kept_in_place(quantization._refresh(old, lambda decoded: rule(decoded, *other), words), old)
+            return _kept_in_place(_refreshed(rule, old, other, words), old)
         return _store_leaf(seed, value, old)
 
     return values, jax.tree.map(one, leaf_seeds(key, values), values, state, *others, is_leaf=_is_seed_or_none)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _refreshed(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | None) -> Any:
+    """``quantization._refresh(old, lambda decoded: rule(decoded, *others), words)``, jitted so that
+    a step traces it once for all the leaves of a shape that `rule` advances (see `advance`)."""
+    return quantization._refresh(old, lambda decoded: rule(decoded, *others), words)
 
 
 def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:

@@ -346,6 +346,12 @@ def _nearest_words(bits: int, signed: bool) -> np.ndarray:
     return ((tables.nearest_below.astype(np.int64) << 24) + (1 << 24) - cut).astype(np.uint32)
 
 
+def _read(table: np.ndarray, index: jax.Array) -> jax.Array:
+    """``table[index]`` for indices that lie in [0, table.size) by construction: one gather, without
+    the test and wrap of negative indices that indexing adds (operations compiled for every leaf)."""
+    return jnp.asarray(table).at[index].get(mode="promise_in_bounds", wrap_negative_indices=False)
+
+
 def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> jax.Array:
     """The code (int32) of each y = x / s in [-1, 1]: the nearest, or with `uniform` one of the
     two around y, the upper with probability (|y| - lo) / (hi - lo) (module docstring).
@@ -362,12 +368,12 @@ def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> 
     key = jnp.clip(raw_key, 0, tables.lower.size - 1)
     if uniform is None:
         low_bits = jnp.where(raw_key > 0, word & jnp.uint32((1 << tables.shift) - 1), jnp.uint32(0))
-        index = ((jnp.asarray(_nearest_words(bits, signed))[key] + low_bits) >> 24).astype(jnp.int32)
+        index = ((_read(_nearest_words(bits, signed), key) + low_bits) >> 24).astype(jnp.int32)
     else:
-        index = jnp.asarray(tables.lower)[key]
-        index = index + (magnitude >= jnp.asarray(tables.next_code)[key]).astype(jnp.int32)
-        low = jnp.asarray(magnitudes)[index]
-        high = jnp.asarray(magnitudes)[jnp.minimum(index + 1, magnitudes.size - 1)]
+        index = _read(tables.lower, key)
+        index = index + (magnitude >= _read(tables.next_code, key)).astype(jnp.int32)
+        low = _read(magnitudes, index)
+        high = _read(magnitudes, jnp.minimum(index + 1, magnitudes.size - 1))
         gap = high - low
         fraction = (magnitude - low) / jnp.where(gap > 0, gap, 1)
         index = index + (uniform < fraction).astype(jnp.int32)
@@ -462,8 +468,12 @@ def _decode(q: QuantizedArray, read: int = 0) -> jax.Array:
     layout = q.layout
     codes = _unpack(q.codes, layout.shape) if layout.bits == 4 else q.codes
     table = np.concatenate([code_table(layout.bits, layout.signed), np.zeros(read, np.float32)])
-    values = jnp.asarray(table)[codes.astype(jnp.int32)]
+    values = _read(table, codes)
     return _unblock(_blocks(values, layout.block_size) * q.scale[:, None], layout.shape)
+
+
+# Jitted, so that a step over many leaves traces it once per layout.
+_decoded = jax.jit(_decode)
 
 
 def _refresh(old: QuantizedArray, rule: Callable[[jax.Array], jax.Array], seed: jax.Array | None) -> QuantizedArray:
@@ -627,7 +637,7 @@ def decode(q: QuantizedArray) -> jax.Array:
     """`_decode`, also for codes split over explicit mesh axes: the values are split as the codes."""
     sharding = _explicit_sharding(q.codes)
     if sharding is None:
-        return _decode(q)
+        return _decoded(q)
     try:
         sharding.shard_shape(q.layout.shape)
         out = sharding
