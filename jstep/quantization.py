@@ -472,10 +472,6 @@ def _decode(q: QuantizedArray, read: int = 0) -> jax.Array:
     return _unblock(_blocks(values, layout.block_size) * q.scale[:, None], layout.shape)
 
 
-# Jitted, so that a step over many leaves traces it once per layout.
-_decoded = jax.jit(_decode)
-
-
 def _refresh(old: QuantizedArray, rule: Callable[[jax.Array], jax.Array], seed: jax.Array | None) -> QuantizedArray:
     """``rule(dequantize(old))`` quantized in `old`'s layout, for a `rule` that works element by element.
 
@@ -637,7 +633,7 @@ def decode(q: QuantizedArray) -> jax.Array:
     """`_decode`, also for codes split over explicit mesh axes: the values are split as the codes."""
     sharding = _explicit_sharding(q.codes)
     if sharding is None:
-        return _decoded(q)
+        return _decode(q)
     try:
         sharding.shard_shape(q.layout.shape)
         out = sharding
