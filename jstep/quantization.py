@@ -247,14 +247,14 @@ def is_quantized(leaf: Any) -> bool:
 def _magnitudes(bits: int, signed: bool) -> np.ndarray:
     """The map's magnitudes, ascending, in float64 (module docstring): the codes >= 0 of a
     signed map, 0 first; every code of an unsigned one."""
+    if bits == 4:  # signed: 0 and the top decade in equal steps, (2 + 3 k) / 20; unsigned: 16^(-(15 - k) / 15)
+        return np.concatenate([[0.0], np.arange(2, 21, 3) / 20]) if signed else 16.0 ** (-np.arange(15, -1, -1) / 15)
     n = bits - 1
     if signed:  # the top two decades: 10^-z (0.1 + 0.9 k / S_z), S_z = 2^(n-1-z); below: geometric
         linear = [10.0**-z * (0.1 + 0.9 * np.arange(1, 2 ** (n - 1 - z) + 1) / 2 ** (n - 1 - z)) for z in (0, 1)]
         count = 2 ** (n - 2) - 1
-        geometric = 10.0 ** (-2 - (n - 3) * np.arange(count) / max(count - 1, 1))
+        geometric = 10.0 ** (-2 - (n - 3) * np.arange(count) / (count - 1))
         return np.sort(np.concatenate([[0.0], geometric, *linear]))
-    if bits == 4:
-        return np.arange(1, 17) / 16
     return 10.0 ** (-12 * np.arange(255, -1, -1) / 255)
 
 

@@ -46,22 +46,26 @@ dequantize = jax.jit(jstep.dequantize)
 def reference_map(bits, signed):
     """The module docstring's maps in float64, sorted; n = bits - 1.
 
-    signed: 0 twice and +-q, q over the top two decades linear, 10^-z (0.1 + 0.9 k / S_z) for
-      z = 0, 1, k = 1 .. S_z, S_z = 2^(n-1-z); below them 2^(n-2) - 1 codes geometric,
-      10^(-2 - (n - 3) j / (2^(n-2) - 2)), j = 0 .. 2^(n-2) - 2 (4 bits: the one code 1e-2).
+    signed, 8 bits: 0 twice and +-q, q over the top two decades linear, 10^-z (0.1 + 0.9 k / S_z)
+      for z = 0, 1, k = 1 .. S_z, S_z = 2^(n-1-z); below them 2^(n-2) - 1 codes geometric,
+      10^(-2 - (n - 3) j / (2^(n-2) - 2)), j = 0 .. 2^(n-2) - 2.
+    signed, 4 bits: 0 twice and +-(0.1 + 0.15 k), k = 0 .. 6 (the top decade in equal steps).
     unsigned, 8 bits: 10^(-12 (255 - k) / 255), k = 0 .. 255 (1e-12 .. 1, no zero).
-    unsigned, 4 bits: k / 16, k = 1 .. 16."""
+    unsigned, 4 bits: 16^(-(15 - k) / 15), k = 0 .. 15 (1/16 .. 1, no zero)."""
     n = bits - 1
     if not signed:
         if bits == 4:
-            return np.array([k / 16 for k in range(1, 17)])
+            return np.array([16.0 ** (-(15 - k) / 15) for k in range(16)])
         return np.array([10.0 ** (-12 * (255 - k) / 255) for k in range(256)])
-    magnitudes = [0.0]
-    for z in (0, 1):
-        steps = 2 ** (n - 1 - z)
-        magnitudes += [10.0**-z * (0.1 + 0.9 * k / steps) for k in range(1, steps + 1)]
-    count = 2 ** (n - 2) - 1
-    magnitudes += [10.0 ** (-2 - (n - 3) * j / (count - 1)) if j else 1e-2 for j in range(count)]
+    if bits == 4:
+        magnitudes = [0.0] + [(2 + 3 * k) / 20 for k in range(7)]  # 0.1 + 0.15 k, exact at k = 6
+    else:
+        magnitudes = [0.0]
+        for z in (0, 1):
+            steps = 2 ** (n - 1 - z)
+            magnitudes += [10.0**-z * (0.1 + 0.9 * k / steps) for k in range(1, steps + 1)]
+        count = 2 ** (n - 2) - 1
+        magnitudes += [10.0 ** (-2 - (n - 3) * j / (count - 1)) if j else 1e-2 for j in range(count)]
     magnitudes = sorted(magnitudes)
     return np.array([-m for m in reversed(magnitudes)] + magnitudes)
 
@@ -111,14 +115,11 @@ def test_code_table_is_the_docstring_map(bits, signed):
         half = 2 ** (bits - 1)
         assert table[half - 1] == 0 and table[half] == 0  # 0 twice: the +0 and -0 patterns
         assert np.all(np.diff(table)[np.arange(table.size - 1) != half - 1] > 0)
-        # the smallest nonzero magnitude: 1e-6 for 8 bits, 1e-2 for 4
-        assert table[half + 1] == np.float32(10.0 ** -(bits - 2))
+        # the smallest nonzero magnitude: 1e-6 for 8 bits, 1e-1 for 4
+        assert table[half + 1] == np.float32(1e-6 if bits == 8 else 0.1)
     else:
         assert np.all(np.diff(table) > 0) and table[0] > 0  # no zero
-        if bits == 8:
-            assert table[0] == np.float32(1e-12)
-        else:
-            np.testing.assert_array_equal(table, np.arange(1, 17, dtype=np.float32) / 16)
+        assert table[0] == np.float32(1e-12 if bits == 8 else 1 / 16)
 
 
 def test_signed_map_is_linear_over_two_decades_then_geometric():
