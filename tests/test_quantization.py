@@ -622,8 +622,9 @@ def test_twenty_steps_track_float32_within_the_accumulated_resolution(case):
     """Over 20 steps the stored average A_t = Q(gamma A_{t-1} + new) differs from float32's by
     e_t = gamma e_{t-1} + r_t with |r_t| <= w s_t (w the map's worst error, s_t the block's scale
     that step): |e_t| <= sum_k gamma^k w s_(t-k), computed from the run's own scales. The signed
-    map's w is 0.9 / 128 for 8 bits and 16 times that for 4; the unsigned maps' is 0.051 (8 bits,
-    geometric) and 1/16 (4 bits); stochastic rounding's is a whole step."""
+    map's w is 0.9 / 128 for 8 bits and 0.15 / 2 for 4; the unsigned maps' is 0.051 (8 bits) and
+    (1 - 16^(-1/15)) / 2 = 0.084 (4 bits; both geometric, the widest step the top one);
+    stochastic rounding's is a whole step."""
     make, bits, stochastic, decays = TRACKED[case]
     fmt = jstep.blockwise(bits, 64 if bits == 8 else 32, min_size=MIN_SIZE)
     quantized, full = make(fmt), make(None)
