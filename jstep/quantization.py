@@ -39,10 +39,11 @@ exponent's smallest code, 10^-(n-1)::
     q = +-10^(-2 - (n - 3) j / (2^(n-2) - 2)),    j = 0 .. 2^(n-2) - 2
 
 (8 bits: 31 codes from 1e-2 to 1e-6, each 1.36 times the one below), and 0. The map is
-symmetric, with 127 magnitudes per sign (7 for 4 bits), 0 twice (the +0 and -0 patterns, as in floats), and +-1: every y = x / s lies between two
-codes, which unbiased rounding needs (bitsandbytes' map, whose codes are the midpoints of the
-steps, has +1 but not -1). On heavy-tailed data its error is within a few percent of
-bitsandbytes' map (``benchmarks/quantization.py``).
+symmetric, with 127 magnitudes per sign (7 for 4 bits), 0 twice (the +0 and -0 patterns, as in
+floats), and +-1: every y = x / s lies between two codes, which unbiased rounding needs
+(bitsandbytes' map, whose codes are the midpoints of the steps, has +1 but not -1). On
+heavy-tailed data its error is within a few percent of bitsandbytes' map
+(``benchmarks/quantization.py``).
 
 Second moments (v_t, every average of g^2) are never negative, and they must not contain 0.
 The step is m_hat / (sqrt(v_hat) + eps): a v that rounds to 0 while m does not (a weight
@@ -76,7 +77,7 @@ states") use smaller blocks (128), so that fewer weights share a scale, and a se
 map without zero whose smallest code is 1/16 (torchao's k / 16, k = 1 .. 16); jstep keeps both
 and chooses the codes for the step m_hat / (sqrt(v_hat) + eps). At 4 bits a code is a large
 fraction of its value, and the errors multiply: an m stored a times too large over a v stored
-b times too small makes the step a sqrt(b) times too large.
+b times too small makes the step a sqrt(b) times too large (a times sqrt(b)).
 
 v's smallest code, 1/16, floors sqrt(v) at a quarter of the block's largest sqrt(v): a weight
 whose v lies under s / 16 takes a smaller step than in float32, never a larger one. Above the
@@ -97,16 +98,16 @@ in equal steps of 0.15::
 
     signed, 4 bits:  q = +-(0.1 + 0.15 k),  k = 0 .. 6,  and 0
 
-Neighbours are at most 1.6 times apart from 0.25 up and 2.5 times between 0.1 and 0.25, so
-stochastic rounding stores an m above the floor at most 1.6 times too large. The dynamic
-exponent's 4-bit codes (0.01, 0.055, 0.1, 0.325, 0.55, 0.775, 1) are 3.25 times apart between
-0.1 and 0.325: there, with v in k / 16, one stored value could make a step 4.6 times its
-float32 step. Round to nearest stores |m| < 0.05 s as 0 (that weight does not move in that
-step); stochastic rounding stores it as 0 or 0.1 s, unbiased. The map keeps 0 twice, +-1 and
-its symmetry. The codes random-walk over many steps of stochastic rounding, so these bounds
-hold per store, not per run: on one block spanning six decades (``benchmarks/
-quantized_accuracy.py``) the largest step is 2.5 learning rates where float32's is 1.4 (with
-the dynamic exponent and k / 16: 3.5).
+Neighbours are at most 1.6 times apart from 0.25 up (2.5 times between 0.1 and 0.25, under the
+floor), so stochastic rounding stores an m above the floor at most 1.6 times too large, and one
+store makes a step at most 1.6 sqrt(1.2) = 1.76 times its float32 size. The signed 8-bit rule
+cut to 4 bits (codes 0.01, 0.055, 0.1, 0.325, 0.55, 0.775, 1) puts 0.1 and 0.325, 3.25 times
+apart, side by side: with v in k / 16, 3.25 sqrt(2) = 4.6. Round to nearest stores |m| < 0.05 s
+as 0 (that weight does not move in that step); stochastic rounding stores it as 0 or 0.1 s,
+unbiased. The map keeps 0 twice, +-1 and its symmetry. The codes random-walk over many steps of
+stochastic rounding, so these bounds hold per store, not per run: on one block spanning six
+decades (``benchmarks/quantized_accuracy.py``) the largest step is 2.5 learning rates where
+float32's is 1.4 (with that cut and k / 16: 3.5).
 
 Rounding
 --------

@@ -139,6 +139,23 @@ def test_signed_map_is_linear_over_two_decades_then_geometric():
     np.testing.assert_allclose(unsigned[1:] / unsigned[:-1], 10 ** (12 / 255), rtol=1e-5)
 
 
+def test_four_bit_maps_bound_an_m_too_large_over_a_v_too_small():
+    """The module docstring's 4-bit argument: v's smallest code 1/16 keeps sqrt(v) above a quarter
+    of its block's largest; above it, stochastic rounding stores v at most 16^(1/15) = 1.20 times
+    too small (between two neighbours), and an m of at least 0.25 of its block's largest at most
+    1.6 times too large (0.4 / 0.25). Their product bounds how much larger than float32's one
+    store can make a step: 1.6 sqrt(1.2) = 1.76, where a 4-bit dynamic exponent over k / 16
+    (m's codes 0.1 and 0.325, v's 1/16 and 2/16) reaches 3.25 sqrt(2) = 4.6."""
+    m = code_table(4, True)[8:].astype(np.float64)
+    v = code_table(4, False).astype(np.float64)
+    assert v[0] == np.float32(1 / 16) and v[-1] == 1.0
+    v_too_small = (v[1:] / v[:-1]).max()
+    m_from_quarter = m[m >= 0.25]
+    m_too_large = max((m_from_quarter[1:] / m_from_quarter[:-1]).max(), m_from_quarter[0] / 0.25)
+    np.testing.assert_allclose([v_too_small, m_too_large], [16 ** (1 / 15), 1.6], rtol=1e-6)
+    assert m_too_large * np.sqrt(v_too_small) <= 1.76
+
+
 # ------------------------------------------------------------------------ quantization
 
 
