@@ -450,6 +450,15 @@ MUTANTS = [
         why="v's map has no zero: a v that rounds to 0 divides the step by eps",
     ),
     M(
+        "quantization_four_bit_dynamic_exponent_and_linear_v",
+        "jstep/quantization.py",
+        "return np.concatenate([[0.0], np.arange(2, 21, 3) / 20]) if signed else 16.0 ** (-np.arange(15, -1, -1) / 15)",
+        "return np.array([0, 0.01, 0.055, 0.1, 0.325, 0.55, 0.775, 1]) if signed else np.arange(1, 17) / 16",
+        ("tests/test_quantized_training.py", "-k", "three_learning_rates"),
+        why="4 bits: m's codes 3.25 times apart (0.1, 0.325) over v's k / 16 (2 times apart at the bottom) step"
+        " over 3 learning rates with stochastic rounding",
+    ),
+    M(
         "quantization_stochastic_probability_1pct_high",
         "jstep/quantization.py",
         "index = index + (uniform < fraction).astype(jnp.int32)",

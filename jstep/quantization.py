@@ -27,7 +27,8 @@ block's large values are and the absolute error is made::
 
     q = +-10^-z (0.1 + 0.9 k / S_z),    z = 0, 1,   k = 1 .. S_z
 
-(8 bits: 64 codes in (0.1, 1], 1.4% apart near 1, and 32 in (0.01, 0.1]; 4 bits: 4 and 2).
+(8 bits: 64 codes in (0.1, 1], 1.4% apart near 1, and 32 in (0.01, 0.1]; 4 bits differ, see
+"Four bits" below).
 Below, the dynamic exponent has 16, 8, 4, 2 and 1 codes per decade, so neighbouring codes
 are up to 10 times apart: a small m is stored up to 5 times too large, and with stochastic
 rounding that is not rare but the price of being right on average. An m enters the step
@@ -37,12 +38,12 @@ exponent's smallest code, 10^-(n-1)::
 
     q = +-10^(-2 - (n - 3) j / (2^(n-2) - 2)),    j = 0 .. 2^(n-2) - 2
 
-(8 bits: 31 codes from 1e-2 to 1e-6, each 1.36 times the one below; 4 bits: the one code
-1e-2), and 0. The map is symmetric, with 127 magnitudes per sign for 8 bits and 7 for 4, 0
-twice (the +0 and -0 patterns, as in floats), and +-1: every y = x / s lies between two
-codes, which unbiased rounding needs (bitsandbytes' map, whose codes are the midpoints of the
-steps, has +1 but not -1). On heavy-tailed data its error is within a few percent of
-bitsandbytes' map (``benchmarks/quantization.py``).
+(8 bits: 31 codes from 1e-2 to 1e-6, each 1.36 times the one below), and 0. The map is
+symmetric, with 127 magnitudes per sign (7 for 4 bits), 0 twice (the +0 and -0 patterns, as in
+floats), and +-1: every y = x / s lies between two codes, which unbiased rounding needs
+(bitsandbytes' map, whose codes are the midpoints of the steps, has +1 but not -1). On
+heavy-tailed data its error is within a few percent of bitsandbytes' map
+(``benchmarks/quantization.py``).
 
 Second moments (v_t, every average of g^2) are never negative, and they must not contain 0.
 The step is m_hat / (sqrt(v_hat) + eps): a v that rounds to 0 while m does not (a weight
@@ -69,11 +70,44 @@ only shrink. Since 1e-12 is the square of m's smallest nonzero code, a tiny m ro
 code is still divided by at least its own size: |m| / sqrt(v) stays bounded by the block's own
 values, never m / eps.
 
-For 4 bits (Li et al. 2023, "Memory efficient optimizers with 4-bit states"), 16 codes cannot
-cover decades; the second moment's map is linear without zero, q = k / 16 for k = 1 .. 16 (as
-in torchao), and blocks are smaller (128) so that fewer weights share a scale::
+Four bits
+---------
+Sixteen codes cannot cover decades. Li et al. 2023 ("Memory efficient optimizers with 4-bit
+states") use smaller blocks (128), so that fewer weights share a scale, and a second moment's
+map without zero whose smallest code is 1/16 (torchao's k / 16, k = 1 .. 16); jstep keeps both
+and chooses the codes for the step m_hat / (sqrt(v_hat) + eps). At 4 bits a code is a large
+fraction of its value, and the errors multiply: an m stored a times too large over a v stored
+b times too small makes the step a sqrt(b) times too large (a times sqrt(b)).
 
-    unsigned, 4 bits:  q = k / 16,  k = 1 .. 16
+v's smallest code, 1/16, floors sqrt(v) at a quarter of the block's largest sqrt(v): a weight
+whose v lies under s / 16 takes a smaller step than in float32, never a larger one. Above the
+floor v needs relative precision, as for 8 bits, so the 16 codes are geometric::
+
+    unsigned, 4 bits:  q = 16^(-(15 - k) / 15),  k = 0 .. 15      (1/16 .. 1)
+
+each 16^(1/15) = 1.20 times the one below: even stochastic rounding stores v at most 1.2
+times too small (the step 1.10 times too large), where k / 16 stores a v just under 2/16 as
+1/16, 2 times too small (the step 1.41 times too large).
+
+m's map follows from that floor. Where a weight's gradients keep one sign, m_hat / sqrt(v_hat)
+is near 1 for every weight, so an m under 0.1 of its block's largest comes with a v under
+0.01 of the largest, below the floor: its step is at most 0.1 / 0.25 = 0.4 of the block's
+largest step whichever code stores it. The codes under 0.1 cannot make a step too large and
+do little for the steps that matter, so all seven go to the top decade, where steps are made,
+in equal steps of 0.15::
+
+    signed, 4 bits:  q = +-(0.1 + 0.15 k),  k = 0 .. 6,  and 0
+
+Neighbours are at most 1.6 times apart from 0.25 up (2.5 times between 0.1 and 0.25, under the
+floor), so stochastic rounding stores an m above the floor at most 1.6 times too large, and one
+store makes a step at most 1.6 sqrt(1.2) = 1.76 times its float32 size. The signed 8-bit rule
+cut to 4 bits (codes 0.01, 0.055, 0.1, 0.325, 0.55, 0.775, 1) puts 0.1 and 0.325, 3.25 times
+apart, side by side: with v in k / 16, 3.25 sqrt(2) = 4.6. Round to nearest stores |m| < 0.05 s
+as 0 (that weight does not move in that step); stochastic rounding stores it as 0 or 0.1 s,
+unbiased. The map keeps 0 twice, +-1 and its symmetry. The codes random-walk over many steps of
+stochastic rounding, so these bounds hold per store, not per run: on one block spanning six
+decades (``benchmarks/quantized_accuracy.py``) the largest step is 2.5 learning rates where
+float32's is 1.4 (with that cut and k / 16: 3.5).
 
 Rounding
 --------
@@ -148,8 +182,9 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     of `bits` bits per element and one float32 scale per block of `block_size` elements
     (1 + 4 / 256 bytes per element for 8 bits, 1/2 + 4 / 128 for 4). Smaller leaves (biases,
     norms) stay float32, as in bitsandbytes. First moments and velocities use the signed map
-    (a dynamic exponent, geometric below 1e-2), second moments an unsigned map without zero
-    (geometric for 8 bits, k / 16 for 4); the module's docstring derives both. The arithmetic
+    (8 bits: a dynamic exponent, geometric below 1e-2; 4 bits: 0.1 + 0.15 k and 0), second
+    moments an unsigned map without zero (geometric: 1e-12 .. 1 for 8 bits, 1/16 .. 1 for 4);
+    the module's docstring derives them. The arithmetic
     of every step runs in float32.
 
     Args:
@@ -247,14 +282,14 @@ def is_quantized(leaf: Any) -> bool:
 def _magnitudes(bits: int, signed: bool) -> np.ndarray:
     """The map's magnitudes, ascending, in float64 (module docstring): the codes >= 0 of a
     signed map, 0 first; every code of an unsigned one."""
+    if bits == 4:  # signed: 0 and the top decade in equal steps, (2 + 3 k) / 20; unsigned: 16^(-(15 - k) / 15)
+        return np.concatenate([[0.0], np.arange(2, 21, 3) / 20]) if signed else 16.0 ** (-np.arange(15, -1, -1) / 15)
     n = bits - 1
     if signed:  # the top two decades: 10^-z (0.1 + 0.9 k / S_z), S_z = 2^(n-1-z); below: geometric
         linear = [10.0**-z * (0.1 + 0.9 * np.arange(1, 2 ** (n - 1 - z) + 1) / 2 ** (n - 1 - z)) for z in (0, 1)]
         count = 2 ** (n - 2) - 1
-        geometric = 10.0 ** (-2 - (n - 3) * np.arange(count) / max(count - 1, 1))
+        geometric = 10.0 ** (-2 - (n - 3) * np.arange(count) / (count - 1))
         return np.sort(np.concatenate([[0.0], geometric, *linear]))
-    if bits == 4:
-        return np.arange(1, 17) / 16
     return 10.0 ** (-12 * np.arange(255, -1, -1) / 255)
 
 

@@ -46,22 +46,26 @@ dequantize = jax.jit(jstep.dequantize)
 def reference_map(bits, signed):
     """The module docstring's maps in float64, sorted; n = bits - 1.
 
-    signed: 0 twice and +-q, q over the top two decades linear, 10^-z (0.1 + 0.9 k / S_z) for
-      z = 0, 1, k = 1 .. S_z, S_z = 2^(n-1-z); below them 2^(n-2) - 1 codes geometric,
-      10^(-2 - (n - 3) j / (2^(n-2) - 2)), j = 0 .. 2^(n-2) - 2 (4 bits: the one code 1e-2).
+    signed, 8 bits: 0 twice and +-q, q over the top two decades linear, 10^-z (0.1 + 0.9 k / S_z)
+      for z = 0, 1, k = 1 .. S_z, S_z = 2^(n-1-z); below them 2^(n-2) - 1 codes geometric,
+      10^(-2 - (n - 3) j / (2^(n-2) - 2)), j = 0 .. 2^(n-2) - 2.
+    signed, 4 bits: 0 twice and +-(0.1 + 0.15 k), k = 0 .. 6 (the top decade in equal steps).
     unsigned, 8 bits: 10^(-12 (255 - k) / 255), k = 0 .. 255 (1e-12 .. 1, no zero).
-    unsigned, 4 bits: k / 16, k = 1 .. 16."""
+    unsigned, 4 bits: 16^(-(15 - k) / 15), k = 0 .. 15 (1/16 .. 1, no zero)."""
     n = bits - 1
     if not signed:
         if bits == 4:
-            return np.array([k / 16 for k in range(1, 17)])
+            return np.array([16.0 ** (-(15 - k) / 15) for k in range(16)])
         return np.array([10.0 ** (-12 * (255 - k) / 255) for k in range(256)])
-    magnitudes = [0.0]
-    for z in (0, 1):
-        steps = 2 ** (n - 1 - z)
-        magnitudes += [10.0**-z * (0.1 + 0.9 * k / steps) for k in range(1, steps + 1)]
-    count = 2 ** (n - 2) - 1
-    magnitudes += [10.0 ** (-2 - (n - 3) * j / (count - 1)) if j else 1e-2 for j in range(count)]
+    if bits == 4:
+        magnitudes = [0.0] + [(2 + 3 * k) / 20 for k in range(7)]  # 0.1 + 0.15 k, exact at k = 6
+    else:
+        magnitudes = [0.0]
+        for z in (0, 1):
+            steps = 2 ** (n - 1 - z)
+            magnitudes += [10.0**-z * (0.1 + 0.9 * k / steps) for k in range(1, steps + 1)]
+        count = 2 ** (n - 2) - 1
+        magnitudes += [10.0 ** (-2 - (n - 3) * j / (count - 1)) if j else 1e-2 for j in range(count)]
     magnitudes = sorted(magnitudes)
     return np.array([-m for m in reversed(magnitudes)] + magnitudes)
 
@@ -111,14 +115,11 @@ def test_code_table_is_the_docstring_map(bits, signed):
         half = 2 ** (bits - 1)
         assert table[half - 1] == 0 and table[half] == 0  # 0 twice: the +0 and -0 patterns
         assert np.all(np.diff(table)[np.arange(table.size - 1) != half - 1] > 0)
-        # the smallest nonzero magnitude: 1e-6 for 8 bits, 1e-2 for 4
-        assert table[half + 1] == np.float32(10.0 ** -(bits - 2))
+        # the smallest nonzero magnitude: 1e-6 for 8 bits, 1e-1 for 4
+        assert table[half + 1] == np.float32(1e-6 if bits == 8 else 0.1)
     else:
         assert np.all(np.diff(table) > 0) and table[0] > 0  # no zero
-        if bits == 8:
-            assert table[0] == np.float32(1e-12)
-        else:
-            np.testing.assert_array_equal(table, np.arange(1, 17, dtype=np.float32) / 16)
+        assert table[0] == np.float32(1e-12 if bits == 8 else 1 / 16)
 
 
 def test_signed_map_is_linear_over_two_decades_then_geometric():
@@ -136,6 +137,23 @@ def test_signed_map_is_linear_over_two_decades_then_geometric():
     np.testing.assert_allclose(low[1:] / low[:-1], 10 ** (4 / 30), rtol=1e-5)
     unsigned = code_table(8, False).astype(np.float64)
     np.testing.assert_allclose(unsigned[1:] / unsigned[:-1], 10 ** (12 / 255), rtol=1e-5)
+
+
+def test_four_bit_maps_bound_an_m_too_large_over_a_v_too_small():
+    """The module docstring's 4-bit argument: v's smallest code 1/16 keeps sqrt(v) above a quarter
+    of its block's largest; above it, stochastic rounding stores v at most 16^(1/15) = 1.20 times
+    too small (between two neighbours), and an m of at least 0.25 of its block's largest at most
+    1.6 times too large (0.4 / 0.25). Their product bounds how much larger than float32's one
+    store can make a step: 1.6 sqrt(1.2) = 1.76, where a 4-bit dynamic exponent over k / 16
+    (m's codes 0.1 and 0.325, v's 1/16 and 2/16) reaches 3.25 sqrt(2) = 4.6."""
+    m = code_table(4, True)[8:].astype(np.float64)
+    v = code_table(4, False).astype(np.float64)
+    assert v[0] == np.float32(1 / 16) and v[-1] == 1.0
+    v_too_small = (v[1:] / v[:-1]).max()
+    m_from_quarter = m[m >= 0.25]
+    m_too_large = max((m_from_quarter[1:] / m_from_quarter[:-1]).max(), m_from_quarter[0] / 0.25)
+    np.testing.assert_allclose([v_too_small, m_too_large], [16 ** (1 / 15), 1.6], rtol=1e-6)
+    assert m_too_large * np.sqrt(v_too_small) <= 1.76
 
 
 # ------------------------------------------------------------------------ quantization
@@ -621,8 +639,9 @@ def test_twenty_steps_track_float32_within_the_accumulated_resolution(case):
     """Over 20 steps the stored average A_t = Q(gamma A_{t-1} + new) differs from float32's by
     e_t = gamma e_{t-1} + r_t with |r_t| <= w s_t (w the map's worst error, s_t the block's scale
     that step): |e_t| <= sum_k gamma^k w s_(t-k), computed from the run's own scales. The signed
-    map's w is 0.9 / 128 for 8 bits and 16 times that for 4; the unsigned maps' is 0.051 (8 bits,
-    geometric) and 1/16 (4 bits); stochastic rounding's is a whole step."""
+    map's w is 0.9 / 128 for 8 bits and 0.15 / 2 for 4; the unsigned maps' is 0.051 (8 bits) and
+    (1 - 16^(-1/15)) / 2 = 0.084 (4 bits; both geometric, the widest step the top one);
+    stochastic rounding's is a whole step."""
     make, bits, stochastic, decays = TRACKED[case]
     fmt = jstep.blockwise(bits, 64 if bits == 8 else 32, min_size=MIN_SIZE)
     quantized, full = make(fmt), make(None)
