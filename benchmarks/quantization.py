@@ -110,7 +110,9 @@ def jstep_code(bits: int, signed: bool) -> np.ndarray:
 
 
 def nearest_round_trip(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:
-    return ref.quantize_dequantize(x, jstep_code(bits, signed), BLOCK[bits])
+    """x stored in jstep's map by the nearest code. A signed map holds 0 twice (+0 and -0, as
+    floats do); the reference wants each value once, and either 0 stores the same value."""
+    return ref.quantize_dequantize(x, np.unique(jstep_code(bits, signed)), BLOCK[bits])
 
 
 def load_peers() -> dict[str, Any]:
