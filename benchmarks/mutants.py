@@ -524,7 +524,7 @@ MUTANTS = [
 def run_tests(copy: pathlib.Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
     """(pytest's exit code, its output's tail), run in `copy` so that it imports the copy's jstep."""
     env = dict(os.environ, PYTHONPATH=str(copy), JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-n", "0", *tests]
     try:
         done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
