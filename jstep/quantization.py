@@ -103,7 +103,8 @@ floor), so stochastic rounding stores an m above the floor at most 1.6 times too
 store makes a step at most 1.6 sqrt(1.2) = 1.76 times its float32 size. The signed 8-bit rule
 cut to 4 bits (codes 0.01, 0.055, 0.1, 0.325, 0.55, 0.775, 1) puts 0.1 and 0.325, 3.25 times
 apart, side by side: with v in k / 16, 3.25 sqrt(2) = 4.6. Round to nearest stores |m| < 0.05 s
-as 0 (that weight does not move in that step); stochastic rounding stores it as 0 or 0.1 s,
+as 0 (the weight's average forgets its past gradients there, and its next step is made from
+the new gradient's share alone); stochastic rounding stores it as 0 or 0.1 s,
 unbiased. The map keeps 0 twice, +-1 and its symmetry. The codes random-walk over many steps of
 stochastic rounding, so these bounds hold per store, not per run: on one block spanning six
 decades (``benchmarks/quantized_accuracy.py``) the largest step is 2.5 learning rates where
