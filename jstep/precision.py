@@ -463,10 +463,20 @@ def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -
     return values, jax.tree.map(one, leaf_seeds(key, values), values, state, *others, is_leaf=_is_seed_or_none)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _refreshed(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | None) -> Any:
-    """``quantization._refresh(old, lambda decoded: rule(decoded, *others), words)``, jitted so that
-    a step traces it once for all the leaves of a shape that `rule` advances (see `advance`)."""
+    """``quantization._refresh(old, lambda decoded: rule(decoded, *others), words)``.
+
+    While a step is traced, through a jit keyed by `rule` (one per state tree and trace), so
+    that the step traces it once for all the leaves of a shape instead of once per leaf. Called
+    eagerly, op by op: the optimizers make their rule anew at every call, and a jit keyed by it
+    would compile every leaf again at every step."""
+    if isinstance(old.codes, jax.core.Tracer):
+        return _refreshed_in_trace(rule, old, others, words)
+    return quantization._refresh(old, lambda decoded: rule(decoded, *others), words)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _refreshed_in_trace(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | None) -> Any:
     return quantization._refresh(old, lambda decoded: rule(decoded, *others), words)
 
 
