@@ -463,21 +463,23 @@ def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -
     return values, jax.tree.map(one, leaf_seeds(key, values), values, state, *others, is_leaf=_is_seed_or_none)
 
 
+def _refresh_by(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | None) -> Any:
+    """``quantization._refresh(old, lambda decoded: rule(decoded, *others), words)``."""
+    return quantization._refresh(old, lambda decoded: rule(decoded, *others), words)
+
+
+# Keyed by `rule` (one per state tree and trace), so that a traced step traces the refresh once
+# for all the leaves of a shape instead of once per leaf.
+_refresh_by_in_trace = functools.partial(jax.jit, static_argnums=0)(_refresh_by)
+
+
 def _refreshed(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | None) -> Any:
-    """``quantization._refresh(old, lambda decoded: rule(decoded, *others), words)``.
-
-    While a step is traced, through a jit keyed by `rule` (one per state tree and trace), so
-    that the step traces it once for all the leaves of a shape instead of once per leaf. Called
-    eagerly, op by op: the optimizers make their rule anew at every call, and a jit keyed by it
-    would compile every leaf again at every step."""
+    """`_refresh_by`: jitted while a step is traced; eagerly op by op, since the optimizers make
+    their rule anew at every call, and a jit keyed by it would compile every leaf again at
+    every eager step."""
     if isinstance(old.codes, jax.core.Tracer):
-        return _refreshed_in_trace(rule, old, others, words)
-    return quantization._refresh(old, lambda decoded: rule(decoded, *others), words)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _refreshed_in_trace(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | None) -> Any:
-    return quantization._refresh(old, lambda decoded: rule(decoded, *others), words)
+        return _refresh_by_in_trace(rule, old, others, words)
+    return _refresh_by(rule, old, others, words)
 
 
 def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
