@@ -48,6 +48,20 @@ class Mutant:
 
 
 M = Mutant
+
+# The text between the last line of quantization._pack and the shift of _unpack, which the
+# nibble-swap mutant changes together (pack and unpack agree, the byte layout breaks).
+_PACK_TO_UNPACK = (
+    "\n"
+    "\n"
+    "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
+    '    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.\n'
+    "\n"
+    "    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so\n"
+    "    that it fuses into the lookups that read it at the cost of a few integer operations.\n"
+    '    """\n'
+    "    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))\n"
+)
 MUTANTS = [
     # ------------------------------------------------------------- the bugs of the audit
     M(
@@ -478,27 +492,11 @@ MUTANTS = [
         "quantization_four_bit_nibbles_swapped",
         "jstep/quantization.py",
         "    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(jnp.uint8)\n"
-        "\n"
-        "\n"
-        "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
-        '    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.\n'
-        "\n"
-        "    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so\n"
-        "    that it fuses into the lookups that read it at the cost of a few integer operations.\n"
-        '    """\n'
-        "    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))\n"
-        "    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1) * jnp.uint8(4)",
+        + _PACK_TO_UNPACK
+        + "    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1) * jnp.uint8(4)",
         "    return (((pairs >> 8) & 0x0F) | ((pairs << 4) & 0xF0)).astype(jnp.uint8)\n"
-        "\n"
-        "\n"
-        "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
-        '    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.\n'
-        "\n"
-        "    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so\n"
-        "    that it fuses into the lookups that read it at the cost of a few integer operations.\n"
-        '    """\n'
-        "    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))\n"
-        "    shift = (jnp.uint8(1) - lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1)) * jnp.uint8(4)",
+        + _PACK_TO_UNPACK
+        + "    shift = (jnp.uint8(1) - lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1)) * jnp.uint8(4)",
         ("tests/test_quantization.py", "-k", "four_bit_bytes"),
         why="packing and unpacking agree, but the bytes break the documented layout (element 2j in the low nibble)",
     ),

@@ -7,6 +7,12 @@ produce, so that the two compare leaf by leaf.
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +249,49 @@ def displacement_after_jitted_steps(opt, grads):
     for g in grads:
         current, state = step(current, state, jax.tree.map(jnp.asarray, g))
     return [a - b for a, b in zip(leaves64(current), leaves64(params), strict=True)]
+
+
+# ------------------------------------------------------------------ subprocesses, checkpoints
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_on_eight_devices(script: str, *args: str, timeout: float = 300) -> str:
+    """The stdout of ``python -c script *args`` on 8 CPU devices (XLA_FLAGS in a subprocess, so
+    that this process keeps its one device), importing this checkout's jstep; it must exit 0."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def tagged_json(stdout: str, tag: str):
+    """The JSON that a script printed on the line starting with `tag`."""
+    line = next(line for line in stdout.splitlines() if line.startswith(tag))
+    return json.loads(line[len(tag) :])
+
+
+def flax_round_trip(state, target, tmp_path):
+    """`state` saved with flax.serialization and restored into the structure of `target`."""
+    serialization = pytest.importorskip("flax.serialization")
+    return serialization.from_bytes(target, serialization.to_bytes(state))
+
+
+def orbax_round_trip(state, target, tmp_path):
+    """`state` saved with orbax's StandardCheckpointer under `tmp_path` and restored into `target`."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    path = tmp_path / "orbax"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, state)
+        checkpointer.wait_until_finished()
+        return checkpointer.restore(path, target)

@@ -4,13 +4,9 @@ values and the gradients; with axis_index_groups under pmap each group equals on
 the group's examples. Run in a subprocess with 8 host devices, as tests/test_batch_norm_devices.py.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from harness import run_on_eight_devices
 
 SCRIPT = textwrap.dedent(
     r"""
@@ -131,17 +127,12 @@ SCRIPT = textwrap.dedent(
 
 
 def test_eight_devices_give_the_single_device_values_and_gradients():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "ALL OK" in run.stdout
+    stdout = run_on_eight_devices(SCRIPT)
+    assert "ALL OK" in stdout
     checks = [f"{m} {q}" for m in ("shard_map", "eager shard_map") for q in ("output", "input gradient")]
     checks += ["shard_map scale gradient, summed over devices", "eager shard_map offset gradient, summed over devices"]
     checks += ["shard_map forward-mode tangent", "vmap output", "vmap input gradient", "vmap scale gradient"]
     checks += ["pmap, groups [[0, 2, 4, 6], [1, 3, 5, 7]]: input gradient of group [1, 3, 5, 7]"]
     checks += ["pmap Linen layer: output against sbx-rl's", "pmap Linen layer: output against one device"]
     for check in checks:
-        assert f"{check}: ok" in run.stdout, run.stdout
+        assert f"{check}: ok" in stdout, stdout

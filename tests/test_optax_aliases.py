@@ -18,6 +18,8 @@ import pytest
 import jstep
 import jstep.optax
 
+from harness import flax_round_trip, orbax_round_trip
+
 ALIASES = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta"]
 
 SCHEDULE = optax.piecewise_constant_schedule(0.05, {30: 0.2, 60: 0.1})  # drops the rate twice
@@ -249,21 +251,6 @@ def checkpoint_cases():
         ("adagrad", (SCHEDULE,), {}),
         ("adadelta", (SCHEDULE,), {"weight_decay": 0.01}),
     ]
-
-
-def flax_round_trip(state, target, tmp_path):
-    from flax import serialization
-
-    return serialization.from_bytes(target, serialization.to_bytes(state))
-
-
-def orbax_round_trip(state, target, tmp_path):
-    orbax = pytest.importorskip("orbax.checkpoint")
-    path = tmp_path / "checkpoint"
-    with orbax.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, state)
-        checkpointer.wait_until_finished()
-        return checkpointer.restore(path, target)
 
 
 def checkpoint_params():

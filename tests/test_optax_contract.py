@@ -5,10 +5,6 @@ References: PyTorch (`torch.optim.RMSprop`, `torch.optim.AdamW`) and Optax (`opt
 abstract state. The sharded abstract init runs on 8 CPU devices in a subprocess.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -21,9 +17,8 @@ import torch
 import jstep
 from jstep import _core
 
-from harness import gradient_sequence, leaves64, optimizers, tree_of
+from harness import gradient_sequence, leaves64, optimizers, run_on_eight_devices, tree_of
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 100
 RTOL = 1e-9
 
@@ -176,13 +171,8 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_state_of_sharded_abstract_params_carries_their_sharding():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "Explicit adamw: ok" in run.stdout and "ALL OK" in run.stdout, run.stdout
+    stdout = run_on_eight_devices(SHARDED_SCRIPT)
+    assert "Explicit adamw: ok" in stdout and "ALL OK" in stdout, stdout
 
 
 # ------------------------------------------------------------------ float64 trajectories

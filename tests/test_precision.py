@@ -17,6 +17,8 @@ import pytest
 
 import jstep
 
+from harness import run_on_eight_devices
+
 SIGMAS = 6.0
 PAIRS = [(np.float32, ml_dtypes.bfloat16), (np.float32, np.float16), (np.float64, np.float32)]
 PAIR_IDS = ["float32->bfloat16", "float32->float16", "float64->float32"]
@@ -777,19 +779,7 @@ def test_sharded_jit_rounds_exactly_as_one_device():
     """The random bits hash each element's global position, so params and state split over 8 (CPU)
     devices by a sharded jit get the single-device run's bits, leaf for leaf (a subprocess, so that
     the rest of the suite keeps its single device)."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sharded jit: the single-device bits" in result.stdout
+    assert "sharded jit: the single-device bits" in run_on_eight_devices(SHARDED_SCRIPT)
 
 
 # ------------------------------------------------------ float16 params: squared-gradient state

@@ -13,11 +13,6 @@ never straddle two shards, and the sharded step equals the one-device step bit f
 Small shapes and block sizes (blocks of 64 and 32 elements, ``min_size=0``) keep it fast.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -29,7 +24,8 @@ import pytest
 import jstep
 from jstep import quantization
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from harness import flax_round_trip, orbax_round_trip, run_on_eight_devices, tagged_json
+
 Q8 = jstep.blockwise(8, 64, min_size=0)
 Q4 = jstep.blockwise(4, 32, min_size=0)
 
@@ -335,20 +331,6 @@ def test_vmap_over_init_and_update_is_a_batch_of_optimizers():
 # ---------------------------------------------------------------- checkpoints and resuming
 
 
-def flax_round_trip(state, target, tmp_path):
-    serialization = pytest.importorskip("flax.serialization")
-    return serialization.from_bytes(target, serialization.to_bytes(state))
-
-
-def orbax_round_trip(state, target, tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
-    path = tmp_path / "orbax"
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, state)
-        checkpointer.wait_until_finished()
-        return checkpointer.restore(path, target)
-
-
 @pytest.mark.parametrize("round_trip", [flax_round_trip, orbax_round_trip], ids=["flax", "orbax"])
 def test_a_checkpointed_quantized_state_restores_exactly_and_resumes_bit_for_bit(round_trip, tmp_path):
     """Save after 3 steps, restore into a fresh init's state, take 3 more: the restored state
@@ -468,20 +450,7 @@ print("RESULT" + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def sharded_report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT],
-        check=False,
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    return tagged_json(run_on_eight_devices(SHARDED_SCRIPT), "RESULT")
 
 
 @pytest.mark.parametrize("case", ["auto 8", "auto 4", "explicit 8"])

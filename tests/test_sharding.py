@@ -22,12 +22,10 @@ runs in a subprocess; the rest of the suite keeps its single device.
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from harness import run_on_eight_devices, tagged_json
 
 # Every factory (the README: state and updates keep the parameters' sharding), and grouped.
 NAMES = [
@@ -245,23 +243,7 @@ print("REPORT" + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def report():
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(GROUPED_CONFIG), *NAMES],
-        check=False,
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
-    return json.loads(line[len("REPORT") :])
+    return tagged_json(run_on_eight_devices(SCRIPT, json.dumps(GROUPED_CONFIG), *NAMES), "REPORT")
 
 
 @pytest.mark.parametrize("name", NAMES)
