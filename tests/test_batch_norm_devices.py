@@ -9,10 +9,6 @@ The checks run in a subprocess started with XLA_FLAGS=--xla_force_host_platform_
 so the rest of the suite keeps its single device.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -20,7 +16,7 @@ import pytest
 
 import jstep
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from harness import run_on_eight_devices
 
 SCRIPT = textwrap.dedent(
     r"""
@@ -533,33 +529,24 @@ def test_forward_mode_on_eight_devices_equals_the_whole_batch():
     """jvp, jacfwd and forward over reverse under shard_map, vmap, both, eager shard_map, pmap
     and unchecked shard_map with index groups, with and without a mask, for both eps forms,
     against autodiff of a plain jnp batch norm of the whole batch (or group) in float64."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", FORWARD_SCRIPT], env=env, capture_output=True, text=True, timeout=400, check=False
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "ALL OK" in run.stdout
+    stdout = run_on_eight_devices(FORWARD_SCRIPT, timeout=400)
+    assert "ALL OK" in stdout
     for mapping in ["shard_map", "vmap", "vmap inside shard_map"]:
         for options in ["sqrt", "sigma+eps", "sqrt, masked", "sigma+eps, masked"]:
             for what in ["jvp", "forward over reverse, x", "forward over reverse, scale", "jacfwd in scale"]:
-                assert f"{mapping}, {options}: {what}: ok" in run.stdout
-    assert run.stdout.count("groups, group") >= 2 and run.stdout.count("eager shard_map") == 4
-    assert run.stdout.count("ghost shard_map") == 6
+                assert f"{mapping}, {options}: {what}: ok" in stdout
+    assert stdout.count("groups, group") >= 2 and stdout.count("eager shard_map") == 4
+    assert stdout.count("ghost shard_map") == 6
 
 
 @pytest.fixture(scope="module")
-def eight_device_run():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-c", SCRIPT]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+def eight_device_stdout():
+    return run_on_eight_devices(SCRIPT)
 
 
-def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_run):
-    run = eight_device_run
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "ALL OK" in run.stdout
+def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_stdout):
+    stdout = eight_device_stdout
+    assert "ALL OK" in stdout
     checks = [
         "shard_map input gradient",
         "eager shard_map output",
@@ -591,7 +578,7 @@ def test_eight_devices_give_the_single_device_values_and_gradients(eight_device_
     for mapping in ["vmap", "vmap, jitted", "shard_map", "pmap", "vmap inside shard_map"]:
         checks += [f"{mapping}: {quantity}" for quantity in quantities]
     for check in checks:
-        assert f"{check}: ok" in run.stdout, run.stdout
+        assert f"{check}: ok" in stdout, stdout
 
 
 BAD_GROUPS = [  # (axis_index_groups, axis_name, error, words in the message)

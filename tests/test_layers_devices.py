@@ -10,15 +10,11 @@ jstep.nnx and jstep.linen equal Flax's own layers given the same groups. One sub
 with XLA_FLAGS=--xla_force_host_platform_device_count=8, runs every check.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from harness import run_on_eight_devices
 
 SCRIPT = textwrap.dedent(
     r'''
@@ -218,14 +214,10 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def eight_device_run():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+def eight_device_stdout():
+    return run_on_eight_devices(SCRIPT)
 
 
-def test_layers_on_eight_devices_equal_one_device(eight_device_run):
-    run = eight_device_run
-    assert run.returncode == 0 and run.stdout.strip().endswith("ALL OK"), run.stdout + run.stderr
+def test_layers_on_eight_devices_equal_one_device(eight_device_stdout):
+    stdout = eight_device_stdout
+    assert stdout.strip().endswith("ALL OK"), stdout
