@@ -4,8 +4,9 @@ For f(a_1, ..., a_n) and a fixed random output cotangent u, the VJP gives, per a
 g_i = (df/da_i)^T u. It is compared, in float64, with
 
 * autodiff of a `reference` implementation: g_i_ref = (d reference/da_i)^T u, elementwise;
-* central finite differences along random directions v, scaled like a_i (so that the step h
-  is relative to the argument, whatever its scale): <g_i, v> must equal
+* central finite differences along random directions v, scaled like the spread of a_i (so
+  that the step h is relative to how much the argument varies, whatever its scale or offset):
+  <g_i, v> must equal
   d/dh <u, f(.., a_i + h v, ..)> at h = 0, estimated by Richardson-extrapolated central
   differences, [8 (f(h/2) - f(-h/2)) - (f(h) - f(-h))] / (6 h), whose error is O(h^4).
 
@@ -75,6 +76,11 @@ class VjpReport:
         return "\n".join([title, *lines])
 
 
+# The cotangents and directions of `seed` come from default_rng((seed, _STREAM)), a stream that
+# differs from default_rng(seed)'s, from which test data is often drawn.
+_STREAM = 0x766A70
+
+
 def check_vjp(
     f: Callable[..., Any],
     *args: Any,
@@ -100,9 +106,15 @@ def check_vjp(
       rtol, atol: the tolerance, worst |error| <= atol + rtol * scale (see the module).
       directions: random directions per argument for the finite differences.
       step: the finite-difference step h, relative to the argument: each leaf moves by h times
-        its RMS along a random direction (by h where the leaf is 0), so that arguments of any
-        scale are checked to the same relative accuracy.
-      seed: seed of the random cotangents and directions.
+        its spread (the standard deviation of its elements; their RMS where they are all equal,
+        1 where they are 0) along a random direction, so that arguments of any scale or offset
+        are checked to the same relative accuracy (batch norm of x and of 1e5 + x alike; far
+        beyond, float64 cannot hold a + h v finely enough). A function that varies on a much
+        finer scale than its argument needs a smaller step (batch norm of a constant feature
+        varies on the scale sqrt(eps) there).
+      seed: seed of the random cotangents and directions: a stream of its own, not
+        ``np.random.default_rng(seed)``'s, so that test data drawn from the same seed is
+        never the cotangent itself.
 
     Returns:
       A `VjpReport`.
@@ -135,7 +147,7 @@ def check_vjp(
         raise ValueError(f"order must be 1 or 2, got {order!r}")
     with jax.enable_x64(True):
         args64 = tuple(_promote(a) for a in args)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng((seed, _STREAM))
         names = _argument_names(f, len(args))
         comparisons = _compare(f, reference, args64, names, 1, rng, rtol, atol, directions, step)
         if order == 2:
@@ -178,16 +190,16 @@ def _judge(order, name, against, error, scale, rtol, atol) -> Comparison:
 
 
 def _random_direction(tree, rng):
-    """A random direction v scaled like `tree`: per leaf, standard normal times the leaf's RMS
-    (times 1 where the leaf is 0), so that a + h v moves each leaf by about h of its size."""
-    return jax.tree.map(lambda leaf, v: v * (_rms(leaf) or 1.0), tree, _random_like(tree, rng))
+    """A random direction v scaled like `tree`: per leaf, standard normal times the leaf's
+    spread (`_spread`), so that a + h v moves each leaf by about h of how much it varies."""
+    return jax.tree.map(lambda leaf, v: v * _spread(leaf), tree, _random_like(tree, rng))
 
 
 def _directional_derivative(f, args, i, v, u, step) -> float:
     """d/dh <u, f(a_1, .., a_i + h v, ..)> at h = 0, Richardson-extrapolated central differences.
 
     `v` is scaled like the argument (`_random_direction`), so the step h = `step` is relative to
-    each leaf's size: the same relative accuracy for arguments of any scale.
+    each leaf's spread: the same relative accuracy for arguments of any scale or offset.
     """
 
     def at(h):
@@ -232,11 +244,14 @@ def _max_abs(tree) -> float:
     return float(max((jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(tree) if leaf.size), default=0.0))
 
 
-def _rms(tree) -> float:
-    leaves = jax.tree.leaves(tree)
-    total = sum(float(jnp.sum(jnp.square(leaf))) for leaf in leaves)
-    count = sum(leaf.size for leaf in leaves)
-    return float(np.sqrt(total / count)) if count else 0.0
+def _spread(leaf) -> float:
+    """The standard deviation of the leaf's elements (two-pass); their RMS where they are all
+    equal (a scalar, a constant); 1 where they are 0 or there are none."""
+    values = np.asarray(leaf, np.float64).ravel()
+    if not values.size:
+        return 1.0
+    deviation = float(np.sqrt(np.mean(np.square(values - values.mean()))))
+    return deviation or float(np.sqrt(np.mean(np.square(values)))) or 1.0
 
 
 def _argument_names(f, count: int) -> Sequence[str]:

@@ -149,3 +149,39 @@ def test_a_tenth_of_a_percent_is_caught_at_every_scale_of_the_argument(case, siz
     jstep.check_vjp(broken, *args, reference=reference, order=1)
     with pytest.raises(AssertionError, match=r"(?m)^2 +0 +finite differences .*FAIL$"):
         jstep.check_vjp(broken, *args, order=2)
+
+
+# ------------------------------------------------------------ offsets and the seed
+
+
+@pytest.mark.parametrize("offset", [3e2, 1e3, 1e5])
+def test_batch_norm_far_from_zero_passes_and_a_wrong_vjp_there_is_caught(offset):
+    """Batch norm does not see an offset of x: the step follows x's spread, not its size (a step
+    of h times the RMS, 1e3 times the spread at offset 1e3, moved x by a whole spread there and
+    failed the exact VJP by 8%). Far beyond 1e5 spreads, float64 no longer holds x + h v
+    finely enough (at 1e8 its ulp is 1.5e-5 of the step: 4e-5 relative error)."""
+    rng = np.random.default_rng(11)
+    args = (offset + rng.normal(size=(32, 3)), rng.uniform(0.5, 1.5, 3), rng.normal(size=3))
+    jstep.check_vjp(jstep.batch_norm, *args, reference=plain_batch_norm)
+    with pytest.raises(AssertionError, match=r"(?m)^1 +0 +finite differences .*FAIL$"):
+        jstep.check_vjp(with_planted_error(jstep.batch_norm, first=1.001), *args)
+
+
+def test_a_wrong_vjp_that_is_right_only_along_the_data_is_caught_with_data_from_the_same_seed():
+    """Test data drawn with np.random.default_rng(seed), as is usual, must not be check_vjp's
+    cotangent u too (seed 0 is the default of both): a VJP that is wrong everywhere but along x
+    (here u + (u - x <x, u> / <x, x>) / 100 for the identity) would then pass. For batch norm,
+    u = x lies almost in the null space of the transposed Jacobian, and the finite differences
+    would check derivatives 1e-4 of their usual size."""
+    x = np.random.default_rng(0).standard_normal(6)
+
+    @jax.custom_vjp
+    def identity(y):
+        return y
+
+    def bwd(y, u):
+        return (u + (u - y * jnp.vdot(y, u) / jnp.vdot(y, y)) / 100,)
+
+    identity.defvjp(lambda y: (y, y), bwd)
+    with pytest.raises(AssertionError, match=r"(?m)^1 +0 \(y\) +finite differences .*FAIL$"):
+        jstep.check_vjp(identity, x)
