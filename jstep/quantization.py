@@ -384,8 +384,14 @@ def _nearest_words(bits: int, signed: bool) -> np.ndarray:
 
 def _read(table: np.ndarray, index: jax.Array) -> jax.Array:
     """``table[index]`` for indices that lie in [0, table.size) by construction: one gather, without
-    the test and wrap of negative indices that indexing adds (operations compiled for every leaf)."""
-    return jnp.asarray(table).at[index].get(mode="promise_in_bounds", wrap_negative_indices=False)
+    the test and wrap of negative indices that indexing adds (operations compiled for every leaf).
+    The values are placed as the indices, which JAX cannot infer for indices split over explicit
+    mesh axes that it does not see (a ``vmap`` over an ensemble split one model per device)."""
+    return (
+        jnp.asarray(table)
+        .at[index]
+        .get(mode="promise_in_bounds", wrap_negative_indices=False, out_sharding=jax.typeof(index).sharding)
+    )
 
 
 def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> jax.Array:

@@ -520,3 +520,61 @@ def test_the_quantized_step_holds_no_float32_copy_of_the_state(name):
     }[name]
     codes_copy = MEMORY_LEAVES * codes_bytes_per_element / 4  # in float32 leaves
     assert temporaries_in_leaves(opt) <= codes_copy + 1
+
+
+ENSEMBLE_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jstep
+
+mesh = jax.make_mesh((8,), ("ensemble",))  # explicit axes, jax.make_mesh's default
+rng = np.random.default_rng(0)
+W = rng.standard_normal((8, 64, 96)).astype(np.float32)
+G = [rng.standard_normal(W.shape).astype(np.float32) for _ in range(2)]
+report = {}
+for name, opt in {
+    "adam8": jstep.adam(1e-2, mu_dtype=jstep.blockwise(8), nu_dtype=jstep.blockwise(8), rounding_seed=3),
+    "momentum4": jstep.momentum(1e-2, 0.9, accumulator_dtype=jstep.blockwise(4)),
+}.items():
+    # one model at a time, on one device
+    single = []
+    for k in range(8):
+        state = opt.init(jnp.asarray(W[k]))
+        for g in G:
+            u, state = opt.update(jnp.asarray(g[k]), state)
+        single.append((u, state))
+    with jax.set_mesh(mesh):
+        split = NamedSharding(mesh, P("ensemble"))
+        state = jax.vmap(opt.init)(jax.device_put(W, split))
+        step = jax.jit(jax.vmap(opt.update))
+        for g in G:
+            u, state = step(jax.device_put(g, split), state)
+    codes = [leaf for leaf in jax.tree.leaves(state) if leaf.dtype == jnp.uint8]
+    alone = [[leaf for leaf in jax.tree.leaves(st) if leaf.dtype == jnp.uint8] for _, st in single]
+    report[name] = {
+        "codes_equal": all(
+            np.array_equal(np.asarray(c)[k], np.asarray(alone[k][i])) for i, c in enumerate(codes) for k in range(8)
+        ),
+        "updates_error": max(float(np.max(np.abs(np.asarray(u)[k] - np.asarray(single[k][0])))) for k in range(8)),
+        "codes_split": all(str(c.sharding.spec[0]) == "ensemble" for c in codes),
+    }
+print("RESULT" + json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def ensemble_report():
+    return tagged_json(run_on_eight_devices(ENSEMBLE_SCRIPT), "RESULT")
+
+
+@pytest.mark.parametrize("name", ["adam8", "momentum4"])
+def test_a_vmapped_ensemble_split_one_model_per_device_steps_as_each_model_alone(ensemble_report, name):
+    """jax.vmap of init and update over 8 models split one per device on explicit axes (which
+    vmap hides from the per-model code: the table lookups failed there with a ShardingTypeError):
+    the codes are each model's own, stepped alone on one device, and stay split with the models;
+    the updates agree to float32 round-off (measured: 3e-9 and 4e-9)."""
+    report = ensemble_report[name]
+    assert report["codes_equal"]
+    assert report["codes_split"]
+    assert report["updates_error"] <= 1e-7
