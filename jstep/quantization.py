@@ -199,7 +199,9 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     every run of consecutive (row-major) elements of a shard (a (64, 24) param split by rows
     over 8 devices, 192 elements each, gets blocks of 64). The scales of a param split along
     its first dimension only are split with its rows, so its step moves no data between
-    devices; other splits keep the scales replicated. The block size is chosen from the
+    devices; other splits keep the scales replicated. A split leaf whose quantized state would
+    take more bytes on a device than float32 state (blocks of 1 element on shards of an odd
+    width, say) stays float32, as a small leaf does. The block size is chosen from the
     sharding `init` sees: on a mesh with explicit axes (``jax.make_mesh``'s default) the
     type carries it, eagerly and under ``jit``; on auto axes call ``init`` eagerly or on
     ``jax.ShapeDtypeStruct`` params with their sharding (under ``jit`` it is not known until
@@ -697,7 +699,8 @@ def _place(q: QuantizedArray, like: Any) -> QuantizedArray:
 
 def state_leaf(value: jax.Array, fmt: BlockwiseFormat, *, signed: bool, like: Any = None) -> Any:
     """An optimizer's state leaf in `fmt`: `value` (float32, from `_core.full_like_tree`, which
-    refuses params that are not real floats) quantized, or float32 when smaller than ``fmt.min_size``.
+    refuses params that are not real floats) quantized, or float32 when smaller than ``fmt.min_size``
+    or when its shards would hold more bytes quantized (`_saves_memory_on_each_device`).
 
     `like` (the param, possibly sharded or abstract) decides the block size, so that blocks
     never straddle the param's shards, and where the codes and scales go: the codes keep the
@@ -706,5 +709,26 @@ def state_leaf(value: jax.Array, fmt: BlockwiseFormat, *, signed: bool, like: An
     if value.size < fmt.min_size:
         return value.astype(jnp.float32)
     like = value if like is None else like
-    block_size = _shard_block_size(like, fmt.block_size)
-    return _place(encode(value, Layout(tuple(value.shape), fmt.bits, block_size, signed), None), like)
+    layout = Layout(tuple(value.shape), fmt.bits, _shard_block_size(like, fmt.block_size), signed)
+    if not _saves_memory_on_each_device(like, layout):
+        return value.astype(jnp.float32)
+    return _place(encode(value, layout, None), like)
+
+
+def _saves_memory_on_each_device(like: Any, layout: Layout) -> bool:
+    """False when a split param's quantized state would take more bytes on a device than its
+    float32 state: where the shards' row-major runs force blocks of 1 or 2 elements (a (512,
+    1000) param split by columns over 8 devices: runs of 125, blocks of 1), each element keeps
+    a float32 scale, and the scales of a param split other than by rows are on every device."""
+    sharding = _known_sharding(like) or _explicit_sharding(like)
+    if not isinstance(sharding, NamedSharding) or not layout.shape:
+        return True
+    shard = sharding.shard_shape(layout.shape)
+    if tuple(shard) == layout.shape:
+        return True
+    codes_shape = _codes_shape(layout)
+    blocks = -(-math.prod(layout.shape) // layout.block_size)
+    codes_sharding, scale_sharding = _placements(sharding, layout.shape, codes_shape, blocks)
+    codes = math.prod(codes_sharding.shard_shape(codes_shape) if codes_sharding else codes_shape)
+    scales = math.prod(scale_sharding.shard_shape((blocks,)) if scale_sharding else (blocks,))
+    return codes + 4 * scales < 4 * math.prod(shard)

@@ -578,3 +578,47 @@ def test_a_vmapped_ensemble_split_one_model_per_device_steps_as_each_model_alone
     assert report["codes_equal"]
     assert report["codes_split"]
     assert report["updates_error"] <= 1e-7
+
+
+SPLIT_BYTES_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jstep
+
+mesh = jax.make_mesh((8,), ("x",))
+quantized = lambda leaf: isinstance(leaf, jstep.QuantizedArray)
+report = {}
+for name, (shape, spec) in {
+    "odd columns": ((512, 1000), P(None, "x")),  # shards of 125 columns: blocks of 1 element
+    "columns": ((256, 768), P(None, "x")),  # shards of 96 columns: blocks of 32, scales replicated
+    "rows": ((1024, 96), P("x")),
+}.items():
+    param = jax.device_put(jnp.ones(shape), NamedSharding(mesh, P(*spec)))
+    for bits in (8, 4):
+        fmt = jstep.blockwise(bits)
+        state = jstep.momentum(0.1, 0.9, accumulator_dtype=fmt).init({"w": param})
+        shards = [shard for leaf in jax.tree.leaves(state) for shard in leaf.addressable_shards]
+        on_device = sum(shard.data.nbytes for shard in shards if shard.device == jax.devices()[0])
+        float32 = param.addressable_shards[0].data.nbytes
+        report[f"{name} {bits}"] = {
+            "quantized": any(quantized(leaf) for leaf in jax.tree.leaves(state, is_leaf=quantized)),
+            "bytes_over_float32": on_device / float32,
+        }
+print("RESULT" + json.dumps(report))
+"""
+
+
+def test_a_split_leaf_stays_float32_where_its_quantized_shards_would_take_more_bytes():
+    """One device's bytes of momentum's velocity against float32's: shards of 125 columns force
+    blocks of 1 element, one float32 scale each on every device (4.2 MB against 0.5 MB on a
+    (512, 1000) param before), so that leaf stays float32; shards of 96 columns (blocks of 32,
+    scales on every device) and row splits still save (measured below)."""
+    report = tagged_json(run_on_eight_devices(SPLIT_BYTES_SCRIPT), "RESULT")
+    for bits in (8, 4):
+        assert not report[f"odd columns {bits}"]["quantized"]
+        assert report[f"odd columns {bits}"]["bytes_over_float32"] <= 1.0001  # and the step count
+        assert report[f"columns {bits}"]["quantized"] and report[f"rows {bits}"]["quantized"]
+    assert report["columns 8"]["bytes_over_float32"] <= 0.51  # 1 + 4 * 8 / 32 bytes against 4
+    assert report["rows 8"]["bytes_over_float32"] <= 0.26  # 1 + 4 / 256 against 4
+    assert report["rows 4"]["bytes_over_float32"] <= 0.14  # 0.5 + 4 / 128 against 4
