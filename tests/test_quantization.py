@@ -688,3 +688,25 @@ def test_bytes_per_parameter_are_codes_plus_four_per_block(bits, block_size):
         assert state_bytes / q.size <= (2.07 if bits == 8 else 1.07)
         velocity = jax.jit(jstep.momentum(0.1, 0.9, accumulator_dtype=fmt).init)(jnp.zeros(shape)).velocity
         assert velocity.nbytes / q.size <= (1.04 if bits == 8 else 0.54)
+
+
+def test_a_quantized_array_refuses_arithmetic_and_conversion_and_points_to_dequantize():
+    """A NamedTuple would silently concatenate (q + x), repeat (q * 2) or become an object array;
+    a QuantizedArray says what it holds and what gives the values."""
+    q = jstep.quantize(jnp.linspace(-1.0, 1.0, 300), jstep.blockwise(8))
+    for misuse in (
+        lambda: q + 1,
+        lambda: 1 + q,
+        lambda: q * 2,
+        lambda: 2 * q,
+        lambda: q - q,
+        lambda: q / 2,
+        lambda: -q,
+        lambda: np.asarray(q),
+        lambda: jnp.asarray(q),
+        lambda: jnp.sum(q),
+    ):
+        with pytest.raises(TypeError, match=r"jstep\.dequantize\(q\)"):
+            misuse()
+    assert len(q) == 3 and q.shape == (300,)  # still a NamedTuple of (codes, scale, layout)
+    assert jnp.array_equal(jax.jit(jstep.dequantize)(q), jstep.dequantize(q))
