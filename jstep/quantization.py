@@ -262,16 +262,18 @@ class QuantizedArray(NamedTuple):
         """Bytes of the codes and the scales."""
         return math.prod(jnp.shape(self.codes)) + 4 * math.prod(jnp.shape(self.scale))
 
-    def _not_an_array(self, *_: Any) -> Any:
-        raise TypeError(
-            "a jstep.QuantizedArray holds codes and scales, not values: use jstep.dequantize(q) for the "
-            "float32 array it stands for"
-        )
 
-    # A NamedTuple would concatenate (q + x), repeat (q * 2) or turn into an object array.
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _not_an_array
-    __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = __neg__ = _not_an_array
-    __array__ = __jax_array__ = _not_an_array
+def _not_an_array(q: QuantizedArray, *_: Any) -> Any:
+    raise TypeError(
+        "a jstep.QuantizedArray holds codes and scales, not values: use jstep.dequantize(q) for the "
+        "float32 array it stands for"
+    )
+
+
+# As a NamedTuple it would concatenate (q + x), repeat (q * 2) or become an object array.
+for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "matmul", "rmatmul", "neg", "array"):
+    setattr(QuantizedArray, f"__{_name}__", _not_an_array)
+QuantizedArray.__jax_array__ = _not_an_array  # type: ignore[attr-defined]  # jnp.asarray asks for it first
 
 
 def _flatten_with_keys(q: QuantizedArray):
