@@ -271,9 +271,9 @@ def _not_an_array(q: QuantizedArray, *_: Any) -> Any:
 
 
 # As a NamedTuple it would concatenate (q + x), repeat (q * 2) or become an object array.
-for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "matmul", "rmatmul", "neg", "array"):
+_ARITHMETIC = ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "matmul", "rmatmul", "neg")
+for _name in (*_ARITHMETIC, "array", "jax_array"):  # jnp.asarray asks for __jax_array__ first
     setattr(QuantizedArray, f"__{_name}__", _not_an_array)
-QuantizedArray.__jax_array__ = _not_an_array  # type: ignore[attr-defined]  # jnp.asarray asks for it first
 
 
 def _flatten_with_keys(q: QuantizedArray):
