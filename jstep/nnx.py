@@ -29,8 +29,8 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess by 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
 _NO_MODE = (
-    "No use_running_average was given to jstep.nnx.BatchNorm. Pass it to the constructor "
-    "(BatchNorm(..., use_running_average=False)), to the call (bn(x, use_running_average=True)), "
+    "No use_running_average was given to jstep.nnx.{layer}. Pass it to the constructor "
+    "({layer}(..., use_running_average=False)), to the call (bn(x, use_running_average=True)), "
     "or set it with model.train() / model.eval() or nnx.view(model, use_running_average=...)."
 )
 
@@ -194,7 +194,7 @@ class BatchNorm(nnx.Module):
         """
         use_running_average = self.use_running_average if use_running_average is None else use_running_average
         if use_running_average is None:
-            raise ValueError(_NO_MODE)
+            raise ValueError(_NO_MODE.format(layer="BatchNorm"))
         _layers.check_feature_count(x, self.axis, self.num_features, "num_features")
         layer = self._core()
         scale = None if self.scale is None else self.scale[...]
@@ -323,7 +323,7 @@ class BatchRenorm(BatchNorm):
         """
         use_running_average = self.use_running_average if use_running_average is None else use_running_average
         if use_running_average is None:
-            raise ValueError(_NO_MODE)
+            raise ValueError(_NO_MODE.format(layer="BatchRenorm"))
         _layers.check_feature_count(x, self.axis, self.num_features, "num_features")
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
