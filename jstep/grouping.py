@@ -531,10 +531,14 @@ def grouped(
 
     def init(params):
         _core.check_floating_leaves(params)
+        # Packed as update packs them: Flax NNX params without their Variables (nnx.Optimizer
+        # calls update on pure trees, a functional loop on wrapped ones; update unwraps both).
+        params = _core.without_variables(params)
         packed = pack(params, layout_of(params, max_leaf_size))
         check_leafwise(inner, params, packed)
         return inner.init(packed)
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         check_same_tree(updates, state, params)
         # Grouped as at init: by the params' dtypes and shardings where given (gradients may
