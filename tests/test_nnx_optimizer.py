@@ -36,6 +36,9 @@ OPTIMIZERS = {
     "rmsprop 8-bit": lambda: jstep.rmsprop(1e-2, accumulator_dtype=EIGHT),
     "grouped adam": lambda: jstep.grouped(jstep.adam(1e-2)),
     "grouped adam 8-bit": lambda: jstep.grouped(jstep.adam(1e-2, mu_dtype=EIGHT, nu_dtype=EIGHT)),
+    "grouped adamw, masked": lambda: jstep.grouped(
+        jstep.adamw(1e-2, weight_decay=0.1, mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+    ),
     "chain(clip, adamw 8-bit)": lambda: optax.chain(
         optax.clip_by_global_norm(1.0), jstep.adamw(1e-2, weight_decay=0.1, mu_dtype=EIGHT, nu_dtype=EIGHT)
     ),
@@ -105,7 +108,8 @@ def test_nnx_optimizer_takes_the_steps_of_the_plain_loop(name, jit):
 
 
 @pytest.mark.parametrize(
-    "name", ["adam", "adam 8-bit", "momentum 8-bit", "grouped adam 8-bit", "jstep.optax.adam 8-bit"]
+    "name",
+    ["adam", "adam 8-bit", "momentum 8-bit", "grouped adam 8-bit", "grouped adamw, masked", "jstep.optax.adam 8-bit"],
 )
 def test_a_functional_nnx_loop_on_wrapped_params_takes_the_same_steps(name):
     """``nnx.split`` params and ``jax.grad`` gradients keep their ``nnx.Param`` wrappers; so do
