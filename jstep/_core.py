@@ -6,8 +6,10 @@ Nothing here is an algorithm of the notes; it is the plumbing the section module
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -266,7 +268,12 @@ def _zeros(leaf: Any, dtype: Any) -> jax.Array:
 def full_like_tree(
     tree: Any, value: Any, dtype: Any = None, *, real: bool = False, squares: bool = False, nonnegative: bool = False
 ) -> Any:
-    """`zeros_like_tree` filled with `value` (initial accumulators; None: zeros)."""
+    """`zeros_like_tree` filled with `value` (initial accumulators; None: zeros).
+
+    A leaf wrapped in a Flax NNX Variable (``nnx.Param``) gets its state in the same
+    wrapper, as Optax's ``jax.tree.map`` gives it, except a `jstep.QuantizedArray`: that is
+    left bare (`without_quantized_wrappers`).
+    """
 
     def full(path, leaf):
         if isinstance(dtype, quantization.BlockwiseFormat):
@@ -288,7 +295,7 @@ def full_like_tree(
         zeros = _zeros(leaf, leaf_dtype)
         return zeros if value is None else zeros + jnp.asarray(value, leaf_dtype)
 
-    return jax.tree_util.tree_map_with_path(full, tree)
+    return without_quantized_wrappers(jax.tree_util.tree_map_with_path(full, tree))
 
 
 def _positive_number(value: Any) -> bool:
@@ -309,6 +316,94 @@ def adaptive_step(numerator: jax.Array, second_moment: jax.Array, *, eps: Any, e
         return numerator / denominator
     safe = jnp.where(denominator > 0, denominator, 1)
     return jnp.where(denominator > 0, numerator / safe, 0)
+
+
+# ------------------------------------------------------------------ Flax NNX Variables
+#
+# NNX params come in two forms. Split off a model (``nnx.split(model, nnx.Param)``), each
+# array sits in an ``nnx.Param``, a pytree node with the array as its one child; this is
+# what ``init`` sees in every NNX loop and what ``update`` sees in a functional one, where
+# ``jax.grad`` gives gradients in the same wrappers. ``nnx.Optimizer`` calls ``init`` on the
+# wrapped tree but ``update`` on pure trees (``nnx.as_pure``), and it keeps each leaf of the
+# state in a Variable of its own: a Variable of the state becomes an ``OptVariable`` holding
+# its value, any other array an ``OptArray``. It writes the new state back leaf by leaf
+# (``nnx.update``), which replaces a Variable's value by the state's subtree there: a
+# `jstep.QuantizedArray` inside a Variable would come back as a dict of its codes and scales,
+# its layout lost. So a quantized state leaf never carries the param's wrapper, and each
+# ``update`` that holds state runs on the trees without wrappers (`sees_through_variables`).
+# Flax is never imported here: no tree holds a Variable unless the user imported flax.nnx.
+
+
+def _variable_class() -> type | None:
+    """``flax.nnx.Variable`` where Flax NNX is imported, else None (no tree can hold one)."""
+    return getattr(sys.modules.get("flax.nnx"), "Variable", None)
+
+
+def _map_variables(rule: Callable[[Any], Any], tree: Any) -> Any:
+    """`rule` applied to each NNX Variable of `tree` (every other leaf kept)."""
+    variable = _variable_class()
+    if variable is None:
+        return tree
+    return jax.tree.map(
+        lambda x: rule(x) if isinstance(x, variable) else x, tree, is_leaf=lambda x: isinstance(x, variable)
+    )
+
+
+def has_variables(tree: Any) -> bool:
+    """Whether `tree` holds a Flax NNX Variable (``nnx.Param`` and the like)."""
+    variable = _variable_class()
+    if variable is None:
+        return False
+    return any(isinstance(x, variable) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, variable)))
+
+
+def without_variables(tree: Any) -> Any:
+    """`tree` with each Flax NNX Variable replaced by its value, as ``nnx.as_pure`` gives it."""
+    return _map_variables(lambda v: v.get_value(), tree)
+
+
+def without_quantized_wrappers(tree: Any) -> Any:
+    """`tree` with each `jstep.QuantizedArray` that sits in a Flax NNX Variable taken out of it.
+
+    A Variable's metadata (its sharding names, one per axis) describes an array of the param's
+    shape, which a quantized state's codes and scales are not; and ``nnx.Optimizer`` keeps a
+    bare one as the two arrays it is made of, where it would lose a wrapped one's layout.
+    """
+    return _map_variables(lambda v: v.get_value() if quantization.is_quantized(v.get_value()) else v, tree)
+
+
+def with_variables_of(pure: Any, like: Any) -> Any:
+    """`pure`, a tree shaped like ``without_variables(like)``, in the Variables of `like`.
+
+    A Variable is a pytree node with its value as the one child, so the leaves of `pure` in
+    order fill `like`'s structure: each value lands in the wrapper (and metadata) that held
+    the matching value of `like`.
+    """
+    if not has_variables(like):
+        return pure
+    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(pure))
+
+
+def sees_through_variables(update: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
+    """An ``update(updates, state, params=None, **extra_args)`` that also takes Flax NNX trees.
+
+    Where `updates`, `state` or `params` hold NNX Variables (a functional NNX loop: params and
+    gradients in ``nnx.Param``, the state as `init` built it, wrapped where Optax's would be
+    and bare where quantized), `update` runs on the trees without them, and its updates come
+    back in the wrappers of the incoming updates, its state in those of the incoming state.
+    Pure trees (``nnx.Optimizer``, Linen, Equinox, plain Optax) go through untouched.
+    """
+
+    @functools.wraps(update)
+    def update_pure(updates, state, params=None, **extra_args):
+        if not has_variables((updates, state, params)):
+            return update(updates, state, params, **extra_args)
+        new_updates, new_state = update(
+            without_variables(updates), without_variables(state), without_variables(params), **extra_args
+        )
+        return with_variables_of(new_updates, updates), with_variables_of(new_state, state)
+
+    return update_pure
 
 
 # ------------------------------------------------------------------ counters and schedules

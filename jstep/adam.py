@@ -96,6 +96,7 @@ def scale_by_adam(
             _core.zeros_like_tree(params, nu_dtype, real=True, squares=True, nonnegative=True),
         )
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(updates, load(state.mu), holds_values=True)

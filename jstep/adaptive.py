@@ -115,6 +115,7 @@ def scale_by_rms(
             return ScaleByCenteredRmsState(_core.new_count(), mu, nu)
         return ScaleByRmsState(_core.new_count(), nu)
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(updates, load(state.nu))
@@ -271,6 +272,7 @@ def scale_by_rss(
         )
         return ScaleByRssState(_core.new_count(), initial)
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(updates, load(state.sum_of_squares))
@@ -362,6 +364,7 @@ def scale_by_adadelta(
             _core.zeros_like_tree(params, accumulator_dtype, real=True, squares=True, nonnegative=True),
         )
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(updates, load(state.e_g))

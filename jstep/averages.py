@@ -112,6 +112,7 @@ def running_average(
         _core.check_floating_leaves(values)
         return RunningAverageState(_core.new_count(), _core.zeros_like_tree(values, accumulator_dtype))
 
+    @_core.sees_through_variables
     def update(values, state, params=None, **extra_args):
         del params, extra_args
         _core.check_same_shapes(values, load(state.average), holds_values=True)

@@ -499,6 +499,11 @@ def grouped(
     params, raise a ``ValueError`` that says so; so do updates (or params) of another tree
     structure or leaf shapes than ``init`` packed, with the plain optimizers' messages.
 
+    Flax NNX. Params in NNX Variables (``nnx.Param``, as ``nnx.split`` gives them) are packed
+    without them, so ``grouped`` works in ``nnx.Optimizer`` (which calls ``update`` on pure
+    trees) and in a functional NNX loop alike; there the updates come back in the gradients'
+    wrappers, and a mask of ``jstep.adamw`` inside is resolved on the params without them.
+
     Masks and labels. ``jstep.adamw``'s mask works inside: it is resolved on the params' tree
     (its leaves as ``jax.ShapeDtypeStruct``, as under ``jax.eval_shape``) and spread over the
     buffers. A transformation of another library that reads the tree's structure
@@ -531,10 +536,14 @@ def grouped(
 
     def init(params):
         _core.check_floating_leaves(params)
+        # Packed as update packs them: Flax NNX params without their Variables (nnx.Optimizer
+        # calls update on pure trees, a functional loop on wrapped ones; update unwraps both).
+        params = _core.without_variables(params)
         packed = pack(params, layout_of(params, max_leaf_size))
         check_leafwise(inner, params, packed)
         return inner.init(packed)
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         check_same_tree(updates, state, params)
         # Grouped as at init: by the params' dtypes and shardings where given (gradients may

@@ -120,6 +120,7 @@ def momentum(
         _core.check_floating_leaves(params)
         return MomentumState(_core.new_count(), _core.zeros_like_tree(params, accumulator_dtype))
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         old = load(state.velocity)

@@ -94,6 +94,7 @@ def _trace(decay: Any, nesterov: bool, accumulator_dtype: Any = None) -> optax.G
         _core.check_floating_leaves(params)
         return optax.TraceState(trace=_core.zeros_like_tree(params, accumulator_dtype))
 
+    @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         old = load(state.trace)
