@@ -468,6 +468,11 @@ def grouped(
     The updates are those of `transformation` on the unpacked tree for an elementwise rule
     such as every jstep optimizer (u_j depends on g_j and the state of j only), up to the
     last bits: XLA may compile the same arithmetic differently for arrays of other lengths.
+    An 8- or 4-bit state format (``jstep.blockwise``) is not elementwise: it quantizes the
+    packed buffer as one array, with blocks that run across leaves (a bias shares its block's
+    scale with its neighbours' weights) and the small leaves that ``min_size`` keeps in float32
+    unwrapped quantized with the rest, so its updates and its bytes differ from the plain
+    optimizer's.
 
     Args:
       transformation: an elementwise ``optax.GradientTransformation`` (extra keyword
@@ -477,7 +482,8 @@ def grouped(
         grouped; larger leaves stay arrays of their own (concatenating them would copy many
         bytes to save one array). ``None`` groups every leaf.
 
-    The state holds the same bytes as the plain transformation's; the step needs one scratch
+    The state holds the same bytes as the plain transformation's (with float or no state
+    dtypes); the step needs one scratch
     buffer the size of the grouped gradients (their packed copy). ``init`` accepts
     ``jax.ShapeDtypeStruct`` leaves and gives the state ``jax.eval_shape(init, params)``
     describes, each buffer placed by its group's sharding where the leaves carry one.
