@@ -495,6 +495,21 @@ def _block_absmax(blocks: jax.Array) -> jax.Array:
     return jnp.max(lax.bitcast_convert_type(largest, jnp.float32), axis=1)
 
 
+_HUGE_SCALE = 2.0**126  # 1 / s is subnormal above it
+
+
+def _normalized(blocks: jax.Array, scale: jax.Array) -> jax.Array:
+    """y = x / s in each row of `blocks` (x / 1 in a block of zeros), correctly rounded for every
+    finite s.
+
+    XLA computes x / s as x * (1 / s), and 1 / s is subnormal for s > 2^126, which CPUs flush to
+    zero: such a block's y would be 0. Its x and s are divided by 4 first (exactly: a power of
+    two); every other block's by 1, so its y stays x * (1 / s), bit for bit.
+    """
+    prescale = jnp.where(scale > _HUGE_SCALE, jnp.float32(0.25), jnp.float32(1))
+    return (blocks * prescale[:, None]) / jnp.where(scale > 0, scale * prescale, 1)[:, None]
+
+
 def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None, scale: jax.Array | None = None) -> QuantizedArray:
     """Quantize `x` (any real dtype, computed in float32) to `layout`; stochastically with `seed`.
 
@@ -504,7 +519,7 @@ def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None, scale: jax.Arr
     blocks = _blocks(x.astype(jnp.float32), layout.block_size)
     if scale is None:
         scale = _block_absmax(blocks)
-    y = blocks / jnp.where(scale > 0, scale, 1)[:, None]
+    y = _normalized(blocks, scale)
     uniform = None
     if seed is not None:
         uniform = precision._uniform(precision._hashed_bits(seed, y.shape, 1), jnp.float32)
