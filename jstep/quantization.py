@@ -238,8 +238,11 @@ class QuantizedArray(NamedTuple):
     checkpoints like any state) and whose `layout` is static:
 
     * ``codes``: uint8. 8 bits: one code per element, in the value's shape. 4 bits: two
-      codes per byte along the last axis (element 2j in the low half, 2j + 1 in the high
-      half), the last axis halved and rounded up.
+      codes per byte along one axis, the value's last axis of even length (element 2j along
+      it in the low half, 2j + 1 in the high half), that axis halved and the others the
+      value's, so that the codes can be split as the value is; when every axis is odd, along
+      the last axis padded to even (a 0-d value: one byte). A (4096, 3) value's codes are
+      (2048, 3), a (3, 3, 512, 1) value's (3, 3, 256, 1), a (5, 7) value's (5, 4).
     * ``scale``: float32, one per block of ``layout.block_size`` consecutive elements in
       row-major order: the block's largest magnitude.
     * ``layout``: the value's shape, the bits, the block size and whether the map is signed.
@@ -456,26 +459,39 @@ def _unblock(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
+def _packed_axis(shape: tuple[int, ...]) -> int:
+    """The axis along which 4-bit codes are paired: the last of even length (0 included), else the
+    last (padded to even; a 0-d value is one element along axis 0)."""
+    even = [axis for axis, length in enumerate(shape) if length % 2 == 0]
+    return even[-1] if even else max(len(shape) - 1, 0)
+
+
 def _pack(codes: jax.Array) -> jax.Array:
-    """Two 4-bit codes per byte along the last axis (padded to even): element 2j low, 2j + 1 high."""
-    if codes.ndim == 0:
-        codes = codes.reshape(1)
-    if codes.shape[-1] % 2:
-        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-    pairs = lax.bitcast_convert_type(codes.reshape(*codes.shape[:-1], -1, 2), jnp.uint16)  # 2j low byte
-    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(jnp.uint8)
+    """Two 4-bit codes per byte along `_packed_axis` (padded to even when every axis is odd):
+    element 2j of that axis in the low half of byte j, 2j + 1 in the high half."""
+    codes = codes.reshape(codes.shape or (1,))
+    axis = _packed_axis(codes.shape)
+    if codes.shape[axis] % 2:
+        codes = jnp.pad(codes, [(0, 1 if a == axis else 0) for a in range(codes.ndim)])
+    shape = codes.shape
+    pairs = codes.reshape(*shape[:axis], shape[axis] // 2, 2, *shape[axis + 1 :])
+    low, high = (lax.index_in_dim(pairs, h, axis + 1, keepdims=False) for h in (0, 1))
+    return low | (high << jnp.uint8(4))
 
 
 def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.
+    """The codes of `_pack`: element 2j + h along the packed axis is byte j shifted right by 4 h,
+    its low 4 bits.
 
     Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so
     that it fuses into the lookups that read it at the cost of a few integer operations.
     """
-    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))
-    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1) * jnp.uint8(4)
-    codes = ((pairs >> shift) & jnp.uint8(0x0F)).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
-    return codes[..., : shape[-1] if shape else 1].reshape(shape)
+    axis = _packed_axis(shape)
+    sizes = packed.shape
+    pairs = jnp.broadcast_to(jnp.expand_dims(packed, axis + 1), (*sizes[: axis + 1], 2, *sizes[axis + 1 :]))
+    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, axis + 1) * jnp.uint8(4)
+    codes = ((pairs >> shift) & jnp.uint8(0x0F)).reshape(*sizes[:axis], 2 * sizes[axis], *sizes[axis + 1 :])
+    return lax.slice_in_dim(codes, 0, shape[axis] if shape else 1, axis=axis).reshape(shape)
 
 
 def _block_absmax(blocks: jax.Array) -> jax.Array:
@@ -659,7 +675,7 @@ def _placements(sharding: Any, shape: tuple[int, ...], codes_shape: tuple[int, .
     try:
         sharding.shard_shape(codes_shape)
         codes = sharding
-    except ValueError:  # a 4-bit last axis, halved, that the shards no longer divide
+    except ValueError:  # a 4-bit packed axis, halved, that the shards no longer divide
         codes = None
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     shards = shape[0] // sharding.shard_shape(shape)[0]
@@ -678,9 +694,15 @@ def _explicit_sharding(x: Any) -> NamedSharding | None:
 
 
 def _codes_shape(layout: Layout) -> tuple[int, ...]:
-    if layout.bits == 8 or not layout.shape:
-        return layout.shape if layout.bits == 8 else (1,)
-    return (*layout.shape[:-1], -(-layout.shape[-1] // 2))
+    """The shape of a `QuantizedArray`'s codes: the value's for 8 bits; for 4, the packed axis
+    (`_packed_axis`) halved, rounded up."""
+    shape = layout.shape
+    if layout.bits == 8:
+        return shape
+    if not shape:
+        return (1,)
+    axis = _packed_axis(shape)
+    return (*shape[:axis], -(-shape[axis] // 2), *shape[axis + 1 :])
 
 
 def encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArray:

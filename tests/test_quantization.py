@@ -165,15 +165,25 @@ def reference_blocks(x, block_size):
     return np.pad(flat, (0, -flat.size % block_size)).reshape(-1, block_size)
 
 
+def packed_axis(shape):
+    """The documented 4-bit packing axis: the last axis of even length, else the last (padded)."""
+    for axis in reversed(range(len(shape))):
+        if shape[axis] % 2 == 0:
+            return axis
+    return max(len(shape) - 1, 0)
+
+
 def unpacked_codes(q):
     """The code of each element, read from ``q.codes`` by the documented layout: 8 bits one byte
-    per element; 4 bits element 2j in the low nibble of byte j, 2j + 1 in the high nibble."""
+    per element; 4 bits element 2j of the packed axis in the low nibble of byte j, 2j + 1 in the
+    high nibble."""
     codes = np.asarray(q.codes).astype(np.int64)
     if q.layout.bits == 8:
         return codes.reshape(q.shape)
-    pairs = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
-    last = q.shape[-1] if q.shape else 1
-    return pairs[..., :last].reshape(q.shape)
+    axis = packed_axis(q.shape)
+    pairs = np.stack([codes & 0x0F, codes >> 4], axis=axis + 1)
+    pairs = pairs.reshape(*codes.shape[:axis], 2 * codes.shape[axis], *codes.shape[axis + 1 :])
+    return np.take(pairs, np.arange(q.shape[axis] if q.shape else 1), axis=axis).reshape(q.shape)
 
 
 def heavy_tailed(shape, seed, signed=True):
@@ -228,21 +238,31 @@ def test_quantize_is_nearest_code_of_block_absmax(shape, bits, block_size, signe
 
     assert q.shape == shape and q.size == x.size
     assert q.layout == jstep.quantization.Layout(shape, bits, block_size, signed)
-    rows = math.prod(shape[:-1]) if shape else 1
-    code_bytes = x.size if bits == 8 else rows * -(-(shape[-1] if shape else 1) // 2)
+    axis = packed_axis(shape)
+    rest = math.prod(shape) // shape[axis] if shape else 1
+    code_bytes = x.size if bits == 8 else rest * -(-(shape[axis] if shape else 1) // 2)
     assert q.codes.dtype == jnp.uint8 and q.codes.size == code_bytes
     assert q.nbytes == code_bytes + 4 * -(-x.size // block_size)
 
 
 def test_four_bit_bytes_hold_element_2j_low_and_2j_plus_1_high():
     table = code_table(4, True)
-    codes = np.array([[15, 3, 8, 0, 12], [1, 14, 6, 9, 15]])  # 15 is +1: both blocks' scale 1; 0 is code 8 (+0)
+    codes = np.array(
+        [[15, 3, 8, 0, 12], [1, 14, 6, 9, 15], [6, 2, 15, 5, 11]]
+    )  # 15 is +1: every block's scale 1; 8 is +0 (7, -0, comes back as +0)
+    # Every axis odd: paired along the last, padded to 6.
     x = jnp.asarray(table[codes])
     q = quantize(x, jstep.blockwise(4, 8), signed=True)
-    assert q.codes.shape == (2, 3)
+    assert q.codes.shape == (3, 3)
     got = np.asarray(q.codes).astype(np.int64)
     np.testing.assert_array_equal(got[:, :2], codes[:, 0:4:2] | codes[:, 1:4:2] << 4)
     np.testing.assert_array_equal(got[:, 2] & 0x0F, codes[:, 4])
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), np.asarray(x))
+    # The last axis odd, the first even: paired along the first (rows 2j and 2j + 1), the last kept.
+    x = jnp.asarray(table[codes[:2]])
+    q = quantize(x, jstep.blockwise(4, 8), signed=True)
+    assert q.codes.shape == (1, 5)
+    np.testing.assert_array_equal(np.asarray(q.codes).astype(np.int64)[0], codes[0] | codes[1] << 4)
     np.testing.assert_array_equal(np.asarray(dequantize(q)), np.asarray(x))
 
 

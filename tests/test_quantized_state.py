@@ -387,10 +387,12 @@ import jstep
 assert jax.device_count() == 8, jax.devices()
 meshes = {"auto": Mesh(np.array(jax.devices()), ("x",)), "explicit": jax.make_mesh((8,), ("x",))}
 # w: split by rows, each device's shard 8 x 24 = 192 elements, not a whole number of 256- or
-# 128-element blocks; c: split by columns (each device's elements are runs of 16); b: replicated.
-specs = {"w": P("x", None), "c": P(None, "x"), "b": P()}
+# 128-element blocks; c: split by columns (each device's elements are runs of 16); b: replicated;
+# k: split by rows, its last axis odd (4-bit codes paired along rows: (32, 3), 4 rows a device).
+specs = {"w": P("x", None), "c": P(None, "x"), "b": P(), "k": P("x", None)}
 rng = np.random.default_rng(0)
-host = {"w": rng.normal(size=(64, 24)), "c": rng.normal(size=(16, 128)), "b": rng.normal(size=300)}
+host = {"w": rng.normal(size=(64, 24)), "c": rng.normal(size=(16, 128)), "b": rng.normal(size=300),
+        "k": rng.normal(size=(64, 3))}
 host = {k: v.astype(np.float32) for k, v in host.items()}
 grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in host.items()} for _ in range(3)]
 formats = {"8": jstep.blockwise(8, min_size=0), "4": jstep.blockwise(4, min_size=0)}
@@ -456,7 +458,8 @@ def sharded_report():
 @pytest.mark.parametrize("case", ["auto 8", "auto 4", "explicit 8"])
 def test_sharded_params_keep_their_sharding_and_step_as_on_one_device(sharded_report, case):
     """On 8 devices: blocks shrink to fit each shard's row-major runs (w: 192 elements per
-    device, so 64; c, split by columns: runs of 16), the codes keep the param's sharding, the
+    device, so 64; c, split by columns: runs of 16; k, 24 per device, its 4-bit codes paired
+    along rows), the codes keep the param's sharding, the
     row-split leaf's scales are split with its rows (each device's scales the absmax of its own
     blocks) and its step needs no collective; abstract init (and, on explicit axes, whose types
     carry the sharding under jit, jitted init) gives the same state; and three
@@ -465,7 +468,7 @@ def test_sharded_params_keep_their_sharding_and_step_as_on_one_device(sharded_re
     float32 round-off (the sharded program is compiled otherwise)."""
     report = sharded_report[case]
     default = 256 if case.endswith("8") else 128
-    assert report["block_size"] == {"w": 64, "c": 16, "b": default}
+    assert report["block_size"] == {"w": 64, "c": 16, "b": default, "k": 8}
     assert report["problems"] == []
     assert report["w_collectives"] == 0
     assert report["same_abstract"]
