@@ -553,11 +553,30 @@ def _decode(q: QuantizedArray, read: int = 0) -> jax.Array:
     that XLA, which merges identical lookups and never repeats one in several fusions, reads
     the codes again in each fusion that needs the values instead of writing them to memory.
     """
+    _check_arrays(q)
     layout = q.layout
     codes = _unpack(q.codes, layout.shape) if layout.bits == 4 else q.codes
     table = np.concatenate([code_table(layout.bits, layout.signed), np.zeros(read, np.float32)])
     values = _read(table, codes)
     return _unblock(_blocks(values, layout.block_size) * q.scale[:, None], layout.shape)
+
+
+def _check_arrays(q: QuantizedArray) -> None:
+    """Raise at trace time if `q`'s codes and scales are not the shapes its layout says."""
+    layout = q.layout
+    codes, blocks = _codes_shape(layout), -(-math.prod(layout.shape) // layout.block_size)
+    if tuple(jnp.shape(q.codes)) == codes and tuple(jnp.shape(q.scale)) == (blocks,):
+        return
+    raise ValueError(
+        f"a jstep.QuantizedArray of shape {layout.shape} ({layout.bits} bits, blocks of {layout.block_size}) "
+        f"needs codes of shape {codes} and scale of shape {(blocks,)}, got codes {tuple(jnp.shape(q.codes))} "
+        f"and scale {tuple(jnp.shape(q.scale))}. Quantized state is not supported split by jax.shard_map: "
+        "passed in split, each shard holds part of the arrays under the whole value's layout; initialised "
+        "inside and returned split, the arrays of every shard stand under one shard's layout. Keep it inside "
+        "(initialised and updated within the same shard_map, each shard's state its own), or pass it and the "
+        "params in and out whole (PartitionSpec()), or split the params with jax.jit and NamedSharding instead, "
+        "which splits the codes with them. (Arrays restored from a checkpoint of another layout fail the same way.)"
+    )
 
 
 def _refresh(old: QuantizedArray, rule: Callable[[jax.Array], jax.Array], seed: jax.Array | None) -> QuantizedArray:

@@ -162,3 +162,79 @@ def test_four_bit_round_trip_is_the_reference_for_even_odd_and_length_one_axes(s
     restored = serialization.from_bytes(blank, serialization.to_bytes(q))
     np.testing.assert_array_equal(np.asarray(restored.codes), np.asarray(q.codes))
     np.testing.assert_array_equal(np.asarray(dequantize(restored)), x)
+
+
+# -------------------------------------------------------------- arrays that miss their layout
+
+
+def test_arrays_that_do_not_match_the_layout_are_refused_at_trace_time():
+    q = quantize(jnp.ones((64, 8)), jstep.blockwise(8, 64))
+    for wrong in (q._replace(codes=q.codes[:8]), q._replace(scale=jnp.concatenate([q.scale, q.scale]))):
+        with pytest.raises(ValueError, match=r"shape \(64, 8\).*codes of shape \(64, 8\) and scale of shape \(8,\)"):
+            jstep.dequantize(wrong)
+        with pytest.raises(ValueError, match=r"not supported split by jax\.shard_map"):
+            jax.jit(jstep.dequantize)(wrong)
+    opt = jstep.momentum(0.1, 0.9, accumulator_dtype=jstep.blockwise(4, min_size=0))
+    params = jnp.ones((16, 3))
+    state = opt.init(params)
+    split = jax.tree.map(lambda x: x[:2] if x.ndim else x, state)  # what shard_map hands a shard
+    with pytest.raises(ValueError, match=r"got codes \(2, 3\) and scale \(1,\)"):
+        jax.jit(opt.update)(params, split, params)
+
+
+SHARD_MAP_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jstep
+
+mesh = jax.make_mesh((8,), ("x",))
+opt = jstep.momentum(1e-2, 0.9, accumulator_dtype=jstep.blockwise(8, min_size=0))
+rng = np.random.default_rng(0)
+w, g = (jnp.asarray(rng.normal(size=(64, 32)), jnp.float32) for _ in range(2))
+with jax.set_mesh(mesh):
+    w, g = (jax.device_put(a, NamedSharding(mesh, P("x"))) for a in (w, g))
+    # init outside on the split params, the state handed to shard_map split as them
+    state = opt.init(w)
+    specs = jax.tree.map(lambda a: a.sharding.spec, state)
+    step = jax.shard_map(opt.update, mesh=mesh, in_specs=(P("x"), specs, P("x")), out_specs=(P("x"), specs))
+    try:
+        jax.jit(step)(g, state, w)
+        print("RESULT split in: no error")
+    except ValueError as e:
+        print("RESULT split in:", str(e).split(". Quantized")[0])
+    # init and update inside: the state is each shard's own and steps; read outside, refused
+    local = jax.eval_shape(opt.init, jax.ShapeDtypeStruct((8, 32), jnp.float32))
+    spec = jax.tree.map(lambda a: P("x") if a.ndim else P(), local)
+    state = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P("x"), out_specs=spec))(w)
+    step = jax.shard_map(opt.update, mesh=mesh, in_specs=(P("x"), spec, P("x")), out_specs=(P("x"), spec))
+    updates, state = jax.jit(step)(g, state, w)
+    print("RESULT inside:", float(jnp.max(jnp.abs(updates + 1e-2 * g))))
+    velocity = jax.tree.leaves(state, is_leaf=jstep.quantization.is_quantized)[-1]
+    try:
+        jstep.dequantize(velocity)
+        print("RESULT read outside: no error")
+    except ValueError as e:
+        print("RESULT read outside:", str(e).split(". Quantized")[0])
+"""
+
+
+def test_quantized_state_split_by_shard_map_is_refused_naming_the_shapes():
+    """On 8 devices: a state split into shard_map, or made inside and read outside, raises the
+    layout error (before: a reshape error, and 1/8 of the moment silently); made and stepped
+    inside, the first step is -lr g, as float32 state's."""
+    from harness import run_on_eight_devices
+
+    lines = [
+        line[len("RESULT ") :]
+        for line in run_on_eight_devices(SHARD_MAP_SCRIPT).splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert lines[0] == (
+        "split in: a jstep.QuantizedArray of shape (64, 32) (8 bits, blocks of 256) needs codes of shape (64, 32) "
+        "and scale of shape (8,), got codes (8, 32) and scale (1,)"
+    )
+    assert float(lines[1].split(": ")[1]) <= 1e-2 * F32_EPS * 8
+    assert lines[2] == (
+        "read outside: a jstep.QuantizedArray of shape (8, 32) (8 bits, blocks of 256) needs codes of shape (8, 32) "
+        "and scale of shape (1,), got codes (64, 32) and scale (8,)"
+    )
