@@ -121,6 +121,17 @@ uninterrupted one. The two neighbours are found without a search of the table: t
 bits of |y|'s float32 word (its exponent and the top bits of its fraction) number buckets
 narrow enough that each holds at most one code, and a table per bucket gives the code below.
 
+Infinities and NaN
+------------------
+Nothing is clipped: a block's scale is its largest magnitude whatever it is, and each element
+decodes as s q(c). A block holding NaN has scale NaN, and every element of it decodes as NaN.
+A block holding +-inf (and no NaN) has scale inf: an infinity's y = inf / inf is NaN, stored as
+the code +1, so -inf comes back as +inf; every finite element's y = x / inf is 0, stored as the
+code +0 in a signed map, which decodes as inf * 0 = NaN, and as the smallest code in an
+unsigned map, which decodes as +inf. One infinity thus turns its whole block into NaN (signed)
+or +inf (unsigned), where a float32 state would hold it in one element (``optax.apply_if_finite``
+skips the steps whose gradients are not finite). Stochastic rounding stores the same codes.
+
 Arithmetic always runs in float32: a state is dequantized to float32, the notes' rule is
 applied, and the result is quantized, one leaf at a time. The new value is needed three
 times (for the step, for its blocks' maxima and for its codes) and the maxima must be known
@@ -613,7 +624,10 @@ def quantize(x: Any, fmt: BlockwiseFormat, *, signed: bool = True, key: jax.Arra
     """Store `x` block-wise in `fmt`: one code per element, one float32 scale per block.
 
     Every element is quantized, whatever ``fmt.min_size`` (which only tells the optimizers
-    which leaves to leave in float32).
+    which leaves to leave in float32). Every finite value is stored as documented, up to
+    float32's largest; a block holding NaN comes back all NaN, and one holding +-inf comes back
+    as +inf in place of each infinity and NaN (signed) or +inf (unsigned) in every other
+    element (the module's docstring, "Infinities and NaN").
 
     Args:
       x: a real floating array, any shape.

@@ -238,3 +238,30 @@ def test_quantized_state_split_by_shard_map_is_refused_naming_the_shapes():
         "read outside: a jstep.QuantizedArray of shape (8, 32) (8 bits, blocks of 256) needs codes of shape (8, 32) "
         "and scale of shape (1,), got codes (64, 32) and scale (8,)"
     )
+
+
+# ----------------------------------------------------------------------- infinities and NaN
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("key", [None, 0], ids=["nearest", "stochastic"])
+def test_a_block_holding_inf_or_nan_stores_what_the_docstring_says(bits, key):
+    """Block 0 holds -inf, block 1 +inf, block 2 NaN, block 3 only finite values: scales inf, inf,
+    NaN and the largest magnitude; signed, an infinity comes back +inf and the rest of its block
+    NaN; unsigned, every element of an infinite block +inf; a NaN block all NaN; the finite block
+    as the float64 reference."""
+    fmt = jstep.blockwise(bits, 4)
+    finite = [1.0, 0.0, -2.0]
+    x = np.array([[-np.inf, *finite], [np.inf, *finite], [np.nan, *finite], [3.0, *finite]], np.float32)
+    for signed, rest in ((True, np.nan), (False, np.inf)):
+        values = x if signed else np.where(np.isnan(x), x, np.abs(x))
+        random = None if key is None else jax.random.key(key)
+        q = jstep.quantize(jnp.asarray(values), fmt, signed=signed, key=random)
+        np.testing.assert_array_equal(np.asarray(q.scale), [np.inf, np.inf, np.nan, 3.0])
+        back = np.asarray(jstep.dequantize(q))
+        np.testing.assert_array_equal(back[:2, 0], [np.inf, np.inf])
+        np.testing.assert_array_equal(back[:2, 1:], np.full((2, 3), rest, np.float32))
+        assert np.isnan(back[2]).all()
+        if key is None:
+            expected = reference_values(values[3], bits, signed, 4)
+            np.testing.assert_allclose(back[3], expected, rtol=F32_EPS, atol=0)
