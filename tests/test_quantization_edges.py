@@ -180,6 +180,12 @@ def test_arrays_that_do_not_match_the_layout_are_refused_at_trace_time():
     split = jax.tree.map(lambda x: x[:2] if x.ndim else x, state)  # what shard_map hands a shard
     with pytest.raises(ValueError, match=r"got codes \(2, 3\) and scale \(1,\)"):
         jax.jit(opt.update)(params, split, params)
+    members = jnp.arange(96.0).reshape(2, 16, 3)
+    batched = jax.vmap(lambda x: jstep.quantize(x, jstep.blockwise(4, 16)))(members)
+    with pytest.raises(ValueError, match=r"got codes \(2, 8, 3\) and scale \(2, 3\).*jax\.vmap"):
+        jstep.dequantize(batched)
+    one = jstep.dequantize(jstep.quantize(members[1], jstep.blockwise(4, 16)))
+    np.testing.assert_array_equal(np.asarray(jax.vmap(jstep.dequantize)(batched)[1]), np.asarray(one))
 
 
 SHARD_MAP_SCRIPT = r"""
