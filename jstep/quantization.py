@@ -485,10 +485,11 @@ def _pack(codes: jax.Array) -> jax.Array:
     if codes.shape[axis] % 2:
         codes = jnp.pad(codes, [(0, 1 if a == axis else 0) for a in range(codes.ndim)])
     shape = codes.shape
+    packed_shape = (*shape[:axis], shape[axis] // 2, *shape[axis + 1 :])
+    if math.prod(shape[axis + 1 :]) == 1:  # each pair adjacent: one uint16 (2j its low byte), read once
+        words = lax.bitcast_convert_type(codes.reshape(*shape[:axis], shape[axis] // 2, 2), jnp.uint16)
+        return ((words & 0x0F) | ((words >> 4) & 0xF0)).astype(jnp.uint8).reshape(packed_shape)
     pairs = codes.reshape(*shape[:axis], shape[axis] // 2, 2, *shape[axis + 1 :])
-    if axis == codes.ndim - 1:  # each pair one uint16 (2j its low byte): read once, not twice strided
-        words = lax.bitcast_convert_type(pairs, jnp.uint16)
-        return ((words & 0x0F) | ((words >> 4) & 0xF0)).astype(jnp.uint8)
     low, high = (lax.index_in_dim(pairs, h, axis + 1, keepdims=False) for h in (0, 1))
     return low | (high << jnp.uint8(4))
 
@@ -501,6 +502,8 @@ def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     that it fuses into the lookups that read it at the cost of a few integer operations.
     """
     axis = _packed_axis(shape)
+    if shape and math.prod(shape[axis + 1 :]) == 1:  # as the pairs of the last axis
+        packed = packed.reshape(packed.shape[: axis + 1])
     sizes = packed.shape
     pairs = jnp.broadcast_to(jnp.expand_dims(packed, axis + 1), (*sizes[: axis + 1], 2, *sizes[axis + 1 :]))
     shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, axis + 1) * jnp.uint8(4)

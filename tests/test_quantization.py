@@ -264,6 +264,13 @@ def test_four_bit_bytes_hold_element_2j_low_and_2j_plus_1_high():
     assert q.codes.shape == (1, 5)
     np.testing.assert_array_equal(np.asarray(q.codes).astype(np.int64)[0], codes[0] | codes[1] << 4)
     np.testing.assert_array_equal(np.asarray(dequantize(q)), np.asarray(x))
+    # Axes of length 1 after it (a (4, 1) kernel): paired along the first, rows 2j and 2j + 1.
+    column = codes[:, :4].reshape(3 * 4)[:8].reshape(8, 1)
+    x = jnp.asarray(table[column])
+    q = quantize(x, jstep.blockwise(4, 8), signed=True)
+    assert q.codes.shape == (4, 1)
+    np.testing.assert_array_equal(np.asarray(q.codes).astype(np.int64), column[0::2] | column[1::2] << 4)
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), np.asarray(x))
 
 
 def test_eight_bit_codes_index_the_table_in_the_value_shape():
