@@ -121,16 +121,15 @@ uninterrupted one. The two neighbours are found without a search of the table: t
 bits of |y|'s float32 word (its exponent and the top bits of its fraction) number buckets
 narrow enough that each holds at most one code, and a table per bucket gives the code below.
 
-Infinities and NaN
-------------------
-Nothing is clipped: a block's scale is its largest magnitude whatever it is, and each element
-decodes as s q(c). A block holding NaN has scale NaN, and every element of it decodes as NaN.
-A block holding +-inf (and no NaN) has scale inf: an infinity's y = inf / inf is NaN, stored as
-the code +1, so -inf comes back as +inf; every finite element's y = x / inf is 0, stored as the
-code +0 in a signed map, which decodes as inf * 0 = NaN, and as the smallest code in an
-unsigned map, which decodes as +inf. One infinity thus turns its whole block into NaN (signed)
-or +inf (unsigned), where a float32 state would hold it in one element (``optax.apply_if_finite``
-skips the steps whose gradients are not finite). Stochastic rounding stores the same codes.
+Very large values, infinities and NaN
+-------------------------------------
+A block's scale is its largest magnitude up to 2^126 (8.5e37), and stops there: XLA computes
+x / s as x * (1 / s), and above 2^126 the reciprocal is subnormal, which CPUs flush to 0 (every
+y of the block would be 0). Larger magnitudes, infinities included, saturate at +-2^126, as a
+conversion to a narrow float saturates at its largest value: their y lies beyond +-1 and is
+stored as the code +-1 (the smallest code for a negative value in an unsigned map), while every
+other element of the block is stored as usual against s = 2^126. A block holding NaN has scale
+NaN, and every element of it decodes as NaN. Stochastic rounding stores the same scales.
 
 Arithmetic always runs in float32: a state is dequantized to float32, the notes' rule is
 applied, and the result is quantized, one leaf at a time. The new value is needed three
@@ -512,7 +511,7 @@ def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _block_absmax(blocks: jax.Array) -> jax.Array:
-    """max_i |x_i| of each row of `blocks` (NaN when the row holds one, as ``jnp.max``).
+    """min(max_i |x_i|, 2^126) of each row of `blocks` (NaN when the row holds one, as ``jnp.max``).
 
     Two reductions: the largest float32 word of |x| (its sign bit cleared; the words of
     non-negative floats are ordered like their values, NaN above inf) over runs of at most 32
@@ -520,27 +519,20 @@ def _block_absmax(blocks: jax.Array) -> jax.Array:
     fusion that computes them: a single reduction over more than 32 elements is rewritten by
     XLA:CPU into a windowed one that needs its input written to memory first, a float32 copy
     of the leaf.
+
+    The scale stops at `_LARGEST_SCALE` (2^126, 8.5e37): XLA computes x / s as x * (1 / s), and
+    above 2^126 the reciprocal is subnormal, which CPUs flush to 0. Larger magnitudes (and
+    infinities) saturate there, at +-s, as a conversion to a narrow float saturates at its
+    largest value.
     """
     rows, size = blocks.shape
     run = min(size, 32)
     words = lax.bitcast_convert_type(blocks, jnp.int32) & jnp.int32(0x7FFFFFFF)
-    largest = jnp.max(words.reshape(rows, size // run, run), axis=2)
-    return jnp.max(lax.bitcast_convert_type(largest, jnp.float32), axis=1)
+    largest = lax.bitcast_convert_type(jnp.max(words.reshape(rows, size // run, run), axis=2), jnp.float32)
+    return jnp.max(jnp.minimum(largest, _LARGEST_SCALE), axis=1)  # NaN stays NaN
 
 
-_HUGE_SCALE = 2.0**126  # 1 / s is subnormal above it
-
-
-def _normalized(blocks: jax.Array, scale: jax.Array) -> jax.Array:
-    """y = x / s in each row of `blocks` (x / 1 in a block of zeros), correctly rounded for every
-    finite s.
-
-    XLA computes x / s as x * (1 / s), and 1 / s is subnormal for s > 2^126, which CPUs flush to
-    zero: such a block's y would be 0. Its x and s are divided by 4 first (exactly: a power of
-    two); every other block's by 1, so its y stays x * (1 / s), bit for bit.
-    """
-    prescale = jnp.where(scale > _HUGE_SCALE, jnp.float32(0.25), jnp.float32(1))
-    return (blocks * prescale[:, None]) / jnp.where(scale > 0, scale * prescale, 1)[:, None]
+_LARGEST_SCALE = np.float32(2.0**126)  # the largest s whose 1 / s is a normal float32
 
 
 def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None, scale: jax.Array | None = None) -> QuantizedArray:
@@ -552,7 +544,7 @@ def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None, scale: jax.Arr
     blocks = _blocks(x.astype(jnp.float32), layout.block_size)
     if scale is None:
         scale = _block_absmax(blocks)
-    y = _normalized(blocks, scale)
+    y = blocks / jnp.where(scale > 0, scale, 1)[:, None]
     uniform = None
     if seed is not None:
         uniform = precision._uniform(precision._hashed_bits(seed, y.shape, 1), jnp.float32)
@@ -631,10 +623,10 @@ def quantize(x: Any, fmt: BlockwiseFormat, *, signed: bool = True, key: jax.Arra
     """Store `x` block-wise in `fmt`: one code per element, one float32 scale per block.
 
     Every element is quantized, whatever ``fmt.min_size`` (which only tells the optimizers
-    which leaves to leave in float32). Every finite value is stored as documented, up to
-    float32's largest; a block holding NaN comes back all NaN, and one holding +-inf comes back
-    as +inf in place of each infinity and NaN (signed) or +inf (unsigned) in every other
-    element (the module's docstring, "Infinities and NaN").
+    which leaves to leave in float32). Magnitudes above 2^126 (8.5e37), infinities included,
+    saturate at +-2^126 and the rest of their block is stored against that scale; a block
+    holding NaN comes back all NaN (the module's docstring, "Very large values, infinities and
+    NaN").
 
     Args:
       x: a real floating array, any shape.
