@@ -49,18 +49,29 @@ class Mutant:
 
 M = Mutant
 
-# The text between the last line of quantization._pack and the shift of _unpack, which the
-# nibble-swap mutant changes together (pack and unpack agree, the byte layout breaks).
+# The text between `_pack`'s uint16 path and `_unpack`'s shift, which the nibble-swap mutant
+# changes together with its strided path (pack and unpack agree, the byte layout breaks).
 _PACK_TO_UNPACK = (
+    "    pairs = codes.reshape(*shape[:axis], shape[axis] // 2, 2, *shape[axis + 1 :])\n"
+    "    low, high = (lax.index_in_dim(pairs, h, axis + 1, keepdims=False) for h in (0, 1))\n"
+    "    return low | (high << jnp.uint8(4))\n"
     "\n"
     "\n"
     "def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:\n"
-    '    """The codes of `_pack`: element 2j + h is byte j shifted right by 4 h, its low 4 bits.\n'
+    '    """The codes of `_pack`: element 2j + h along the packed axis is byte j shifted right by 4 h,\n'
+    "    its low 4 bits.\n"
     "\n"
     "    Written per element (a broadcast of each byte to its two elements, a shift by 0 or 4), so\n"
     "    that it fuses into the lookups that read it at the cost of a few integer operations.\n"
     '    """\n'
-    "    pairs = jnp.broadcast_to(packed[..., None], (*packed.shape, 2))\n"
+    "    axis = _packed_axis(shape)\n"
+    "    if shape and math.prod(shape[axis + 1 :]) == 1:  # as the pairs of the last axis\n"
+    "        packed = packed.reshape(packed.shape[: axis + 1])\n"
+    "    sizes = packed.shape\n"
+    "    pairs = jnp.broadcast_to(jnp.expand_dims(packed, axis + 1), (*sizes[: axis + 1], 2, *sizes[axis + 1 :]))\n"
+)
+_PACK_TO_UNPACK_SWAPPED = _PACK_TO_UNPACK.replace(
+    "    return low | (high << jnp.uint8(4))\n", "    return high | (low << jnp.uint8(4))\n"
 )
 MUTANTS = [
     # ------------------------------------------------------------- the bugs of the audit
@@ -491,12 +502,12 @@ MUTANTS = [
     M(
         "quantization_four_bit_nibbles_swapped",
         "jstep/quantization.py",
-        "    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(jnp.uint8)\n"
+        "        return ((words & 0x0F) | ((words >> 4) & 0xF0)).astype(jnp.uint8).reshape(packed_shape)\n"
         + _PACK_TO_UNPACK
-        + "    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1) * jnp.uint8(4)",
-        "    return (((pairs >> 8) & 0x0F) | ((pairs << 4) & 0xF0)).astype(jnp.uint8)\n"
-        + _PACK_TO_UNPACK
-        + "    shift = (jnp.uint8(1) - lax.broadcasted_iota(jnp.uint8, pairs.shape, pairs.ndim - 1)) * jnp.uint8(4)",
+        + "    shift = lax.broadcasted_iota(jnp.uint8, pairs.shape, axis + 1) * jnp.uint8(4)",
+        "        return (((words >> 8) & 0x0F) | ((words << 4) & 0xF0)).astype(jnp.uint8).reshape(packed_shape)\n"
+        + _PACK_TO_UNPACK_SWAPPED
+        + "    shift = (jnp.uint8(1) - lax.broadcasted_iota(jnp.uint8, pairs.shape, axis + 1)) * jnp.uint8(4)",
         ("tests/test_quantization.py", "-k", "four_bit_bytes"),
         why="packing and unpacking agree, but the bytes break the documented layout (element 2j in the low nibble)",
     ),
