@@ -483,10 +483,10 @@ def grouped(
         bytes to save one array). ``None`` groups every leaf.
 
     The state holds the same bytes as the plain transformation's (with float or no state
-    dtypes); the step needs one scratch
-    buffer the size of the grouped gradients (their packed copy). ``init`` accepts
-    ``jax.ShapeDtypeStruct`` leaves and gives the state ``jax.eval_shape(init, params)``
-    describes, each buffer placed by its group's sharding where the leaves carry one.
+    dtypes); the step needs one scratch buffer the size of the grouped gradients (their packed
+    copy). ``init`` accepts ``jax.ShapeDtypeStruct`` leaves and gives the state
+    ``jax.eval_shape(init, params)`` describes, each buffer placed by its group's sharding where
+    the leaves carry one.
 
     The leaves are grouped by the dtypes and shardings of the params given to ``init`` and
     ``update``; call ``update`` with ``params`` when the gradients' dtypes differ from the

@@ -805,7 +805,10 @@ def _saves_memory_on_each_device(like: Any, layout: Layout) -> bool:
     sharding = _known_sharding(like) or _explicit_sharding(like)
     if not isinstance(sharding, NamedSharding) or not layout.shape:
         return True
-    shard = sharding.shard_shape(layout.shape)
+    try:
+        shard = sharding.shard_shape(layout.shape)
+    except ValueError:  # a sharding that cannot say (as in `_shard_block_size`): keep the format
+        return True
     if tuple(shard) == layout.shape:
         return True
     codes_shape = _codes_shape(layout)
