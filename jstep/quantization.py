@@ -573,7 +573,7 @@ def _decode(q: QuantizedArray, read: int = 0) -> jax.Array:
 def _check_arrays(q: QuantizedArray) -> None:
     """Raise at trace time if `q`'s codes and scales are not the shapes its layout says."""
     layout = q.layout
-    codes, blocks = _codes_shape(layout), -(-math.prod(layout.shape) // layout.block_size)
+    codes, blocks = _codes_shape(layout), _block_count(layout)
     if tuple(jnp.shape(q.codes)) == codes and tuple(jnp.shape(q.scale)) == (blocks,):
         return
     raise ValueError(
@@ -737,6 +737,11 @@ def _codes_shape(layout: Layout) -> tuple[int, ...]:
     return (*shape[:axis], -(-shape[axis] // 2), *shape[axis + 1 :])
 
 
+def _block_count(layout: Layout) -> int:
+    """The number of blocks, and of scales: the value's elements over the block size, rounded up."""
+    return -(-math.prod(layout.shape) // layout.block_size)
+
+
 def encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArray:
     """`_encode`, also for `x` split over explicit mesh axes, whose type refuses the row-major
     reshapes of blocking: there it runs on auto axes and its codes and scales are placed as
@@ -744,7 +749,7 @@ def encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArr
     sharding = _explicit_sharding(x)
     if sharding is None:
         return _encode(x, layout, seed)
-    blocks = -(-math.prod(layout.shape) // layout.block_size)
+    blocks = _block_count(layout)
     codes_sharding, scale_sharding = _placements(sharding, layout.shape, _codes_shape(layout), blocks)
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
     out = (codes_sharding or replicated, scale_sharding or replicated)
@@ -812,7 +817,7 @@ def _saves_memory_on_each_device(like: Any, layout: Layout) -> bool:
     if tuple(shard) == layout.shape:
         return True
     codes_shape = _codes_shape(layout)
-    blocks = -(-math.prod(layout.shape) // layout.block_size)
+    blocks = _block_count(layout)
     codes_sharding, scale_sharding = _placements(sharding, layout.shape, codes_shape, blocks)
     codes = math.prod(codes_sharding.shard_shape(codes_shape) if codes_sharding else codes_shape)
     scales = math.prod(scale_sharding.shard_shape((blocks,)) if scale_sharding else (blocks,))
