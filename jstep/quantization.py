@@ -207,9 +207,11 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     Sharded params: a state leaf's codes keep its param's sharding and its blocks never
     straddle two devices: the block size shrinks to the largest power of two that divides
     every run of consecutive (row-major) elements of a shard (a (64, 24) param split by rows
-    over 8 devices, 192 elements each, gets blocks of 64). The scales of a param split along
-    its first dimension only are split with its rows, so its step moves no data between
-    devices; other splits keep the scales replicated. A split leaf whose quantized state would
+    over 8 devices, 192 elements each, gets blocks of 64). Where the blocks then cut the
+    param's last axis alone, its scales are shaped by rows (`QuantizedArray`) and split as the
+    param, columns included; otherwise the scales of a param split along its first dimension
+    only are split with its rows. Either way its step moves no data between devices. Other
+    splits keep the scales replicated. A split leaf whose quantized state would
     take more bytes on a device than float32 state (blocks of 1 element on shards of an odd
     width, say) stays float32, as a small leaf does. The block size is chosen from the
     sharding `init` sees: on a mesh with explicit axes (``jax.make_mesh``'s default) the
@@ -254,7 +256,10 @@ class QuantizedArray(NamedTuple):
       the last axis padded to even (a 0-d value: one byte). A (4096, 3) value's codes are
       (2048, 3), a (3, 3, 512, 1) value's (3, 3, 256, 1), a (5, 7) value's (5, 4).
     * ``scale``: float32, one per block of ``layout.block_size`` consecutive elements in
-      row-major order: the block's largest magnitude.
+      row-major order: the block's largest magnitude. Where the block size divides the value's
+      last axis, so that blocks cut that axis alone, the scales are shaped like the value with
+      that axis counted in blocks (a (4096, 768) value's in blocks of 256: (4096, 3)), so that
+      they can be split as the value along any axis; otherwise one per block, (blocks,).
     * ``layout``: the value's shape, the bits, the block size and whether the map is signed.
     """
 
@@ -456,16 +461,25 @@ def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> 
 # ---------------------------------------------------------------------------- quantization
 
 
-def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """`x` in row-major order as (blocks, block_size), the last block padded with zeros."""
+def _blocks(x: jax.Array, layout: Layout) -> jax.Array:
+    """`x` (of ``layout.shape``) as its blocks, of shape ``(*_scale_shape(layout), block_size)``:
+    its last axis cut into blocks when they fit it (a reshape of that axis alone, which keeps
+    every split of the value), else all its elements in row-major order, the last block padded
+    with zeros."""
+    if _blocks_along_last_axis(layout):
+        return x.reshape(*layout.shape[:-1], layout.shape[-1] // layout.block_size, layout.block_size)
     flat = x.reshape(-1)
-    padding = -flat.size % block_size
+    padding = -flat.size % layout.block_size
     if padding:
         flat = jnp.pad(flat, (0, padding))
-    return flat.reshape(-1, block_size)
+    return flat.reshape(-1, layout.block_size)
 
 
-def _unblock(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def _unblock(blocks: jax.Array, layout: Layout) -> jax.Array:
+    """The inverse of `_blocks`: the value of ``layout.shape`` (its padding dropped)."""
+    shape = layout.shape
+    if _blocks_along_last_axis(layout):
+        return blocks.reshape(shape)
     return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
@@ -511,7 +525,7 @@ def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _block_absmax(blocks: jax.Array) -> jax.Array:
-    """min(max_i |x_i|, 2^126) of each row of `blocks` (NaN when the row holds one, as ``jnp.max``).
+    """min(max_i |x_i|, 2^126) of each block (the last axis) of `blocks` (NaN when it holds one, as ``jnp.max``).
 
     Two reductions: the largest float32 word of |x| (its sign bit cleared; the words of
     non-negative floats are ordered like their values, NaN above inf) over runs of at most 32
@@ -525,11 +539,11 @@ def _block_absmax(blocks: jax.Array) -> jax.Array:
     infinities) saturate there, at +-s, as a conversion to a narrow float saturates at its
     largest value.
     """
-    rows, size = blocks.shape
+    *rows, size = blocks.shape
     run = min(size, 32)
     words = lax.bitcast_convert_type(blocks, jnp.int32) & jnp.int32(0x7FFFFFFF)
-    largest = lax.bitcast_convert_type(jnp.max(words.reshape(rows, size // run, run), axis=2), jnp.float32)
-    return jnp.max(jnp.minimum(largest, _LARGEST_SCALE), axis=1)  # NaN stays NaN
+    largest = lax.bitcast_convert_type(jnp.max(words.reshape(*rows, size // run, run), axis=-1), jnp.float32)
+    return jnp.max(jnp.minimum(largest, _LARGEST_SCALE), axis=-1)  # NaN stays NaN
 
 
 _LARGEST_SCALE = np.float32(2.0**126)  # the largest s whose 1 / s is a normal float32
@@ -541,14 +555,14 @@ def _encode(x: jax.Array, layout: Layout, seed: jax.Array | None, scale: jax.Arr
     `scale`: the blocks' maxima when already computed (`_refresh` computes them from another
     read of the state), else computed here.
     """
-    blocks = _blocks(x.astype(jnp.float32), layout.block_size)
+    blocks = _blocks(x.astype(jnp.float32), layout)
     if scale is None:
         scale = _block_absmax(blocks)
-    y = blocks / jnp.where(scale > 0, scale, 1)[:, None]
+    y = blocks / jnp.where(scale > 0, scale, 1)[..., None]
     uniform = None
     if seed is not None:
         uniform = precision._uniform(precision._hashed_bits(seed, y.shape, 1), jnp.float32)
-    codes = _unblock(_codes(y, layout.bits, layout.signed, uniform).astype(jnp.uint8), layout.shape)
+    codes = _unblock(_codes(y, layout.bits, layout.signed, uniform).astype(jnp.uint8), layout)
     if layout.bits == 4:
         codes = _pack(codes)
     return QuantizedArray(codes, scale, layout)
@@ -567,18 +581,18 @@ def _decode(q: QuantizedArray, read: int = 0) -> jax.Array:
     codes = _unpack(q.codes, layout.shape) if layout.bits == 4 else q.codes
     table = np.concatenate([code_table(layout.bits, layout.signed), np.zeros(read, np.float32)])
     values = _read(table, codes)
-    return _unblock(_blocks(values, layout.block_size) * q.scale[:, None], layout.shape)
+    return _unblock(_blocks(values, layout) * q.scale[..., None], layout)
 
 
 def _check_arrays(q: QuantizedArray) -> None:
     """Raise at trace time if `q`'s codes and scales are not the shapes its layout says."""
     layout = q.layout
-    codes, blocks = _codes_shape(layout), _block_count(layout)
-    if tuple(jnp.shape(q.codes)) == codes and tuple(jnp.shape(q.scale)) == (blocks,):
+    codes, scale = _codes_shape(layout), _scale_shape(layout)
+    if tuple(jnp.shape(q.codes)) == codes and tuple(jnp.shape(q.scale)) == scale:
         return
     raise ValueError(
         f"a jstep.QuantizedArray of shape {layout.shape} ({layout.bits} bits, blocks of {layout.block_size}) "
-        f"needs codes of shape {codes} and scale of shape {(blocks,)}, got codes {tuple(jnp.shape(q.codes))} "
+        f"needs codes of shape {codes} and scale of shape {scale}, got codes {tuple(jnp.shape(q.codes))} "
         f"and scale {tuple(jnp.shape(q.scale))}. Quantized state is not supported split by jax.shard_map: "
         "passed in split, each shard holds part of the arrays under the whole value's layout; initialised "
         "inside and returned split, the arrays of every shard stand under one shard's layout. Keep it inside "
@@ -599,7 +613,7 @@ def _refresh(old: QuantizedArray, rule: Callable[[jax.Array], jax.Array], seed: 
     copies the codes it still reads after the new codes overwrite them.
     """
     layout = old.layout
-    scale = _block_absmax(_blocks(jnp.asarray(rule(_decode(old, 1)), jnp.float32), layout.block_size))
+    scale = _block_absmax(_blocks(jnp.asarray(rule(_decode(old, 1)), jnp.float32), layout))
     return _encode(rule(_decode(old, 2)), layout, seed, scale)
 
 
@@ -696,24 +710,36 @@ def _known_sharding(leaf: Any) -> Any:
     return None
 
 
-def _placements(sharding: Any, shape: tuple[int, ...], codes_shape: tuple[int, ...], blocks: int) -> tuple[Any, Any]:
+def _placements(
+    sharding: Any, shape: tuple[int, ...], codes_shape: tuple[int, ...], scale_shape: tuple[int, ...]
+) -> tuple[Any, Any]:
     """Where the codes and the scales of a leaf of `shape` placed by `sharding` go: the codes as
     the param (when the shards divide their shape: always for 8 bits, whose codes are the
-    param's shape), the scales (one per block, in row-major order) split as the param's first
-    dimension when that is the only one split, every device's blocks then being a run of its
-    own; else replicated. None where `sharding` does not say (a device or an unknown layout)."""
+    param's shape). The scales: as the param too when they are shaped like it (blocks along
+    its last axis, `_scale_shape`) and the shards divide them; one per block in row-major
+    order, split as the param's first dimension when that is the only one split, every
+    device's blocks then being a run of its own; else replicated. None where `sharding` does
+    not say (a device or an unknown layout)."""
     if not isinstance(sharding, NamedSharding) or not shape:
         return None, None
-    try:
-        sharding.shard_shape(codes_shape)
-        codes = sharding
-    except ValueError:  # a 4-bit packed axis, halved, that the shards no longer divide
-        codes = None
+    codes = _placed_as(sharding, codes_shape)  # None: a 4-bit packed axis, halved, that the shards no longer divide
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    if len(scale_shape) == len(shape):
+        return codes, _placed_as(sharding, scale_shape) or replicated
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     shards = shape[0] // sharding.shard_shape(shape)[0]
-    if spec[0] is not None and not any(spec[1:]) and blocks % shards == 0:
+    if spec[0] is not None and not any(spec[1:]) and scale_shape[0] % shards == 0:
         return codes, NamedSharding(sharding.mesh, PartitionSpec(spec[0]))
-    return codes, NamedSharding(sharding.mesh, PartitionSpec())
+    return codes, replicated
+
+
+def _placed_as(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding | None:
+    """`sharding` when its shards divide `shape`, else None."""
+    try:
+        sharding.shard_shape(shape)
+    except ValueError:
+        return None
+    return sharding
 
 
 def _explicit_sharding(x: Any) -> NamedSharding | None:
@@ -737,6 +763,20 @@ def _codes_shape(layout: Layout) -> tuple[int, ...]:
     return (*shape[:axis], -(-shape[axis] // 2), *shape[axis + 1 :])
 
 
+def _blocks_along_last_axis(layout: Layout) -> bool:
+    """Whether the blocks cut the value's last axis alone (the block size divides it)."""
+    return bool(layout.shape) and layout.shape[-1] % layout.block_size == 0
+
+
+def _scale_shape(layout: Layout) -> tuple[int, ...]:
+    """The shape of a `QuantizedArray`'s scales, one per block: the value's shape with its last
+    axis counted in blocks when they fit it (so the scales split with the value along every
+    axis, columns included), else the number of blocks (row-major order)."""
+    if _blocks_along_last_axis(layout):
+        return (*layout.shape[:-1], layout.shape[-1] // layout.block_size)
+    return (_block_count(layout),)
+
+
 def _block_count(layout: Layout) -> int:
     """The number of blocks, and of scales: the value's elements over the block size, rounded up."""
     return -(-math.prod(layout.shape) // layout.block_size)
@@ -749,8 +789,7 @@ def encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArr
     sharding = _explicit_sharding(x)
     if sharding is None:
         return _encode(x, layout, seed)
-    blocks = _block_count(layout)
-    codes_sharding, scale_sharding = _placements(sharding, layout.shape, _codes_shape(layout), blocks)
+    codes_sharding, scale_sharding = _placements(sharding, layout.shape, _codes_shape(layout), _scale_shape(layout))
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
     out = (codes_sharding or replicated, scale_sharding or replicated)
     if seed is None:
@@ -778,7 +817,7 @@ def decode(q: QuantizedArray) -> jax.Array:
 def _place(q: QuantizedArray, like: Any) -> QuantizedArray:
     """`q` with its codes given the sharding of `like` (the param) and its scales a matching one."""
     sharding = _known_sharding(like)
-    codes_sharding, scale_sharding = _placements(sharding, tuple(jnp.shape(like)), q.codes.shape, q.scale.shape[0])
+    codes_sharding, scale_sharding = _placements(sharding, tuple(jnp.shape(like)), q.codes.shape, q.scale.shape)
     codes = q.codes if codes_sharding is None else jax.device_put(q.codes, codes_sharding)
     scale = q.scale if scale_sharding is None else jax.device_put(q.scale, scale_sharding)
     return QuantizedArray(codes, scale, q.layout)
@@ -816,9 +855,8 @@ def _saves_memory_on_each_device(like: Any, layout: Layout) -> bool:
         return True
     if tuple(shard) == layout.shape:
         return True
-    codes_shape = _codes_shape(layout)
-    blocks = _block_count(layout)
-    codes_sharding, scale_sharding = _placements(sharding, layout.shape, codes_shape, blocks)
+    codes_shape, scale_shape = _codes_shape(layout), _scale_shape(layout)
+    codes_sharding, scale_sharding = _placements(sharding, layout.shape, codes_shape, scale_shape)
     codes = math.prod(codes_sharding.shard_shape(codes_shape) if codes_sharding else codes_shape)
-    scales = math.prod(scale_sharding.shard_shape((blocks,)) if scale_sharding else (blocks,))
+    scales = math.prod(scale_sharding.shard_shape(scale_shape) if scale_sharding else scale_shape)
     return codes + 4 * scales < 4 * math.prod(shard)

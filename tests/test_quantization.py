@@ -204,6 +204,8 @@ CASES = [  # (shape, bits, block_size)
     ((), 4, 128),
     ((10,), 8, 256),  # smaller than a block
     ((257,), 4, 32),
+    ((6, 128), 8, 64),  # blocks along the last axis: scales shaped (6, 2)
+    ((4, 3, 256), 4, 128),  # and (4, 3, 2)
 ]
 
 
@@ -215,7 +217,10 @@ def test_quantize_is_nearest_code_of_block_absmax(shape, bits, block_size, signe
 
     blocks = reference_blocks(x, block_size)
     scale = np.abs(blocks).max(axis=1)
-    np.testing.assert_array_equal(np.asarray(q.scale), scale.astype(np.float32))
+    # One scale per block; shaped like the value, its last axis counted in blocks, when the blocks cut that axis alone.
+    by_rows = len(shape) >= 1 and shape[-1] % block_size == 0
+    assert q.scale.shape == ((*shape[:-1], shape[-1] // block_size) if by_rows else (blocks.shape[0],))
+    np.testing.assert_array_equal(np.asarray(q.scale).reshape(-1), scale.astype(np.float32))
     assert q.scale.dtype == jnp.float32
 
     table = codes_of(bits, signed)
@@ -278,7 +283,7 @@ def test_eight_bit_codes_index_the_table_in_the_value_shape():
     codes = np.array([[255, 0, 17, 128], [254, 1, 255, 3]])  # 255 is 1: each block's scale 2
     q = quantize(jnp.asarray(2.0 * table[codes]), jstep.blockwise(8, 4), signed=False)
     np.testing.assert_array_equal(np.asarray(q.codes), codes)
-    np.testing.assert_array_equal(np.asarray(q.scale), [2.0, 2.0])
+    np.testing.assert_array_equal(np.asarray(q.scale), [[2.0], [2.0]])  # one block per row, shaped by rows
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
@@ -305,7 +310,7 @@ def test_zero_block_has_scale_zero_and_the_code_of_zero():
     """A block of zeros: scale 0, codes of 0 (signed) or of the smallest code (unsigned), not of 0 / 0."""
     for signed in (True, False):
         q = quantize(jnp.zeros((2, 8)), jstep.blockwise(8, 4), signed=signed)
-        np.testing.assert_array_equal(np.asarray(q.scale), np.zeros(4))
+        np.testing.assert_array_equal(np.asarray(q.scale), np.zeros((2, 2)))  # two blocks per row
         np.testing.assert_array_equal(np.asarray(dequantize(q)), np.zeros((2, 8)))
         nearest_to_zero = np.abs(code_table(8, signed)).min()
         np.testing.assert_array_equal(code_table(8, signed)[np.asarray(q.codes)], nearest_to_zero)

@@ -277,7 +277,7 @@ def test_grouped_quantizes_each_packed_buffer_as_one_array():
     for field in ("mu", "nu"):
         buffer, leaves = getattr(state, field)["groups"]["float32"], getattr(want_state, field)
         np.testing.assert_array_equal(buffer.codes, np.concatenate([np.ravel(leaves[k].codes) for k in ("a", "c")]))
-        np.testing.assert_allclose(buffer.scale, np.concatenate([leaves[k].scale for k in ("a", "c")]), rtol=2e-7)
+        np.testing.assert_allclose(buffer.scale, np.concatenate([np.ravel(leaves[k].scale) for k in ("a", "c")]), rtol=2e-7)
 
 
 def test_grouped_with_blocks_across_leaves_agrees_to_quantization_precision():
@@ -414,10 +414,14 @@ for case, mesh_name, bits in [("auto 8", "auto", "8"), ("auto 4", "auto", "4"), 
     one["block_size"] = {k: q.layout.block_size for k, q in state.mu.items()}
     unsharded = jax.device_put(jax.device_get(state), jax.devices()[0])  # the same layouts, on one device
     update = jax.jit(opt.update)
-    hlo = update.lower({"w": params["w"]}, type(state)(state.count, {"w": state.mu["w"]}, {"w": state.nu["w"]}))
-    text = hlo.compile().as_text()
     collectives = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
-    one["w_collectives"] = sum(text.count(op + "(") for op in collectives)
+    one["collectives"] = {}
+    for k in ("w", "c"):  # split by rows and by columns
+        hlo = update.lower({k: params[k]}, type(state)(state.count, {k: state.mu[k]}, {k: state.nu[k]}))
+        text = hlo.compile().as_text()
+        one["collectives"][k] = sum(text.count(op + "(") for op in collectives)
+    # c's blocks (16 elements) lie along its last axis: its scales are shaped (16, 8), split as its columns.
+    one["c_scale"] = [list(state.mu["c"].scale.shape), str(state.mu["c"].scale.sharding.spec)]
     problems, codes_differing, float_error = [], 0.0, 0.0
     for t, g in enumerate(grads):
         updates, state = update({k: jax.device_put(v, shardings[k]) for k, v in g.items()}, state)
@@ -461,7 +465,8 @@ def test_sharded_params_keep_their_sharding_and_step_as_on_one_device(sharded_re
     device, so 64; c, split by columns: runs of 16; k, 24 per device, its 4-bit codes paired
     along rows), the codes keep the param's sharding, the
     row-split leaf's scales are split with its rows (each device's scales the absmax of its own
-    blocks) and its step needs no collective; abstract init (and, on explicit axes, whose types
+    blocks), the column-split leaf's, shaped (rows, blocks per row), with its columns, and
+    neither step needs a collective (the column split's gathered every scale before); abstract init (and, on explicit axes, whose types
     carry the sharding under jit, jitted init) gives the same state; and three
     steps with stochastic rounding equal the one-device steps from the same state: every code
     (the rounding bits are keyed by global positions), and the float32 scales and updates to
@@ -470,7 +475,8 @@ def test_sharded_params_keep_their_sharding_and_step_as_on_one_device(sharded_re
     default = 256 if case.endswith("8") else 128
     assert report["block_size"] == {"w": 64, "c": 16, "b": default, "k": 8}
     assert report["problems"] == []
-    assert report["w_collectives"] == 0
+    assert report["collectives"] == {"w": 0, "c": 0}
+    assert report["c_scale"] == [[16, 8], str(jax.sharding.PartitionSpec(None, "x"))]
     assert report["same_abstract"]
     assert report["codes_differing"] == 0.0  # measured: every code equal
     assert report["float_error"] <= 2e-6  # scales and updates, relative to the leaf's largest
@@ -594,7 +600,7 @@ quantized = lambda leaf: isinstance(leaf, jstep.QuantizedArray)
 report = {}
 for name, (shape, spec) in {
     "odd columns": ((512, 1000), P(None, "x")),  # shards of 125 columns: blocks of 1 element
-    "columns": ((256, 768), P(None, "x")),  # shards of 96 columns: blocks of 32, scales replicated
+    "columns": ((256, 768), P(None, "x")),  # shards of 96 columns: blocks of 32, scales split as the columns
     "rows": ((1024, 96), P("x")),
 }.items():
     param = jax.device_put(jnp.ones(shape), NamedSharding(mesh, P(*spec)))
@@ -616,12 +622,13 @@ def test_a_split_leaf_stays_float32_where_its_quantized_shards_would_take_more_b
     """One device's bytes of momentum's velocity against float32's: shards of 125 columns force
     blocks of 1 element, one float32 scale each on every device (4.2 MB against 0.5 MB on a
     (512, 1000) param before), so that leaf stays float32; shards of 96 columns (blocks of 32,
-    scales on every device) and row splits still save (measured below)."""
+    each device holding the scales of its own columns) and row splits save (measured below)."""
     report = tagged_json(run_on_eight_devices(SPLIT_BYTES_SCRIPT), "RESULT")
     for bits in (8, 4):
         assert not report[f"odd columns {bits}"]["quantized"]
         assert report[f"odd columns {bits}"]["bytes_over_float32"] <= 1.0001  # and the step count
         assert report[f"columns {bits}"]["quantized"] and report[f"rows {bits}"]["quantized"]
-    assert report["columns 8"]["bytes_over_float32"] <= 0.51  # 1 + 4 * 8 / 32 bytes against 4
+    assert report["columns 8"]["bytes_over_float32"] <= 0.282  # 1 + 4 / 32 bytes against 4 (0.5 with every scale)
+    assert report["columns 4"]["bytes_over_float32"] <= 0.157  # 0.5 + 4 / 32 against 4
     assert report["rows 8"]["bytes_over_float32"] <= 0.26  # 1 + 4 / 256 against 4
     assert report["rows 4"]["bytes_over_float32"] <= 0.14  # 0.5 + 4 / 128 against 4
