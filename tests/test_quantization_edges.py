@@ -271,7 +271,9 @@ def test_a_block_holding_inf_or_nan_stores_what_the_docstring_says(bits, key):
     for signed in (True, False):
         random = None if key is None else jax.random.key(key)
         q = jstep.quantize(jnp.asarray(x), fmt, signed=signed, key=random)
-        np.testing.assert_array_equal(np.asarray(q.scale), np.float32([[LARGEST_SCALE], [LARGEST_SCALE], [np.nan], [3.0]]))
+        np.testing.assert_array_equal(
+            np.asarray(q.scale), np.float32([[LARGEST_SCALE], [LARGEST_SCALE], [np.nan], [3.0]])
+        )
         back = np.asarray(jstep.dequantize(q), np.float64)
         smallest = float(code_table(bits, signed)[0]) * LARGEST_SCALE
         assert back[0, 0] == (-LARGEST_SCALE if signed else smallest) and back[1, 0] == LARGEST_SCALE

@@ -277,7 +277,9 @@ def test_grouped_quantizes_each_packed_buffer_as_one_array():
     for field in ("mu", "nu"):
         buffer, leaves = getattr(state, field)["groups"]["float32"], getattr(want_state, field)
         np.testing.assert_array_equal(buffer.codes, np.concatenate([np.ravel(leaves[k].codes) for k in ("a", "c")]))
-        np.testing.assert_allclose(buffer.scale, np.concatenate([np.ravel(leaves[k].scale) for k in ("a", "c")]), rtol=2e-7)
+        np.testing.assert_allclose(
+            buffer.scale, np.concatenate([np.ravel(leaves[k].scale) for k in ("a", "c")]), rtol=2e-7
+        )
 
 
 def test_grouped_with_blocks_across_leaves_agrees_to_quantization_precision():
@@ -463,11 +465,11 @@ def sharded_report():
 def test_sharded_params_keep_their_sharding_and_step_as_on_one_device(sharded_report, case):
     """On 8 devices: blocks shrink to fit each shard's row-major runs (w: 192 elements per
     device, so 64; c, split by columns: runs of 16; k, 24 per device, its 4-bit codes paired
-    along rows), the codes keep the param's sharding, the
-    row-split leaf's scales are split with its rows (each device's scales the absmax of its own
-    blocks), the column-split leaf's, shaped (rows, blocks per row), with its columns, and
-    neither step needs a collective (the column split's gathered every scale before); abstract init (and, on explicit axes, whose types
-    carry the sharding under jit, jitted init) gives the same state; and three
+    along rows), the codes keep the param's sharding, the row-split leaf's scales are split
+    with its rows (each device's scales the absmax of its own blocks), the column-split leaf's,
+    shaped (rows, blocks per row), with its columns, and neither step needs a collective (the
+    column split's gathered every scale before); abstract init (and, on explicit axes, whose
+    types carry the sharding under jit, jitted init) gives the same state; and three
     steps with stochastic rounding equal the one-device steps from the same state: every code
     (the rounding bits are keyed by global positions), and the float32 scales and updates to
     float32 round-off (the sharded program is compiled otherwise)."""
