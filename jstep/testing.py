@@ -102,7 +102,10 @@ def check_vjp(
         `jax.custom_jvp`).
       *args: where to check it.
       reference: an independent implementation of the same function, differentiated by JAX.
-      order: 1 checks the VJP; 2 also checks the VJP of the VJP (second derivatives).
+      order: 1 checks the VJP; 2 also checks the VJP of the VJP (second derivatives). Where
+        `f` has no second derivative the order-2 errors are NaN and the check fails, rightly:
+        batch norm with eps outside the square root (``eps_in_sqrt=False``, sqrt(var) + eps) at
+        a constant feature, where sqrt(var) is not differentiable.
       rtol, atol: the tolerance, worst |error| <= atol + rtol * scale (see the module).
       directions: random directions per argument for the finite differences.
       step: the finite-difference step h, relative to the argument: each leaf moves by h times
