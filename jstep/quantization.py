@@ -710,21 +710,20 @@ def _known_sharding(leaf: Any) -> Any:
     return None
 
 
-def _placements(
-    sharding: Any, shape: tuple[int, ...], codes_shape: tuple[int, ...], scale_shape: tuple[int, ...]
-) -> tuple[Any, Any]:
-    """Where the codes and the scales of a leaf of `shape` placed by `sharding` go: the codes as
+def _placements(sharding: Any, layout: Layout) -> tuple[Any, Any]:
+    """Where the codes and the scales of a leaf of `layout` placed by `sharding` go: the codes as
     the param (when the shards divide their shape: always for 8 bits, whose codes are the
-    param's shape). The scales: as the param too when they are shaped like it (blocks along
+    param's shape). The scales: as the param too when they are shaped by rows (blocks along
     its last axis, `_scale_shape`) and the shards divide them; one per block in row-major
     order, split as the param's first dimension when that is the only one split, every
     device's blocks then being a run of its own; else replicated. None where `sharding` does
     not say (a device or an unknown layout)."""
+    shape, scale_shape = layout.shape, _scale_shape(layout)
     if not isinstance(sharding, NamedSharding) or not shape:
         return None, None
-    codes = _placed_as(sharding, codes_shape)  # None: a 4-bit packed axis, halved, that the shards no longer divide
+    codes = _placed_as(sharding, _codes_shape(layout))  # None: a 4-bit packed axis, halved, the shards no longer divide
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
-    if len(scale_shape) == len(shape):
+    if _blocks_along_last_axis(layout):
         return codes, _placed_as(sharding, scale_shape) or replicated
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     shards = shape[0] // sharding.shard_shape(shape)[0]
@@ -789,7 +788,7 @@ def encode(x: jax.Array, layout: Layout, seed: jax.Array | None) -> QuantizedArr
     sharding = _explicit_sharding(x)
     if sharding is None:
         return _encode(x, layout, seed)
-    codes_sharding, scale_sharding = _placements(sharding, layout.shape, _codes_shape(layout), _scale_shape(layout))
+    codes_sharding, scale_sharding = _placements(sharding, layout)
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
     out = (codes_sharding or replicated, scale_sharding or replicated)
     if seed is None:
@@ -804,11 +803,7 @@ def decode(q: QuantizedArray) -> jax.Array:
     sharding = _explicit_sharding(q.codes)
     if sharding is None:
         return _decode(q)
-    try:
-        sharding.shard_shape(q.layout.shape)
-        out = sharding
-    except ValueError:
-        out = NamedSharding(sharding.mesh, PartitionSpec())
+    out = _placed_as(sharding, q.layout.shape) or NamedSharding(sharding.mesh, PartitionSpec())
     return jax.sharding.auto_axes(lambda c, s: _decode(QuantizedArray(c, s, q.layout)), out_sharding=out)(
         q.codes, q.scale
     )
@@ -817,7 +812,7 @@ def decode(q: QuantizedArray) -> jax.Array:
 def _place(q: QuantizedArray, like: Any) -> QuantizedArray:
     """`q` with its codes given the sharding of `like` (the param) and its scales a matching one."""
     sharding = _known_sharding(like)
-    codes_sharding, scale_sharding = _placements(sharding, tuple(jnp.shape(like)), q.codes.shape, q.scale.shape)
+    codes_sharding, scale_sharding = _placements(sharding, q.layout)
     codes = q.codes if codes_sharding is None else jax.device_put(q.codes, codes_sharding)
     scale = q.scale if scale_sharding is None else jax.device_put(q.scale, scale_sharding)
     return QuantizedArray(codes, scale, q.layout)
@@ -843,9 +838,10 @@ def state_leaf(value: jax.Array, fmt: BlockwiseFormat, *, signed: bool, like: An
 
 def _saves_memory_on_each_device(like: Any, layout: Layout) -> bool:
     """False when a split param's quantized state would take more bytes on a device than its
-    float32 state: where the shards' row-major runs force blocks of 1 or 2 elements (a (512,
-    1000) param split by columns over 8 devices: runs of 125, blocks of 1), each element keeps
-    a float32 scale, and the scales of a param split other than by rows are on every device."""
+    float32 state: where the shards' row-major runs force tiny blocks (a (512, 1000) param split
+    by columns over 8 devices: runs of 125, blocks of 1, a float32 scale for each element), or
+    where small blocks' scales are on every device (splits that leave the scales replicated,
+    `_placements`)."""
     sharding = _known_sharding(like) or _explicit_sharding(like)
     if not isinstance(sharding, NamedSharding) or not layout.shape:
         return True
@@ -856,7 +852,7 @@ def _saves_memory_on_each_device(like: Any, layout: Layout) -> bool:
     if tuple(shard) == layout.shape:
         return True
     codes_shape, scale_shape = _codes_shape(layout), _scale_shape(layout)
-    codes_sharding, scale_sharding = _placements(sharding, layout.shape, codes_shape, scale_shape)
+    codes_sharding, scale_sharding = _placements(sharding, layout)
     codes = math.prod(codes_sharding.shard_shape(codes_shape) if codes_sharding else codes_shape)
     scales = math.prod(scale_sharding.shard_shape(scale_shape) if scale_sharding else scale_shape)
     return codes + 4 * scales < 4 * math.prod(shard)
