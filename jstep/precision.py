@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental.shard_alike import shard_alike
 
 from jstep import _core, quantization
 
@@ -457,7 +456,7 @@ def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -
     def one(seed, value, old, *other):
         if value is not None and quantization.is_quantized(old) and quantization._explicit_sharding(old.codes) is None:
             words = None if seed is None else _leaf_words(seed)
-            return _kept_in_place(_refreshed(rule, old, other, words), old)
+            return _refreshed(rule, old, other, words)
         return _store_leaf(seed, value, old)
 
     return values, jax.tree.map(one, leaf_seeds(key, values), values, state, *others, is_leaf=_is_seed_or_none)
@@ -496,19 +495,12 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     return jax.tree.map(_store_leaf, leaf_seeds(key, values), values, like, is_leaf=_is_seed_or_none)
 
 
-def _kept_in_place(new: Any, old: Any) -> Any:
-    """A step keeps the state where it was: the new codes and scales go where the old ones are."""
-    codes, _ = shard_alike(new.codes, old.codes)
-    scale, _ = shard_alike(new.scale, old.scale)
-    return quantization.QuantizedArray(codes, scale, old.layout)
-
-
 def _store_leaf(seed: Any, value: Any, old: Any) -> Any:
     """One leaf of `store`: `value` in the dtype or layout of `old`, by stochastic rounding with `seed`."""
     if value is None:  # a leaf left out, as in Equinox's eqx.partition: nothing stored
         return None
     if quantization.is_quantized(old):
-        return _kept_in_place(quantization.encode(value, old.layout, None if seed is None else _leaf_words(seed)), old)
+        return quantization.encode(value, old.layout, None if seed is None else _leaf_words(seed))
     dtype = jnp.result_type(old)
     narrower = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < jnp.result_type(value).itemsize
     if seed is None or not narrower:

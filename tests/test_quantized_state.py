@@ -676,6 +676,30 @@ for types in ("explicit", "auto"):
                 "codes_differing": codes_differing,
                 "error": error,
             }
+# Auto axes, leaves of one shape split by columns and by rows (their layouts, and so the shapes
+# of their codes and scales, alike): each step as on its own, no data moved, nothing drifts.
+mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+shardings = {"cols": NamedSharding(mesh, P(None, "x")), "rows": NamedSharding(mesh, P("x", None))}
+params = {k: jax.device_put(np.ones((512, 2048), np.float32), v) for k, v in shardings.items()}
+for bits in (8, 4):
+    fmt = jstep.blockwise(bits)
+    opt = jstep.adam(0.01, mu_dtype=fmt, nu_dtype=fmt, rounding_seed=5)
+    state = opt.init(params)
+    step = jax.jit(lambda g, s: opt.update(g, s), donate_argnums=1)
+    text = step.lower(params, state).compile().as_text()
+    for _ in range(2):
+        _, state = step(params, state)
+    placed = all(
+        leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim)
+        for moment in (state.mu, state.nu)
+        for k, q in moment.items()
+        for leaf in (q.codes, q.scale)
+    )
+    report[f"two leaves {bits}"] = {
+        "collectives": sum(text.count(op + "(") for op in collectives),
+        "layouts": [str(q.layout) for q in state.mu.values()],
+        "placed": placed,
+    }
 print("RESULT" + json.dumps(report))
 """
 
@@ -684,8 +708,15 @@ def test_scales_by_rows_split_as_the_param_on_any_mesh_and_step_as_on_one_device
     """Blocks along the last axis give scales shaped by rows, split as the param whatever its
     split (two mesh axes, columns over both, a middle axis), on explicit and auto axes, 8 and 4
     bits: no collective in the step, and two steps with stochastic rounding give one device's
-    codes, and its scales and updates to float32 round-off."""
+    codes, and its scales and updates to float32 round-off. And on auto axes two leaves of one
+    shape and layout split by columns and by rows step with no collective and keep their
+    placements (jax.experimental.shard_alike, which pinned each new state to the old one, tied
+    the two together and resharded one: all-to-alls every step)."""
     report = tagged_json(run_on_eight_devices(SCALES_BY_ROWS_SCRIPT), "RESULT")
+    for bits in (8, 4):
+        two = report.pop(f"two leaves {bits}")
+        assert two["layouts"][0] == two["layouts"][1]  # the same shapes of codes and scales
+        assert two["collectives"] == 0 and two["placed"], two  # with shard_alike: 13 all-to-alls
     assert len(report) == 12
     for case, one in report.items():
         assert one["collectives"] == 0, case
