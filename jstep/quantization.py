@@ -207,11 +207,9 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     Sharded params: a state leaf's codes keep its param's sharding and its blocks never
     straddle two devices: the block size shrinks to the largest power of two that divides
     every run of consecutive (row-major) elements of a shard (a (64, 24) param split by rows
-    over 8 devices, 192 elements each, gets blocks of 64). Where the blocks then cut the
-    param's last axis alone, its scales are shaped by rows (`QuantizedArray`) and split as the
-    param, columns included; otherwise the scales of a param split along its first dimension
-    only are split with its rows. Either way its step moves no data between devices. Other
-    splits keep the scales replicated. A split leaf whose quantized state would
+    over 8 devices, 192 elements each, gets blocks of 64). The scales keep the param's
+    leading axes (`QuantizedArray`) and are split as the param: by rows, by columns, or along
+    a middle axis, so that its step moves no data between devices. A split leaf whose quantized state would
     take more bytes on a device than float32 state (blocks of 1 element on shards of an odd
     width, say) stays float32, as a small leaf does. The block size is chosen from the
     sharding `init` sees: on a mesh with explicit axes (``jax.make_mesh``'s default) the
@@ -256,10 +254,12 @@ class QuantizedArray(NamedTuple):
       the last axis padded to even (a 0-d value: one byte). A (4096, 3) value's codes are
       (2048, 3), a (3, 3, 512, 1) value's (3, 3, 256, 1), a (5, 7) value's (5, 4).
     * ``scale``: float32, one per block of ``layout.block_size`` consecutive elements in
-      row-major order: the block's largest magnitude. Where the block size divides the value's
-      last axis, so that blocks cut that axis alone, the scales are shaped like the value with
-      that axis counted in blocks (a (4096, 768) value's in blocks of 256: (4096, 3)), so that
-      they can be split as the value along any axis; otherwise one per block, (blocks,).
+      row-major order: the block's largest magnitude. The scales keep the value's leading
+      axes: with a the last axis from which on the elements (runs of shape[a] x ... x
+      shape[-1]) hold whole blocks, they are shaped (*shape[:a], run / block_size), so that
+      they split as the value along those axes (a (4096, 768) value's in blocks of 256 are
+      (4096, 3), a (3, 3, 64, 128) kernel's (3, 3, 32)). When the value's size is not a
+      multiple of the block size, one per block, (blocks,), the last block padded.
     * ``layout``: the value's shape, the bits, the block size and whether the map is signed.
     """
 
@@ -463,11 +463,11 @@ def _codes(y: jax.Array, bits: int, signed: bool, uniform: jax.Array | None) -> 
 
 def _blocks(x: jax.Array, layout: Layout) -> jax.Array:
     """`x` (of ``layout.shape``) as its blocks, of shape ``(*_scale_shape(layout), block_size)``:
-    its last axis cut into blocks when they fit it (a reshape of that axis alone, which keeps
-    every split of the value), else all its elements in row-major order, the last block padded
-    with zeros."""
-    if _blocks_along_last_axis(layout):
-        return x.reshape(*layout.shape[:-1], layout.shape[-1] // layout.block_size, layout.block_size)
+    its axes from `_blocked_axis` on cut into blocks (a reshape of those axes alone, which keeps
+    a split of the axes before and of that axis), else all its elements in row-major order, the
+    last block padded with zeros."""
+    if _blocked_axis(layout) is not None:
+        return x.reshape(*_scale_shape(layout), layout.block_size)
     flat = x.reshape(-1)
     padding = -flat.size % layout.block_size
     if padding:
@@ -478,7 +478,7 @@ def _blocks(x: jax.Array, layout: Layout) -> jax.Array:
 def _unblock(blocks: jax.Array, layout: Layout) -> jax.Array:
     """The inverse of `_blocks`: the value of ``layout.shape`` (its padding dropped)."""
     shape = layout.shape
-    if _blocks_along_last_axis(layout):
+    if _blocked_axis(layout) is not None:
         return blocks.reshape(shape)
     return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
 
@@ -713,23 +713,20 @@ def _known_sharding(leaf: Any) -> Any:
 def _placements(sharding: Any, layout: Layout) -> tuple[Any, Any]:
     """Where the codes and the scales of a leaf of `layout` placed by `sharding` go: the codes as
     the param (when the shards divide their shape: always for 8 bits, whose codes are the
-    param's shape). The scales: as the param too when they are shaped by rows (blocks along
-    its last axis, `_scale_shape`) and the shards divide them; one per block in row-major
-    order, split as the param's first dimension when that is the only one split, every
-    device's blocks then being a run of its own; else replicated. None where `sharding` does
-    not say (a device or an unknown layout)."""
-    shape, scale_shape = layout.shape, _scale_shape(layout)
+    param's shape); the scales split as the param's axes before `_blocked_axis` and that axis
+    (`_scale_shape`), when no later axis is split and the shards divide them, every device's
+    blocks then being its own; else replicated. None where `sharding` does not say (a device
+    or an unknown layout)."""
+    shape, axis = layout.shape, _blocked_axis(layout)
     if not isinstance(sharding, NamedSharding) or not shape:
         return None, None
     codes = _placed_as(sharding, _codes_shape(layout))  # None: a 4-bit packed axis, halved, the shards no longer divide
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
-    if _blocks_along_last_axis(layout):
-        return codes, _placed_as(sharding, scale_shape) or replicated
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    shards = shape[0] // sharding.shard_shape(shape)[0]
-    if spec[0] is not None and not any(spec[1:]) and scale_shape[0] % shards == 0:
-        return codes, NamedSharding(sharding.mesh, PartitionSpec(spec[0]))
-    return codes, replicated
+    if axis is None or any(spec[axis + 1 :]):
+        return codes, replicated
+    scales = NamedSharding(sharding.mesh, PartitionSpec(*spec[: axis + 1]))
+    return codes, _placed_as(scales, _scale_shape(layout)) or replicated
 
 
 def _placed_as(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding | None:
@@ -762,17 +759,25 @@ def _codes_shape(layout: Layout) -> tuple[int, ...]:
     return (*shape[:axis], -(-shape[axis] // 2), *shape[axis + 1 :])
 
 
-def _blocks_along_last_axis(layout: Layout) -> bool:
-    """Whether the blocks cut the value's last axis alone (the block size divides it)."""
-    return bool(layout.shape) and layout.shape[-1] % layout.block_size == 0
+def _blocked_axis(layout: Layout) -> int | None:
+    """The last axis a from which on the value's elements (runs of prod(shape[a:]) in row-major
+    order) hold whole blocks, so that blocks cut those axes alone; None when there is none (the
+    value's size is not a multiple of the block size, or it is 0-d)."""
+    shape, run = layout.shape, 1
+    for axis in reversed(range(len(shape))):
+        run *= shape[axis]
+        if run % layout.block_size == 0:
+            return axis
+    return None
 
 
 def _scale_shape(layout: Layout) -> tuple[int, ...]:
-    """The shape of a `QuantizedArray`'s scales, one per block: the value's shape with its last
-    axis counted in blocks when they fit it (so the scales split with the value along every
-    axis, columns included), else the number of blocks (row-major order)."""
-    if _blocks_along_last_axis(layout):
-        return (*layout.shape[:-1], layout.shape[-1] // layout.block_size)
+    """The shape of a `QuantizedArray`'s scales, one per block: the value's axes before
+    `_blocked_axis`, then its blocks per run (so that the scales split with the value along
+    those axes); else the number of blocks (row-major order, the last one padded)."""
+    axis = _blocked_axis(layout)
+    if axis is not None:
+        return (*layout.shape[:axis], math.prod(layout.shape[axis:]) // layout.block_size)
     return (_block_count(layout),)
 
 

@@ -204,8 +204,10 @@ CASES = [  # (shape, bits, block_size)
     ((), 4, 128),
     ((10,), 8, 256),  # smaller than a block
     ((257,), 4, 32),
-    ((6, 128), 8, 64),  # blocks along the last axis: scales shaped (6, 2)
+    ((6, 128), 8, 64),  # blocks within the last axis: scales shaped (6, 2)
     ((4, 3, 256), 4, 128),  # and (4, 3, 2)
+    ((3, 3, 32, 32), 8, 256),  # blocks within the last two axes: (3, 3, 4)
+    ((4, 6, 64), 4, 128),  # and (4, 3)
 ]
 
 
@@ -217,9 +219,11 @@ def test_quantize_is_nearest_code_of_block_absmax(shape, bits, block_size, signe
 
     blocks = reference_blocks(x, block_size)
     scale = np.abs(blocks).max(axis=1)
-    # One scale per block; shaped like the value, its last axis counted in blocks, when the blocks cut that axis alone.
-    by_rows = len(shape) >= 1 and shape[-1] % block_size == 0
-    assert q.scale.shape == ((*shape[:-1], shape[-1] // block_size) if by_rows else (blocks.shape[0],))
+    # One scale per block, keeping the value's axes before the last axis a from which on its
+    # elements hold whole blocks: (*shape[:a], prod(shape[a:]) / block_size); else flat.
+    whole = [a for a in range(len(shape)) if math.prod(shape[a:]) % block_size == 0]
+    a = max(whole, default=None)
+    assert q.scale.shape == ((blocks.shape[0],) if a is None else (*shape[:a], math.prod(shape[a:]) // block_size))
     np.testing.assert_array_equal(np.asarray(q.scale).reshape(-1), scale.astype(np.float32))
     assert q.scale.dtype == jnp.float32
 

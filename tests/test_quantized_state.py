@@ -630,7 +630,7 @@ def test_a_vmapped_ensemble_split_one_model_per_device_steps_as_each_model_alone
     assert report["updates_error"] <= 1e-7
 
 
-SCALES_BY_ROWS_SCRIPT = r"""
+SCALES_SPLIT_SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -638,10 +638,12 @@ import jstep
 
 rng = np.random.default_rng(2)
 collectives = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
-cases = {  # mesh, axes, param shape, its split: every one cuts blocks along the last axis alone
+cases = {  # mesh, axes, param shape, its split (each shard holding whole blocks)
     "2-D mesh": ((4, 2), ("x", "y"), (64, 128), P("x", "y")),
     "columns over both axes": ((4, 2), ("x", "y"), (16, 256), P(None, ("x", "y"))),
     "middle axis": ((8,), ("x",), (4, 16, 256), P(None, "x")),
+    # 8 bits: blocks of 256 hold two rows of 128, scales (3, 3, 32); 4 bits: (3, 3, 64, 1)
+    "kernel, input axis": ((8,), ("x",), (3, 3, 64, 128), P(None, None, "x")),
 }
 report = {}
 for types in ("explicit", "auto"):
@@ -671,8 +673,8 @@ for types in ("explicit", "auto"):
             q = state.mu["w"]
             report[f"{types} {name} {bits}"] = {
                 "collectives": sum(text.count(op + "(") for op in collectives),
-                "by_rows": q.scale.ndim == len(shape),
-                "scale_split_as_param": q.scale.sharding.is_equivalent_to(sharding, q.scale.ndim),
+                "scale_shape": list(q.scale.shape),
+                "scale_spec": [list(a) if isinstance(a, tuple) else a for a in q.scale.sharding.spec],
                 "codes_differing": codes_differing,
                 "error": error,
             }
@@ -704,23 +706,34 @@ print("RESULT" + json.dumps(report))
 """
 
 
-def test_scales_by_rows_split_as_the_param_on_any_mesh_and_step_as_on_one_device():
-    """Blocks along the last axis give scales shaped by rows, split as the param whatever its
-    split (two mesh axes, columns over both, a middle axis), on explicit and auto axes, 8 and 4
-    bits: no collective in the step, and two steps with stochastic rounding give one device's
-    codes, and its scales and updates to float32 round-off. And on auto axes two leaves of one
+def test_scales_split_as_the_param_on_any_mesh_and_step_as_on_one_device():
+    """The scales keep the param's leading axes and are split as the param whatever its split
+    (two mesh axes, columns over both, a middle axis, a kernel's input axis with blocks spanning
+    two of its rows), on explicit and auto axes, 8 and 4 bits: no collective in the step (the
+    kernel's 8-bit step gathered the whole float32 moments when its scales were flat), and two
+    steps with stochastic rounding give one device's codes, and its scales and updates to
+    float32 round-off. And on auto axes two leaves of one
     shape and layout split by columns and by rows step with no collective and keep their
     placements (jax.experimental.shard_alike, which pinned each new state to the old one, tied
     the two together and resharded one: all-to-alls every step)."""
-    report = tagged_json(run_on_eight_devices(SCALES_BY_ROWS_SCRIPT), "RESULT")
+    report = tagged_json(run_on_eight_devices(SCALES_SPLIT_SCRIPT), "RESULT")
     for bits in (8, 4):
         two = report.pop(f"two leaves {bits}")
         assert two["layouts"][0] == two["layouts"][1]  # the same shapes of codes and scales
         assert two["collectives"] == 0 and two["placed"], two  # with shard_alike: 13 all-to-alls
-    assert len(report) == 12
+    assert len(report) == 16
+    scales = {  # the scales' shapes (8 and 4 bits) and split: the param's leading axes
+        "2-D mesh": ([64, 2], [64, 2], ["x", "y"]),  # shards of 64 columns: blocks of 64
+        "columns over both axes": ([16, 8], [16, 8], [None, ["x", "y"]]),
+        "middle axis": ([4, 16, 1], [4, 16, 2], [None, "x"]),
+        "kernel, input axis": ([3, 3, 32], [3, 3, 64, 1], [None, None, "x"]),
+    }
     for case, one in report.items():
+        name, bits = case.split(" ", 1)[1].rsplit(" ", 1)
+        eight, four, spec = scales[name]
+        assert one["scale_shape"] == (eight if bits == "8" else four), case
+        assert [a for a in one["scale_spec"] if a is not None] == [a for a in spec if a is not None], case
         assert one["collectives"] == 0, case
-        assert one["by_rows"] and one["scale_split_as_param"], case
         assert one["codes_differing"] == 0.0, case
         assert one["error"] <= 2e-6, case
 
