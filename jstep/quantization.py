@@ -466,8 +466,9 @@ def _blocks(x: jax.Array, layout: Layout) -> jax.Array:
     its axes from `_blocked_axis` on cut into blocks (a reshape of those axes alone, which keeps
     a split of the axes before and of that axis), else all its elements in row-major order, the
     last block padded with zeros."""
-    if _blocked_axis(layout) is not None:
-        return x.reshape(*_scale_shape(layout), layout.block_size)
+    axis = _blocked_axis(layout)
+    if axis is not None:  # merge the axes from `axis` on, then cut them (each a reshape JAX's sharding types allow)
+        return x.reshape(*layout.shape[:axis], -1).reshape(*_scale_shape(layout), layout.block_size)
     flat = x.reshape(-1)
     padding = -flat.size % layout.block_size
     if padding:
@@ -477,9 +478,9 @@ def _blocks(x: jax.Array, layout: Layout) -> jax.Array:
 
 def _unblock(blocks: jax.Array, layout: Layout) -> jax.Array:
     """The inverse of `_blocks`: the value of ``layout.shape`` (its padding dropped)."""
-    shape = layout.shape
-    if _blocked_axis(layout) is not None:
-        return blocks.reshape(shape)
+    shape, axis = layout.shape, _blocked_axis(layout)
+    if axis is not None:
+        return blocks.reshape(*shape[:axis], -1).reshape(shape)
     return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 

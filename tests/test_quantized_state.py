@@ -751,7 +751,7 @@ for name, (shape, spec) in {
     "odd columns": ((512, 1000), P(None, "x")),  # shards of 125 columns: blocks of 1 element
     "columns": ((256, 768), P(None, "x")),  # shards of 96 columns: blocks of 32, scales split as the columns
     "narrow columns": ((512, 800), P(None, "x")),  # shards of 100 columns: blocks of 4, split as the columns
-    "middle axis": ((1024, 16, 6), P(None, "x")),  # runs of 12: blocks of 4 across rows of 6, scales on every device
+    "middle axis": ((1024, 16, 6), P(None, "x")),  # runs of 12: blocks of 4 across rows of 6, scales (1024, 24)
     "rows": ((1024, 96), P("x")),
 }.items():
     param = jax.device_put(jnp.ones(shape), NamedSharding(mesh, P(*spec)))
@@ -772,20 +772,22 @@ print("RESULT" + json.dumps(report))
 def test_a_split_leaf_stays_float32_where_its_quantized_shards_would_take_more_bytes():
     """One device's bytes of momentum's velocity against float32's. Shards of 125 columns force
     blocks of 1 element, a float32 scale for each (4 + 1 bytes against 4; 4.2 MB against 0.5 MB
-    on a (512, 1000) param when the scales were on every device), and a split of a middle axis
-    whose runs cut rows of 6 into blocks of 4 keeps its scales on every device: both stay
-    float32. Column splits, whose scales split with the columns (blocks of 32, and of 4, which
-    stayed float32 while every device held every scale), and row splits save (measured below)."""
+    on a (512, 1000) param when the scales were on every device): it stays float32. Column
+    splits, whose scales split with the columns (blocks of 32, and of 4, which stayed float32
+    while every device held every scale), a split of a middle axis whose runs of 12 cut rows
+    of 6 into blocks of 4 (scales on every device before, float32 too), and row splits save
+    (measured below)."""
     report = tagged_json(run_on_eight_devices(SPLIT_BYTES_SCRIPT), "RESULT")
     for bits in (8, 4):
-        for name in ("odd columns", "middle axis"):
-            assert not report[f"{name} {bits}"]["quantized"]
-            assert report[f"{name} {bits}"]["bytes_over_float32"] <= 1.0001  # and the step count
-        for name in ("columns", "narrow columns", "rows"):
+        assert not report[f"odd columns {bits}"]["quantized"]
+        assert report[f"odd columns {bits}"]["bytes_over_float32"] <= 1.0001  # and the step count
+        for name in ("columns", "narrow columns", "middle axis", "rows"):
             assert report[f"{name} {bits}"]["quantized"]
     assert report["columns 8"]["bytes_over_float32"] <= 0.282  # 1 + 4 / 32 bytes against 4 (0.5 with every scale)
     assert report["columns 4"]["bytes_over_float32"] <= 0.157  # 0.5 + 4 / 32 against 4
     assert report["narrow columns 8"]["bytes_over_float32"] <= 0.501  # 1 + 4 / 4 against 4
     assert report["narrow columns 4"]["bytes_over_float32"] <= 0.376  # 0.5 + 4 / 4 against 4
+    assert report["middle axis 8"]["bytes_over_float32"] <= 0.501  # 1 + 4 / 4 against 4
+    assert report["middle axis 4"]["bytes_over_float32"] <= 0.376
     assert report["rows 8"]["bytes_over_float32"] <= 0.26  # 1 + 4 / 256 against 4
     assert report["rows 4"]["bytes_over_float32"] <= 0.14  # 0.5 + 4 / 128 against 4
