@@ -208,10 +208,10 @@ def blockwise(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     straddle two devices: the block size shrinks to the largest power of two that divides
     every run of consecutive (row-major) elements of a shard (a (64, 24) param split by rows
     over 8 devices, 192 elements each, gets blocks of 64). The scales keep the param's
-    leading axes (`QuantizedArray`) and are split as the param: by rows, by columns, or along
-    a middle axis, so that its step moves no data between devices. A split leaf whose quantized state would
-    take more bytes on a device than float32 state (blocks of 1 element on shards of an odd
-    width, say) stays float32, as a small leaf does. The block size is chosen from the
+    leading axes (`QuantizedArray`) and are split as the param, by rows, by columns or along a
+    middle axis, so that its step moves no data between devices. A split leaf whose quantized
+    state would take more bytes on a device than float32 state (blocks of 1 element on shards
+    of an odd width, say) stays float32, as a small leaf does. The block size is chosen from the
     sharding `init` sees: on a mesh with explicit axes (``jax.make_mesh``'s default) the
     type carries it, eagerly and under ``jit``; on auto axes call ``init`` eagerly or on
     ``jax.ShapeDtypeStruct`` params with their sharding (under ``jit`` it is not known until
