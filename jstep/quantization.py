@@ -256,7 +256,7 @@ class QuantizedArray(NamedTuple):
     * ``scale``: float32, one per block of ``layout.block_size`` consecutive elements in
       row-major order: the block's largest magnitude. The scales keep the value's leading
       axes: with a the last axis from which on the elements (runs of shape[a] x ... x
-      shape[-1]) hold whole blocks, they are shaped (*shape[:a], run / block_size), so that
+      shape[-1]) hold whole blocks, they are shaped ``(*shape[:a], run / block_size)``, so that
       they split as the value along those axes (a (4096, 768) value's in blocks of 256 are
       (4096, 3), a (3, 3, 64, 128) kernel's (3, 3, 32)). When the value's size is not a
       multiple of the block size, one per block, (blocks,), the last block padded.

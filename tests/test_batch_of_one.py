@@ -151,7 +151,7 @@ def test_the_layers_name_their_own_switch_when_a_batch_has_no_value():
     with pytest.raises(ValueError, match=r"K = 0.*\(use_running_average=True\)\.") as caught:
         jstep.nnx.BatchNorm(5, rngs=nnx.Rngs(0))(empty)
     assert "BatchNorm.apply" not in str(caught.value)
-    bn, state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(5, axis_name="batch")
+    bn, state = eqx.nn.make_with_state(jstep.equinox.BatchNorm)(5, axis_name="batch", mode="ema")
     with pytest.raises(ValueError, match=r"K = 0.*\(inference=True\)\.") as caught:
         jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(empty, state)
     assert "BatchNorm.apply" not in str(caught.value)
