@@ -520,6 +520,22 @@ MUTANTS = [
         why="leaves under min_size stay float32, as in bitsandbytes",
     ),
     M(
+        "quantization_split_scales_replicated",
+        "jstep/quantization.py",
+        "    scales = NamedSharding(sharding.mesh, PartitionSpec(*spec[: axis + 1]))",
+        "    scales = NamedSharding(sharding.mesh, PartitionSpec())",
+        ("tests/test_quantized_state.py", "-k", "split_leaf"),
+        why="a split param's scales are split as the param, so each device holds only its own",
+    ),
+    M(
+        "quantization_scales_kept_flat",
+        "jstep/quantization.py",
+        "        if run % layout.block_size == 0:\n            return axis",
+        "        if run % layout.block_size == 0 and axis == 0:\n            return axis",
+        ("tests/test_quantization.py", "-k", "nearest_code_of_block_absmax"),
+        why="the scales keep the value's leading axes, so that they split with the value",
+    ),
+    M(
         "quantization_squares_on_the_signed_map",
         "jstep/_core.py",
         "signed=not nonnegative, like=leaf",
