@@ -528,6 +528,14 @@ MUTANTS = [
         why="a split param's scales are split as the param, so each device holds only its own",
     ),
     M(
+        "grouping_pins_share_a_group",
+        "jstep/grouping.py",
+        "    with set_xla_metadata(jstep_leaf=leaf):",
+        "    with set_xla_metadata(jstep_leaf=0):",
+        ("tests/test_sharding.py", "-k", "grouped_updates_keep_every_leaf_sharding"),
+        why="on auto axes every grouped update keeps its gradient's sharding, also beside a leaf of its shape",
+    ),
+    M(
         "quantization_scales_kept_flat",
         "jstep/quantization.py",
         "        if run % layout.block_size == 0:\n            return axis",

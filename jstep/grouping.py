@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
+from jax.experimental.xla_metadata import set_xla_metadata
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jstep import _core, quantization
@@ -319,10 +320,24 @@ def unpack(packed: Packed, layout: Layout) -> Any:
 def pin_to(updates: Any, gradients: Any, layout: Layout) -> Any:
     """Each grouped update given its gradient's sharding where the type does not carry it (auto axes)."""
     pinned = [
-        u if name == "large" or placement_of(g).typed else shard_alike(u, g)[0]
-        for u, g, (name, _) in zip(jax.tree.leaves(updates), jax.tree.leaves(gradients), layout.places, strict=True)
+        u if name == "large" or placement_of(g).typed else _shard_alike(u, g, i)
+        for i, (u, g, (name, _)) in enumerate(
+            zip(jax.tree.leaves(updates), jax.tree.leaves(gradients), layout.places, strict=True)
+        )
     ]
     return jax.tree.unflatten(layout.treedef, pinned)
+
+
+def _shard_alike(x: jax.Array, like: jax.Array, leaf: int) -> jax.Array:
+    """`x` placed as `like` (``shard_alike``), its sharding group the leaf's own.
+
+    JAX lowers equal equations once per trace and reuses the lowering, so two calls on arrays
+    of one shape would share one sharding group, and XLA would give both leaves one sharding
+    (a column-split update and a replicated one of the same shape both split, moving data at
+    every step). Metadata naming the leaf makes each call an equation of its own.
+    """
+    with set_xla_metadata(jstep_leaf=leaf):
+        return shard_alike(x, like)[0]
 
 
 def check_same_placements(updates: Any, layout: Layout) -> None:

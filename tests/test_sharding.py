@@ -41,9 +41,10 @@ NAMES = [
 ]
 
 # Small leaves of every kind, on a 1-d mesh of 8 devices named "x": split along the first
-# dimension (w, v), replicated (b, s), and split along a later dimension (c).
-GROUPED_SHAPES = {"w": [16, 4], "v": [24], "b": [5], "s": [], "c": [3, 8]}
-GROUPED_SPECS = {"w": ["x", None], "v": ["x"], "b": [], "s": [], "c": [None, "x"]}
+# dimension (w, v), replicated (b, s, r), and split along a later dimension (c). r is shaped as
+# c but placed otherwise: on auto axes each must keep its own sharding.
+GROUPED_SHAPES = {"w": [16, 4], "v": [24], "b": [5], "s": [], "c": [3, 8], "r": [3, 8]}
+GROUPED_SPECS = {"w": ["x", None], "v": ["x"], "b": [], "s": [], "c": [None, "x"], "r": []}
 GROUPED_RUNS = ["explicit jit", "explicit eager", "explicit abstract", "auto jit", "auto abstract"]
 GROUPED_CONFIG = {"shapes": GROUPED_SHAPES, "specs": GROUPED_SPECS, "runs": GROUPED_RUNS}
 
