@@ -105,7 +105,11 @@ def scale_by_adam(
         # The step is taken with m_t and v_t as computed (float32), then they are stored in their dtypes.
         mu, new_mu = advance(lambda m, g: running_average_value(m, g, b1), state.mu, updates, key=mu_key)
         nu, new_nu = advance(
-            lambda v, g: running_average_value(v, _core.squared_magnitude(g), b2), state.nu, updates, key=nu_key
+            lambda v, g: running_average_value(v, _core.squared_magnitude(g), b2),
+            state.nu,
+            updates,
+            key=nu_key,
+            nonnegative=True,
         )
         correction1 = _core.bias_correction(b1, count)
         correction2 = _core.bias_correction(b2, count)

@@ -125,7 +125,11 @@ def scale_by_rms(
         nu_key, mu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with G_t (and M_t) as computed, then they are stored in their dtypes.
         nu, new_nu = advance(
-            lambda G, g: running_average_value(G, _core.squared_magnitude(g), gamma), state.nu, updates, key=nu_key
+            lambda G, g: running_average_value(G, _core.squared_magnitude(g), gamma),
+            state.nu,
+            updates,
+            key=nu_key,
+            nonnegative=True,
         )
         if centered:
             mu, new_mu = advance(lambda M, g: running_average_value(M, g, gamma), state.mu, updates, key=mu_key)
@@ -283,6 +287,7 @@ def scale_by_rss(
             state.sum_of_squares,
             updates,
             key=key,
+            nonnegative=True,
         )
 
         def direction(g, G_new):
@@ -372,7 +377,11 @@ def scale_by_adadelta(
         e_g_key, e_x_key = step_keys(rounding_seed, count, 2)
         # Steps are taken with E[g^2]_t as computed, then both averages are stored in their dtypes.
         e_g, new_e_g = advance(
-            lambda Eg, g: running_average_value(Eg, _core.squared_magnitude(g), rho), state.e_g, updates, key=e_g_key
+            lambda Eg, g: running_average_value(Eg, _core.squared_magnitude(g), rho),
+            state.e_g,
+            updates,
+            key=e_g_key,
+            nonnegative=True,
         )
 
         def step(g, Eg, Ex):
@@ -386,6 +395,7 @@ def scale_by_adadelta(
             updates,
             e_g,
             key=e_x_key,
+            nonnegative=True,
         )
         return _core.cast_like(steps, updates), AdadeltaState(count, new_e_g, new_e_x)
 

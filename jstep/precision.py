@@ -434,14 +434,12 @@ def step_keys(rounding_seed: Any, count: jax.Array, streams: int) -> tuple[jax.A
 def load(state: Any) -> Any:
     """A state tree as the values it stands for: each `jstep.QuantizedArray` leaf dequantized
     to float32, every other leaf as it is. Every jstep state that may be narrow is read here."""
-
-    def one(leaf):
-        return quantization.dequantize(leaf) if quantization.is_quantized(leaf) else leaf
-
-    return jax.tree.map(one, state, is_leaf=quantization.is_quantized)
+    return quantization.values(state)
 
 
-def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -> tuple[Any, Any]:
+def advance(
+    rule: Any, state: Any, *others: Any, key: jax.Array | None = None, nonnegative: bool = False
+) -> tuple[Any, Any]:
     """A state's new values and the new state: ``values = jax.tree.map(rule, load(state), *others)``
     and ``store(values, state, key)``, the same numbers.
 
@@ -449,8 +447,10 @@ def advance(rule: Any, state: Any, *others: Any, key: jax.Array | None = None) -
     to its new value, element by element (``lambda m, g: b1 m + (1 - b1) g``, say). Each
     `jstep.QuantizedArray` leaf is read again for its new blocks' maxima and again for its new
     codes (see ``jstep.quantization._refresh``), so that the compiled step holds no float32 copy
-    of it; every other leaf is stored as `store` stores it.
+    of it; every other leaf is stored as `store` stores it. `nonnegative`: the state holds
+    averages of squares, whose quantized leaves must be on the unsigned map (`check_maps`).
     """
+    check_maps(state, nonnegative)
     values = jax.tree.map(rule, load(state), *others)
 
     def one(seed, value, old, *other):
@@ -481,7 +481,29 @@ def _refreshed(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | 
     return _refresh_by(rule, old, others, words)
 
 
-def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
+def check_maps(state: Any, nonnegative: bool) -> None:
+    """Raise ValueError where a `jstep.QuantizedArray` leaf of `state` is on another map than
+    `init` builds for it: the unsigned map (no zero) for averages of squares (`nonnegative`),
+    the signed one for values of either sign. A state converted by hand with `jstep.quantize`'s
+    default ``signed=True`` would otherwise keep v on a map with 0, and a v stored as 0 divides
+    its step by eps."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=quantization.is_quantized)[0]:
+        if quantization.is_quantized(leaf) and leaf.layout.signed == nonnegative:
+            held, wanted, harm = (
+                ("averages of squares", "unsigned", "its 0 would divide the step of a v stored as 0 by eps")
+                if nonnegative
+                else ("values of either sign", "signed", "it would store every negative value as its smallest code")
+            )
+            raise ValueError(
+                f"quantized state leaf {jax.tree_util.keystr(path) or '<root>'} is on the "
+                f"{'signed' if leaf.layout.signed else 'unsigned'} map, but this state holds {held}, which "
+                f"init stores on the {wanted} map ({harm}); quantize it as init does: "
+                f"jstep.quantize(x, fmt, signed={not nonnegative}), or signed=target.layout.signed for each "
+                "leaf of the new optimizer's init tree"
+            )
+
+
+def store(values: Any, like: Any, key: jax.Array | None = None, *, nonnegative: bool = False) -> Any:
     """Each leaf of `values` stored in the dtype (or format) of the matching leaf of `like`.
 
     A leaf whose dtype is narrower than the value's (a bfloat16 average formed in float32) is
@@ -489,9 +511,9 @@ def store(values: Any, like: Any, key: jax.Array | None = None) -> Any:
     of its own from `key` and i, as in `apply_updates`), and by round-to-nearest otherwise;
     any other leaf is cast as usual. A `jstep.QuantizedArray` leaf of `like` is quantized
     again in its layout, with stochastic rounding between its codes from the same leaf's bits.
-    Every jstep state that may be narrow is written through here.
+    Every jstep state that may be narrow is written through here. `nonnegative`: as in `advance`.
     """
-
+    check_maps(like, nonnegative)
     return jax.tree.map(_store_leaf, leaf_seeds(key, values), values, like, is_leaf=_is_seed_or_none)
 
 

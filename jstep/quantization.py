@@ -675,11 +675,35 @@ def quantize(x: Any, fmt: BlockwiseFormat, *, signed: bool = True, key: jax.Arra
     return encode(x, layout, None if key is None else precision._seed_words(key))
 
 
-def dequantize(q: QuantizedArray) -> jax.Array:
-    """The float32 values a `QuantizedArray` stands for: s q(c) for each element."""
-    if not isinstance(q, QuantizedArray):
-        raise TypeError(f"q must be a jstep.QuantizedArray (from jstep.quantize), got {type(q).__name__}")
-    return decode(q)
+def dequantize(q: Any) -> Any:
+    """The float32 values a `QuantizedArray` stands for: s q(c) for each element.
+
+    Given a tree instead (an optimizer state, say), the same tree with each `QuantizedArray`
+    replaced by its values and every other leaf (the float32 state of leaves under
+    ``min_size``, a step count) as it is.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jstep
+      >>> fmt = jstep.blockwise(8)
+      >>> state = jstep.adam(0.1, mu_dtype=fmt, nu_dtype=fmt).init({"w": jnp.ones((64, 64)), "b": jnp.ones(64)})
+      >>> values = jstep.dequantize(state.mu)  # w's m quantized, b's (64 elements) float32
+      >>> print(values["w"].dtype, values["w"].shape, values["b"].dtype)
+      float32 (64, 64) float32
+    """
+    if isinstance(q, QuantizedArray):
+        return decode(q)
+    if isinstance(q, (jax.Array, np.ndarray, numbers.Number)):
+        raise TypeError(
+            f"q must be a jstep.QuantizedArray (from jstep.quantize) or a tree holding them (a state), "
+            f"got {type(q).__name__}"
+        )
+    return values(q)
+
+
+def values(tree: Any) -> Any:
+    """`tree` with each `QuantizedArray` leaf dequantized to float32, every other leaf as it is."""
+    return jax.tree.map(lambda leaf: decode(leaf) if is_quantized(leaf) else leaf, tree, is_leaf=is_quantized)
 
 
 # ----------------------------------------------------------------------- optimizer state

@@ -498,8 +498,27 @@ def test_quantize_refuses_a_bad_key(key):
 
 
 def test_dequantize_refuses_a_plain_array():
-    with pytest.raises(TypeError, match=re.escape("q must be a jstep.QuantizedArray (from jstep.quantize), got")):
+    with pytest.raises(
+        TypeError, match=re.escape("q must be a jstep.QuantizedArray (from jstep.quantize) or a tree holding them")
+    ):
         jstep.dequantize(jnp.ones(4))
+
+
+def test_dequantize_of_a_state_tree_reads_each_quantized_leaf_and_keeps_the_others():
+    """What a user inspecting a checkpoint writes: jstep.dequantize(state), where the state
+    holds quantized leaves, float32 leaves under min_size and a step count."""
+    fmt = jstep.blockwise(8, 64)
+    opt = jstep.adam(0.1, mu_dtype=fmt, nu_dtype=fmt)
+    params = {"w": jnp.ones((64, 80)), "b": jnp.ones(80)}
+    grads = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(0).normal(size=p.shape), jnp.float32), params)
+    _, state = opt.update(grads, opt.init(params))
+    got = jstep.dequantize(state)
+    assert isinstance(got, type(state)) and int(got.count) == 1
+    for field in ("mu", "nu"):
+        quantized, small = getattr(state, field)["w"], getattr(state, field)["b"]
+        assert jstep.quantization.is_quantized(quantized) and not jstep.quantization.is_quantized(small)
+        np.testing.assert_array_equal(getattr(got, field)["w"], jstep.dequantize(quantized))
+        assert getattr(got, field)["b"] is small
 
 
 FORMAT = jstep.blockwise(8, 64, min_size=4)
