@@ -528,6 +528,14 @@ MUTANTS = [
         why="a split param's scales are split as the param, so each device holds only its own",
     ),
     M(
+        "batch_norm_rule_without_vmap_axes",
+        "jstep/normalization/batchnorm.py",
+        "_normalize.defjvp(_rebinding_vmap_axes(_normalize_jvp), symbolic_zeros=True)",
+        "_normalize.defjvp(_normalize_jvp, symbolic_zeros=True)",
+        ("tests/test_batch_norm_forward.py", "-k", "outside"),
+        why="gradients from outside a jit around a vmapped batch norm (Equinox's usual loop) do not raise",
+    ),
+    M(
         "grouping_pins_share_a_group",
         "jstep/grouping.py",
         "    with set_xla_metadata(jstep_leaf=leaf):",

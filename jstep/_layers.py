@@ -35,6 +35,7 @@ from jstep.normalization import (
     _Layout,
     _layout,
     _per_device,
+    _rebinding_vmap_axes,
     _safe_inverse,
     batch_stats,
 )
@@ -334,6 +335,10 @@ class _Averaging(NamedTuple):
     momentum: float
     axis_name: Any
 
+    @property
+    def vmap_axes(self) -> Any:
+        return self.layout.vmap_axes
+
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def _averaged(x, scale, offset, running, batch, first, settings: _Averaging):
@@ -401,7 +406,7 @@ def _averaged_jvp(settings, primals, tangents):
     return y, jnp.broadcast_to(dy, y.shape).astype(y.dtype)
 
 
-_averaged.defjvp(_averaged_jvp, symbolic_zeros=True)
+_averaged.defjvp(_rebinding_vmap_axes(_averaged_jvp), symbolic_zeros=True)
 
 
 @jax.checkpoint

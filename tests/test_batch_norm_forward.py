@@ -6,6 +6,7 @@ The same across 8 host devices (shard_map, pmap with index groups, vmap axes) is
 tests/test_batch_norm_devices.py; the framework layers' forward mode is at the end here.
 """
 
+import functools
 import warnings
 
 import jax
@@ -325,3 +326,78 @@ def test_equinox_layer_forward_mode_matches_equinox(mode):
             results.append(figures)
         for ours, theirs in zip(*results, strict=True):
             assert max_rel(ours, theirs) < 1e-11
+
+
+# ------------------------------------- derivatives taken from outside a jit around a vmap
+
+
+def vmapped_batch_norms():
+    """name -> (f(x, scale, offset), plain reference or None): a batch norm of the rows of x,
+    each row one example of a ``jax.vmap`` with axis_name="b", the statistics taken across
+    the examples; the plain reference is a jnp batch norm with pmean statistics, left to autodiff."""
+    eqx = pytest.importorskip("equinox")
+    import jstep.equinox
+
+    def plain(z, scale, offset):
+        mean = jax.lax.pmean(z, "b")
+        return (z - mean) / jnp.sqrt(jax.lax.pmean((z - mean) ** 2, "b") + 1e-5) * scale + offset
+
+    def mapped(one):
+        return jax.vmap(one, in_axes=(0, None, None), axis_name="b")
+
+    def equinox(layer, **options):
+        bn, state = eqx.nn.make_with_state(layer)(4, axis_name="b", dtype=jnp.float64, **options)
+        leaves, treedef = jax.tree.flatten(state)
+
+        def one(z, scale, offset):
+            weighted = eqx.tree_at(lambda m: (m.weight, m.bias), bn, (scale, offset))
+            return weighted(z, jax.tree.unflatten(treedef, leaves))[0]  # a fresh state for each trace
+
+        return mapped(one), None
+
+    renorm_statistics = (jnp.full(4, 1.0), jnp.full(4, 3.0))
+    return {
+        "batch_norm": (mapped(lambda z, g, b: jstep.batch_norm(z[None], g, b, axis_name="b")[0]), mapped(plain)),
+        "batch_renorm": (
+            mapped(lambda z, g, b: jstep.batch_renorm(z[None], g, b, *renorm_statistics, axis_name="b")[0]),
+            None,
+        ),
+        "equinox batch": equinox(jstep.equinox.BatchNorm, mode="batch"),
+        "equinox ema": equinox(jstep.equinox.BatchNorm, mode="ema"),
+        "equinox renorm": equinox(jstep.equinox.BatchRenorm),
+    }
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "batch_renorm", "equinox batch", "equinox ema", "equinox renorm"])
+def test_gradients_from_outside_a_jit_scan_cond_or_remat_around_a_vmapped_batch_norm(name):
+    """``jax.grad(jax.jit(f))`` where f vmaps the layer with an axis_name (Equinox's usual
+    loop: eqx.filter_value_and_grad around an eqx.filter_jit forward) makes JAX trace the
+    hand-derived tangent map after the vmap has returned; it raised "NameError: unbound axis
+    name". Each wrapper's gradient (in x, scale and offset) equals the one taken inside jit, and
+    for batch_norm autodiff of the plain pmean reference."""
+    with jax.enable_x64(True):
+        f, reference = vmapped_batch_norms()[name]
+        (x, scale, offset), _ = inputs((6, 4), -1, seed=12)
+
+        def loss(f):
+            return lambda x, scale, offset: jnp.sum(jnp.sin(f(x, scale, offset)))
+
+        def scanned(*args):
+            return jax.lax.scan(lambda carry, _: (carry, f(*args)), None, None, length=2)[1][1]
+
+        def branched(*args):
+            return jax.lax.cond(args[0][0, 0] > -1e9, f, lambda *a: -f(*a), *args)
+
+        nothing_saved = jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
+        grad = functools.partial(jax.grad, argnums=(0, 1, 2))
+        gradients = []
+        for wrapped in (jax.jit(f), scanned, branched, nothing_saved):
+            jax.clear_caches()  # a tangent map traced before (inside the vmap) would be reused
+            gradients.append(grad(loss(wrapped))(x, scale, offset))
+        want = jax.jit(grad(loss(f)))(x, scale, offset)
+        if reference is not None:
+            for got, plain in zip(want, grad(loss(reference))(x, scale, offset), strict=True):
+                assert max_rel(got, plain) < 1e-10
+        for gradient in gradients:
+            for got, expected in zip(gradient, want, strict=True):
+                assert max_rel(got, expected) < 1e-12

@@ -38,6 +38,7 @@ from jstep.normalization.collectives import _as_lists as _as_lists
 from jstep.normalization.collectives import _per_device as _per_device
 from jstep.normalization.collectives import _pooled_shards as _pooled_shards
 from jstep.normalization.collectives import _psum_within as _psum_within
+from jstep.normalization.collectives import _rebinding_vmap_axes as _rebinding_vmap_axes
 from jstep.normalization.collectives import _split_axis_name as _split_axis_name
 from jstep.normalization.collectives import _sum_over_vmap_axes as _sum_over_vmap_axes
 from jstep.normalization.layer import BatchNorm, BatchNormParams, BatchNormState

@@ -142,7 +142,7 @@ from jstep.normalization.checks import (
     _check_x,
     _feature_axes,
 )
-from jstep.normalization.collectives import _all_reduce, _per_device
+from jstep.normalization.collectives import _all_reduce, _per_device, _rebinding_vmap_axes
 from jstep.normalization.layout import _Layout, _layout
 from jstep.normalization.statistics import _denominator, _masked, _moments, _safe_inverse
 from jstep.normalization.virtual import _check_virtual_batches, _virtual_batches
@@ -218,7 +218,7 @@ def _normalize_jvp(layout, eps, eps_in_sqrt, axis_name, primals, tangents):
     return outputs, (like(jnp.broadcast_to(dy, y.shape), y), like(dmean, mean), like(dvar, mean))
 
 
-_normalize.defjvp(_normalize_jvp, symbolic_zeros=True)
+_normalize.defjvp(_rebinding_vmap_axes(_normalize_jvp), symbolic_zeros=True)
 
 
 @jax.checkpoint

@@ -7,6 +7,9 @@ them (within ``axis_index_groups`` where given), so each shard sees the whole ba
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -99,6 +102,50 @@ def _sum_over_vmap_axes(value: Any, vmap_axes: tuple[Any, ...]) -> Any:
     from jax._src.lax.parallel import psum_p  # no public untyped psum (see above)
 
     return jax.tree.map(lambda leaf: psum_p.bind(leaf, axes=vmap_axes, axis_index_groups=None), value)
+
+
+VmapAxes = tuple[tuple[Any, int], ...]
+
+
+def _vmap_axis_sizes(axis_name: Any) -> VmapAxes:
+    """The vmap axes of `axis_name` with their sizes, read where the call is traced (inside the vmap)."""
+    if axis_name is None:
+        return ()
+    _, vmap_axes = _split_axis_name(axis_name)
+    return tuple((name, jax.lax.axis_size(name)) for name in vmap_axes)
+
+
+@contextlib.contextmanager
+def _vmap_axes_bound(vmap_axes: VmapAxes) -> Iterator[None]:
+    """Within, the names of `vmap_axes` are bound, as inside their ``jax.vmap``.
+
+    JAX (0.10) traces a ``custom_jvp`` rule lazily, when a transformation outside a ``jit``,
+    ``scan``, ``cond`` or ``checkpoint`` (``jax.grad(jax.jit(f))``) asks for the derivative, and
+    by then the vmap has returned: the rule runs on the vmap's batched values but its axis
+    names are unbound (NameError: unbound axis name), so its sums over them would fail. The
+    names are bound again here, with the sizes read at the call (`_vmap_axis_sizes`).
+    """
+    from jax._src import core  # no public way to bind an axis name (see above)
+
+    missing = [(name, size) for name, size in vmap_axes if not core.get_axis_env().axis_exists(name)]
+    if not missing:
+        yield
+        return
+    with core.extend_axis_env_nd(missing):
+        yield
+
+
+def _rebinding_vmap_axes(rule: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``custom_jvp`` rule whose first argument has ``.vmap_axes``, run with those axes bound
+    (`_vmap_axes_bound`), so that its sums across vmapped examples also work when JAX traces it
+    after the vmap has returned."""
+
+    @functools.wraps(rule)
+    def bound(settings: Any, *rest: Any) -> Any:
+        with _vmap_axes_bound(settings.vmap_axes):
+            return rule(settings, *rest)
+
+    return bound
 
 
 def _pooled_shards(axis_name: Any, groups: Groups | None) -> int:

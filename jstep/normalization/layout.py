@@ -15,7 +15,7 @@ from jstep.normalization.checks import (
     _EmptyBatchError,
     _feature_axes,
 )
-from jstep.normalization.collectives import Groups, _pooled_shards
+from jstep.normalization.collectives import Groups, VmapAxes, _pooled_shards, _vmap_axis_sizes
 
 
 class _Layout(NamedTuple):
@@ -27,6 +27,7 @@ class _Layout(NamedTuple):
     size: int  # K without a mask (the name `count` is tuple's method)
     shards: int  # the shards whose values make one batch: 1, axis_name's size or a group's
     groups: Groups | None  # axis_index_groups, as tuples; None: the whole of axis_name
+    vmap_axes: VmapAxes  # the vmap axes of axis_name and their sizes (`_rebinding_vmap_axes`)
 
 
 def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any, axis_index_groups: Any = None) -> _Layout:
@@ -46,4 +47,4 @@ def _layout(x: Any, feature_axis: FeatureAxis, axis_name: Any, axis_index_groups
             f"{_across(axis_name, groups)}); batch statistics need K >= 1 (one value gives sigma = 0, "
             "so Zhat = B)."
         )
-    return _Layout(reduce_axes, feature_shape, keep_shape, size, shards, groups)
+    return _Layout(reduce_axes, feature_shape, keep_shape, size, shards, groups, _vmap_axis_sizes(axis_name))

@@ -88,7 +88,7 @@ from jstep.normalization.checks import (
     _check_features,
     _check_mask,
 )
-from jstep.normalization.collectives import _per_device
+from jstep.normalization.collectives import _per_device, _rebinding_vmap_axes
 from jstep.normalization.layout import _Layout, _layout
 from jstep.normalization.statistics import _masked, _moments, _safe_inverse, _total
 
@@ -177,7 +177,7 @@ def _renormalize_jvp(layout, eps, axis_name, primals, tangents):
     return outputs, tangent_out
 
 
-_renormalize.defjvp(_renormalize_jvp, symbolic_zeros=True)
+_renormalize.defjvp(_rebinding_vmap_axes(_renormalize_jvp), symbolic_zeros=True)
 
 # Staged as one jitted call, as batch norm's core (inlined into an enclosing jit).
 _renormalize_staged = jax.jit(_renormalize, static_argnums=(8, 9, 10))
