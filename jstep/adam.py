@@ -216,7 +216,7 @@ def adamw(
     b2: Any = 0.999,
     eps: Any = 1e-8,
     eps_root: Any = 0.0,
-    weight_decay: Any = 1e-4,
+    weight_decay: _core.ScalarOrSchedule = 1e-4,
     *,
     mask: Mask = None,
     mu_dtype: Any = None,
@@ -238,11 +238,15 @@ def adamw(
 
     Args:
       learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, rounding_seed: as in `adam`.
-      weight_decay: lambda >= 0 (``torch.optim.AdamW``'s default is 1e-2, Optax's 1e-4).
+      weight_decay: lambda >= 0 (``torch.optim.AdamW``'s default is 1e-2, Optax's 1e-4), or a
+        schedule ``count -> lambda`` evaluated at the step count before the step (0 at the
+        first), as ``optax.adamw``'s.
       mask: which params decay: a tree of bools shaped like the params (or a prefix of
         them), or a callable ``params -> that tree``, as in ``optax.adamw``; e.g.
         ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)`` leaves biases and norms alone.
-        None decays every leaf.
+        None decays every leaf. A bare ``False`` (which would decay no leaf) is refused: it
+        is what ``optax.inject_hyperparams`` passes when it calls a callable mask with the
+        step count as if it were a schedule; name the mask in its ``static_args=('mask',)``.
 
     ``update`` needs ``params`` (the W in lambda W).
 
@@ -258,7 +262,15 @@ def adamw(
       >>> print(updates)  # -0.25 * 0.5 * W
       [-0.25  0.5 ]
     """
-    _core.check_number("weight_decay", weight_decay)
+    _core.check_number("weight_decay", weight_decay, schedule=True)
+    if mask is False or (isinstance(mask, np.bool_) and not mask):
+        raise ValueError(
+            "mask=False decays no leaf: for Adam without weight decay use jstep.adam or weight_decay=0. "
+            "Inside optax.inject_hyperparams a callable mask is called with the step count, as if it were a "
+            "schedule, and its result (False for lambda p: jax.tree.map(lambda x: x.ndim > 1, p)) arrives "
+            "here: name it static, optax.inject_hyperparams(jstep.adamw, static_args=('mask',)), or give "
+            "a tree of bools"
+        )
     if not callable(mask):
         _check_mask_tree(mask)
     direction = scale_by_adam(
@@ -268,13 +280,14 @@ def adamw(
     def update(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("adamw's update needs the params for the weight decay: call update(grads, state, params)")
+        decay = weight_decay(state.count) if callable(weight_decay) else weight_decay  # before the step, as Optax
         directions, state = direction.update(updates, state, params, **extra_args)
 
         def decayed(d, w, keep):
             if keep is False:
                 return d
             dtype = _core.compute_dtype(d.dtype)
-            with_decay = d.astype(dtype) + weight_decay * w.astype(dtype)
+            with_decay = d.astype(dtype) + decay * w.astype(dtype)
             if keep is not True:  # a buffer of several leaves (jstep.grouped): decay where it says
                 with_decay = jnp.where(keep, with_decay, d.astype(dtype))
             return with_decay.astype(d.dtype)

@@ -5,6 +5,7 @@ References: PyTorch (`torch.optim.RMSprop`, `torch.optim.AdamW`) and Optax (`opt
 abstract state. The sharded abstract init runs on 8 CPU devices in a subprocess.
 """
 
+import re
 import textwrap
 
 import jax
@@ -328,6 +329,33 @@ def test_adamw_equals_optax(options, rate, grads):
     expected = optax.adamw(rate, 0.9, 0.999, 1e-8, weight_decay=0.1, **options)
     assert_same_trajectory(
         jstep_trajectory(opt, grads, initial_params()), jstep_trajectory(expected, grads, initial_params())
+    )
+
+
+def test_adamw_with_a_weight_decay_schedule_equals_optax(grads):
+    """A schedule of lambda, evaluated at the count before each step as optax.adamw's, under a
+    learning-rate schedule too."""
+    schedule = optax.linear_schedule(0.2, 0.0, 8)
+    opt = jstep.adamw(decaying, weight_decay=schedule, mask=MASK_TREE)
+    expected = optax.adamw(decaying, weight_decay=schedule, mask=MASK_TREE)
+    assert_same_trajectory(
+        jstep_trajectory(opt, grads[:10], initial_params()), jstep_trajectory(expected, grads[:10], initial_params())
+    )
+
+
+def test_a_callable_mask_inside_inject_hyperparams_is_refused_unless_static(grads):
+    """inject_hyperparams calls a callable mask with the step count (a schedule, to it): the
+    mask then arrives as False and would decay no weight, silently (optax.adamw's case). jstep
+    refuses it, naming static_args; named there, the mask gives the plain optimizer's numbers."""
+    mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    injected = optax.inject_hyperparams(jstep.adamw)(learning_rate=0.01, weight_decay=0.1, mask=mask)
+    with pytest.raises(ValueError, match=re.escape("static_args=('mask',)")):
+        injected.init(initial_params())
+    named = optax.inject_hyperparams(jstep.adamw, static_args=("mask",))
+    static = named(learning_rate=0.01, weight_decay=0.1, mask=mask)
+    assert_same_trajectory(
+        jstep_trajectory(static, grads[:10], initial_params()),
+        jstep_trajectory(jstep.adamw(0.01, weight_decay=0.1, mask=mask), grads[:10], initial_params()),
     )
 
 
