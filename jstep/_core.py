@@ -40,9 +40,17 @@ def _is_real_scalar_array(value: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
 
 
-def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None, schedule: bool = False) -> None:
-    """Check a hyperparameter: a Python number in [low, high), a scalar array, or (with
-    `schedule`) a callable.
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+    schedule: bool = False,
+    high_included: bool = False,
+) -> None:
+    """Check a hyperparameter: a Python number in [low, high) ([low, high] with
+    `high_included`), a scalar array, or (with `schedule`) a callable.
 
     A Python (or NumPy scalar) number is checked against [low, high). A 0-d JAX or NumPy
     array of a real dtype (as `optax.inject_hyperparams` passes every hyperparameter, a
@@ -62,9 +70,10 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
         else:
             allowed = f"a Python number or {array}"
         raise TypeError(f"{name} must be {allowed}, got {_shown(value)}")
-    allowed = f"[{low:g}, {high:g})" if high is not None else f"[{low:g}, inf)"
+    allowed = f"[{low:g}, {high:g}{']' if high_included else ')'}" if high is not None else f"[{low:g}, inf)"
     number = float(value)
-    in_range = math.isfinite(number) and number >= low and (high is None or number < high)
+    below_high = high is None or number < high or (high_included and number == high)
+    in_range = math.isfinite(number) and number >= low and below_high
     if not in_range:
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
 
@@ -72,6 +81,12 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
 def check_decay(name: str, value: Any, *, schedule: bool = False) -> None:
     """A decay rate (gamma, b1, b2, rho, momentum) must lie in [0, 1)."""
     check_number(name, value, low=0.0, high=1.0, schedule=schedule)
+
+
+def check_running_momentum(name: str, value: Any) -> None:
+    """The running statistics' gamma must lie in [0, 1]: 1 keeps them as they are, as Flax's
+    and Equinox's momentum=1 and PyTorch's momentum=0 do."""
+    check_number(name, value, low=0.0, high=1.0, high_included=True)
 
 
 def check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
@@ -183,6 +198,7 @@ def check_same_shapes(
         raise ValueError(
             f"the {name} tree does not match {reference_name}:\n"
             f"  {name}: {got}\n  {'state' if against is None else 'params'}:   {expected}"
+            + ("" if against is not None else _restored_quantized_hint(state_tree))
         )
     for (path, leaf), reference in zip(
         jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree), strict=True
@@ -199,6 +215,23 @@ def check_same_shapes(
                 f"state that holds it is {jnp.result_type(reference)}: a real state cannot hold the complex "
                 "values; give a complex state dtype (or None) for complex params"
             )
+
+
+def _restored_quantized_hint(state_tree: Any) -> str:
+    """A sentence for a state holding a `jstep.QuantizedArray` restored as a dict of its codes and
+    scale (a checkpoint of 8- or 4-bit state restored into a template with arrays there), or ''."""
+    dicts = jax.tree_util.tree_flatten_with_path(
+        state_tree, is_leaf=lambda node: isinstance(node, dict) and {"codes", "scale"} <= set(node)
+    )[0]
+    for path, node in dicts:
+        if isinstance(node, dict) and {"codes", "scale"} <= set(node):
+            return (
+                f"\nThe state's {jax.tree_util.keystr(path)} is a dict of codes and scale: a quantized state "
+                "(jstep.blockwise) restored into a template that holds arrays there, such as the init of an "
+                "optimizer with float state. Restore into the init of the optimizer it was saved with, then "
+                "convert each leaf into the new optimizer's init tree (README: changing a run's format)."
+            )
+    return ""
 
 
 # ----------------------------------------------------------------------------- numerics

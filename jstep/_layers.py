@@ -79,8 +79,8 @@ def check_size(name: str, value: Any) -> int:
 
 
 def check_momentum(name: str, value: Any) -> Any:
-    """The running statistics' gamma: a number in [0, 1) (`jstep._core.check_decay`)."""
-    _core.check_decay(name, value)
+    """The running statistics' gamma: a number in [0, 1] (`jstep._core.check_running_momentum`)."""
+    _core.check_running_momentum(name, value)
     return float(value) if isinstance(value, numbers.Real) else value
 
 
@@ -197,7 +197,7 @@ def core_layer(
 ) -> BatchNorm:
     """The `jstep.BatchNorm` that does a layer's arithmetic; raises on invalid settings.
 
-    momentum must lie in [0, 1), epsilon >= 0, and axis_index_groups, if given, needs axis_name
+    momentum must lie in [0, 1], epsilon >= 0, and axis_index_groups, if given, needs axis_name
     and must be a list of equal-sized lists of indices (`jstep.BatchNorm`'s checks, named as the
     frameworks name them). `axis_name` is one name or a tuple or list of them, as
     ``jax.lax.psum`` takes. `virtual_batch_size` (ghost batch norm) is None or a positive int.

@@ -74,7 +74,7 @@ class BatchNorm(eqx.nn.BatchNorm):
       axis_name: the name of the mapped batch axis, or a sequence of names.
       eps: eps >= 0.
       channelwise_affine: whether `weight` and `bias` are learned.
-      momentum: the running statistics' gamma, in [0, 1).
+      momentum: the running statistics' gamma, in [0, 1] (1 keeps them as they are).
       inference: the mode when the call does not give one; `eqx.nn.inference_mode` sets it.
       dtype: the dtype of `weight`, `bias` and the running statistics (float32, or float64
         under ``jax_enable_x64``, by default).
@@ -162,6 +162,12 @@ class BatchNorm(eqx.nn.BatchNorm):
         eps_in_sqrt = settings.pop("eps_in_sqrt")
         axis_name = _layers.check_axis_name("axis_name", axis_name, required=True)
         virtual_batch_size = _check_virtual_batch_size(virtual_batch_size)
+        if mode == "batch" and settings["momentum"] == 1:
+            raise ValueError(
+                "momentum=1 with mode='batch': inference divides the hidden statistics by "
+                "1 - momentum^t = 0 (Equinox's layer gives NaN there). Use mode='ema', which keeps the "
+                "first batch's statistics with momentum=1, or a momentum in [0, 1)"
+            )
         if virtual_batch_size is not None and mode != "batch":
             raise ValueError(
                 f"virtual_batch_size={virtual_batch_size} needs mode='batch', got mode={mode!r}: in "
@@ -319,7 +325,7 @@ class BatchRenorm(eqx.nn.StatefulLayer):
       axis_name: the name of the mapped batch axis, or a sequence of names.
       eps: eps >= 0.
       channelwise_affine: whether `weight` (G) and `bias` (B) are learned.
-      momentum: the running statistics' gamma, in [0, 1).
+      momentum: the running statistics' gamma, in [0, 1] (1 keeps them as they are).
       inference: the mode when the call does not give one; `eqx.nn.inference_mode` sets it.
       dtype: the dtype of `weight`, `bias` and the running statistics (float32, or float64
         under ``jax_enable_x64``, by default).

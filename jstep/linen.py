@@ -47,7 +47,7 @@ class BatchNorm(nn.Module):
     Attributes:
       use_running_average: the mode when the call does not give one.
       axis: the feature axis or axes of the input.
-      momentum: the running statistics' gamma, in [0, 1).
+      momentum: the running statistics' gamma, in [0, 1] (1 keeps them as they are).
       epsilon: eps >= 0.
       dtype: the dtype of the result; None promotes the input with `scale` and `bias`, as Flax
         does. Statistics are at least float32 either way.
@@ -204,7 +204,7 @@ class BatchRenorm(nn.Module):
     Attributes:
       use_running_average: the mode when the call does not give one.
       axis: the feature axis or axes of the input.
-      momentum: the running statistics' gamma, in [0, 1).
+      momentum: the running statistics' gamma, in [0, 1] (1 keeps them as they are).
       epsilon: eps >= 0.
       warmup_steps: the training calls that run batch norm before renormalization starts.
       dtype: the dtype of the result; None promotes the input with `scale` and `bias`, as Flax

@@ -55,7 +55,7 @@ class BatchNorm(nnx.Module):
       use_running_average: the mode when the call does not give one; ``model.train()`` and
         ``model.eval()`` set it.
       axis: the feature axis of the input (-1 for NHWC or (batch, features)).
-      momentum: the running statistics' gamma, in [0, 1).
+      momentum: the running statistics' gamma, in [0, 1] (1 keeps them as they are).
       epsilon: eps >= 0.
       dtype: the dtype of the computation and the result; None promotes the input with the
         variables, as Flax does (bfloat16 inputs with float32 variables give float32).

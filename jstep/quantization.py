@@ -251,8 +251,9 @@ class QuantizedArray(NamedTuple):
       codes per byte along one axis, the value's last axis of even length (element 2j along
       it in the low half, 2j + 1 in the high half), that axis halved and the others the
       value's, so that the codes can be split as the value is; when every axis is odd, along
-      the last axis padded to even (a 0-d value: one byte). A (4096, 3) value's codes are
-      (2048, 3), a (3, 3, 512, 1) value's (3, 3, 256, 1), a (5, 7) value's (5, 4).
+      the longest (the last of the longest), padded to even, which pads the fewest elements
+      (a 0-d value: one byte). A (4096, 3) value's codes are (2048, 3), a (3, 3, 512, 1)
+      value's (3, 3, 256, 1), a (5, 7) value's (5, 4), a (4097, 3) value's (2049, 3).
     * ``scale``: float32, one per block of ``layout.block_size`` consecutive elements in
       row-major order: the block's largest magnitude. The scales keep the value's leading
       axes: with a the last axis from which on the elements (runs of shape[a] x ... x
@@ -486,9 +487,12 @@ def _unblock(blocks: jax.Array, layout: Layout) -> jax.Array:
 
 def _packed_axis(shape: tuple[int, ...]) -> int:
     """The axis along which 4-bit codes are paired: the last of even length (0 included), else the
-    last (padded to even; a 0-d value is one element along axis 0)."""
+    last of the longest, whose padding to even adds the fewest elements (a 0-d value is one
+    element along axis 0)."""
     even = [axis for axis, length in enumerate(shape) if length % 2 == 0]
-    return even[-1] if even else max(len(shape) - 1, 0)
+    if even:
+        return even[-1]
+    return max(range(len(shape)), key=lambda axis: (shape[axis], axis), default=0)
 
 
 def _pack(codes: jax.Array) -> jax.Array:

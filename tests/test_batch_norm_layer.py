@@ -95,7 +95,7 @@ def test_state_is_a_checkpointable_pytree():
 
 
 def test_bad_settings_and_inputs_are_refused():
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 1.5"):
         jstep.BatchNorm(momentum=1.5)
     with pytest.raises(ValueError, match="eps must be in"):
         jstep.BatchNorm(eps=-1.0)

@@ -213,7 +213,7 @@ def test_evaluation_uses_the_running_statistics_and_leaves_them():
     [
         ({"warmup_steps": -1}, ValueError, "warmup_steps"),
         ({"warmup_steps": 2.5}, TypeError, "warmup_steps"),
-        ({"momentum": 1.0}, ValueError, "momentum"),
+        ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\], got 1.5"),
         ({"epsilon": -1.0}, ValueError, "eps"),
         ({"r_max": 0.5}, ValueError, "r_max"),
         ({"d_max": -1}, ValueError, "d_max"),

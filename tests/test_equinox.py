@@ -147,11 +147,28 @@ def test_leaves_and_state_swap_both_ways():
     )
 
 
+def test_momentum_one_in_ema_mode_keeps_the_first_batchs_statistics_as_equinox():
+    """momentum=1 (Equinox accepts it): mode "ema" takes the first batch's statistics and keeps
+    them; the outputs and the state equal Equinox's over three training calls and inference."""
+    (ours, ours_state), (theirs, theirs_state) = pair(mode="ema", momentum=1.0)
+    for x in BATCHES:
+        y_ours, ours_state = over_batch(ours, x, ours_state)
+        y_theirs, theirs_state = over_batch(theirs, x, theirs_state)
+        close(y_ours, y_theirs)
+    trees_close(ours_state, theirs_state)
+    close(
+        over_batch(ours, BATCHES[0], ours_state, inference=True)[0],
+        over_batch(theirs, BATCHES[0], theirs_state, inference=True)[0],
+    )
+
+
 def test_bad_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         jstep.equinox.BatchNorm(CHANNELS, "batch", mode="emma")
-    with pytest.raises(ValueError, match="momentum"):
-        jstep.equinox.BatchNorm(CHANNELS, "batch", momentum=1.0)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 1.5"):
+        jstep.equinox.BatchNorm(CHANNELS, "batch", momentum=1.5, mode="ema")
+    with pytest.raises(ValueError, match=r"momentum=1 with mode='batch': inference divides .* by 1 - momentum\^t = 0"):
+        jstep.equinox.BatchNorm(CHANNELS, "batch", momentum=1.0, mode="batch")
     with pytest.raises(ValueError, match="eps"):
         jstep.equinox.BatchNorm(CHANNELS, "batch", eps=-1.0)
     with pytest.raises(ValueError, match="axis_name"):

@@ -189,6 +189,19 @@ def test_use_fast_variance_is_accepted_and_changes_nothing():
     jax.tree.map(np.testing.assert_array_equal, s1, s2)
 
 
+def test_momentum_one_keeps_the_running_statistics_as_flax():
+    """momentum=1 (Flax accepts it): the running statistics stay at their initial values."""
+    ours, theirs = pair(momentum=1.0)
+    variables = ours.init(KEY, BATCHES[0], use_running_average=False)
+    for x in BATCHES:
+        (y1, s1), (y2, s2) = (
+            m.apply(variables, x, use_running_average=False, mutable=["batch_stats"]) for m in (ours, theirs)
+        )
+        close(y1, y2)
+        trees_close(s1, s2)
+    jax.tree.map(np.testing.assert_array_equal, s1["batch_stats"], variables["batch_stats"])
+
+
 def test_bad_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="momentum"):
         jstep.linen.BatchNorm(momentum=-0.1)

@@ -171,9 +171,21 @@ def test_weights_swap_both_ways():
     close(fresh.var[...], ours.var[...])
 
 
+def test_momentum_one_keeps_the_running_statistics_as_flax():
+    """momentum=1 (Flax accepts it; PyTorch's momentum=0): training normalizes with the batch's
+    statistics and leaves the running ones where they were, as Flax's layer does."""
+    ours, theirs = pair(momentum=1.0)
+    for x in BATCHES:
+        close(ours(x), theirs(x))
+    close(ours.mean[...], theirs.mean[...])
+    close(ours.var[...], theirs.var[...])
+    np.testing.assert_array_equal(ours.mean[...], np.zeros(FEATURES))
+    np.testing.assert_array_equal(ours.var[...], np.ones(FEATURES))
+
+
 def test_bad_settings_raise_clear_errors():
-    with pytest.raises(ValueError, match="momentum"):
-        jstep.nnx.BatchNorm(FEATURES, momentum=1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 1.5"):
+        jstep.nnx.BatchNorm(FEATURES, momentum=1.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="eps"):
         jstep.nnx.BatchNorm(FEATURES, epsilon=-1e-5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_features"):

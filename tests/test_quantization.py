@@ -166,11 +166,13 @@ def reference_blocks(x, block_size):
 
 
 def packed_axis(shape):
-    """The documented 4-bit packing axis: the last axis of even length, else the last (padded)."""
+    """The documented 4-bit packing axis: the last axis of even length, else the last of the
+    longest (padded)."""
     for axis in reversed(range(len(shape))):
         if shape[axis] % 2 == 0:
             return axis
-    return max(len(shape) - 1, 0)
+    longest = max(shape, default=1)
+    return max((axis for axis in range(len(shape)) if shape[axis] == longest), default=0)
 
 
 def unpacked_codes(q):
@@ -200,6 +202,7 @@ CASES = [  # (shape, bits, block_size)
     ((3, 100), 8, 64),  # last axis not a multiple of the block
     ((5, 7), 4, 16),  # odd last axis: packed to 4 bytes per row
     ((2, 3, 9), 4, 128),  # smaller than one block, odd last axis
+    ((33, 3), 4, 16),  # every axis odd: paired along the longest, the first
     ((), 8, 256),  # 0-d
     ((), 4, 128),
     ((10,), 8, 256),  # smaller than a block

@@ -140,13 +140,26 @@ def adam_bytes_per_parameter(shape, bits):
 
 @pytest.mark.parametrize(
     ("shape", "codes_shape"),
-    [((64, 128), (64, 64)), ((8192, 1), (4096, 1)), ((4096, 3), (2048, 3)), ((3, 3, 512, 1), (3, 3, 256, 1))],
+    [
+        ((64, 128), (64, 64)),
+        ((8192, 1), (4096, 1)),
+        ((4096, 3), (2048, 3)),
+        ((3, 3, 512, 1), (3, 3, 256, 1)),
+        ((4097, 1), (2049, 1)),  # every axis odd: paired along the longest, padded by one row
+        ((4097, 3), (2049, 3)),
+        ((65, 65), (65, 33)),
+    ],
     ids=str,
 )
 def test_four_bit_adam_state_takes_1_06_bytes_per_parameter_whatever_the_last_axis(shape, codes_shape):
-    """The codes are paired along the last even axis: half a byte per element, plus 4 / 128 per
-    scale, for each of m and v (an (8192, 1) kernel paired along its last axis took 2.06)."""
-    assert adam_bytes_per_parameter(shape, 4) <= 2 * (0.5 + 4 / 128) + 1e-12  # 1.0625
+    """The codes are paired along the last even axis (when every axis is odd, the longest,
+    padded): half a byte per element, plus 4 / 128 per scale, for each of m and v (an (8192,
+    1) kernel paired along its last axis took 2.06; a (4097, 1) one 2.06 and a (4097, 3) one
+    1.40 before odd shapes were paired along their longest axis). Padding one row or column
+    adds at most 1 / (2 * its length) per element, and a last block shorter than 128 one scale."""
+    size = np.prod(shape)
+    padding, scales = 1 / (2 * max(shape)), 4 * -(-size // 128) / size
+    assert adam_bytes_per_parameter(shape, 4) <= 2 * (0.5 + padding + scales) + 1e-12  # 1.0625 when 128 divides
     q = quantize(jnp.zeros(shape), jstep.blockwise(4))
     assert q.codes.shape == codes_shape
 

@@ -462,6 +462,18 @@ def test_a_state_leaf_on_the_other_map_than_init_builds_is_refused(name, field, 
         jax.jit(opt.update)(make_grads(params, 1)[0], wrong)
 
 
+def test_an_8_bit_checkpoint_restored_into_a_float32_init_is_refused_saying_so():
+    """flax.serialization restores a QuantizedArray into a float32 template as a dict of its
+    codes and scale; update names that leaf and what to do, not only the trees."""
+    serialization = pytest.importorskip("flax.serialization")
+    params = make_params()
+    quantized, float32 = OPTIMIZERS["adam8"](), jstep.adam(0.01)
+    _, state = run(quantized, quantized.init(params), make_grads(params, 1))
+    restored = serialization.from_bytes(float32.init(params), serialization.to_bytes(state))
+    with pytest.raises(ValueError, match=r"The state's \['b'\] is a dict of codes and scale: a quantized state"):
+        float32.update(make_grads(params, 1)[0], restored)
+
+
 def test_flax_state_dict_holds_the_codes_and_scales():
     serialization = pytest.importorskip("flax.serialization")
     opt = OPTIMIZERS["adam8"]()

@@ -52,7 +52,7 @@ class BatchNorm:
     running statistics and leaves the state unchanged.
 
     Args:
-      momentum: the running average's gamma, in [0, 1).
+      momentum: the running average's gamma, in [0, 1] (1 keeps the running statistics as they are).
       eps, eps_in_sqrt, feature_axis, axis_name, axis_index_groups: as in `batch_norm` (with
         groups, each group's devices keep the running statistics of their group's batches).
       virtual_batch_size: None, or V: ghost batch norm, as in `batch_norm` (each group of V
@@ -89,7 +89,7 @@ class BatchNorm:
     virtual_batch_size: int | None = None
 
     def __post_init__(self):
-        _core.check_decay("momentum", self.momentum)
+        _core.check_running_momentum("momentum", self.momentum)
         _check_eps(self.eps)
         object.__setattr__(self, "axis_name", _check_axis_name(self.axis_name))  # a list becomes a tuple
         _check_axis_index_groups(self.axis_index_groups, self.axis_name)
