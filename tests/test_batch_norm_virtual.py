@@ -216,6 +216,21 @@ def test_bad_virtual_batch_sizes_are_refused_naming_what_is_allowed():
         jstep.batch_norm(x, scale[:3], offset, virtual_batch_size=2)
 
 
+def test_a_mask_that_empties_one_virtual_batch_is_refused_naming_that_batch():
+    """Examples 4-7 masked out, in groups of 4: virtual batch 1 has no value for any feature.
+    The error names the virtual batch and its examples in x's own shape (not the grouped one)."""
+    x, scale, offset = inputs((12, 3), -1, seed=10)
+    mask = np.ones((12, 1), bool)
+    mask[4:8] = False
+    empty = r"no masked-in value for feature \(0,\) in virtual batch 1 \(examples 4 to 7 along axis 0 of x of shape"
+    with pytest.raises(ValueError, match=empty):
+        jstep.batch_norm(x, scale, offset, mask=mask, virtual_batch_size=4)
+    with pytest.raises(ValueError, match=empty):
+        jstep.batch_stats(x, mask=mask, virtual_batch_size=4)
+    y = jstep.batch_norm(x, scale, offset, mask=mask, virtual_batch_size=6)[0]  # groups 0-5 and 6-11 keep values
+    assert np.all(np.isfinite(y))
+
+
 # ------------------------------------------------------------------ the framework layers
 
 

@@ -145,7 +145,7 @@ from jstep.normalization.checks import (
 from jstep.normalization.collectives import _all_reduce, _per_device, _rebinding_vmap_axes
 from jstep.normalization.layout import _Layout, _layout
 from jstep.normalization.statistics import _denominator, _masked, _moments, _safe_inverse
-from jstep.normalization.virtual import _check_virtual_batches, _virtual_batches
+from jstep.normalization.virtual import _check_virtual_batches, _check_virtual_mask, _virtual_batches
 
 # ------------------------------------------------------------- the custom-gradient core
 
@@ -277,6 +277,7 @@ def _normalize_virtual(x, scale, offset, feature_axis, eps, eps_in_sqrt, axis_na
     _check_features("scale", scale, feature_shape, jnp.shape(x), features)
     _check_features("offset", offset, feature_shape, jnp.shape(x), features)
     scale, offset = _per_device(scale, axis_name), _per_device(offset, axis_name)
+    _check_virtual_mask(mask, split)
     y, mean, var = _normalize_checked(
         split.group(x),
         split.per_group(scale),
@@ -414,6 +415,7 @@ def batch_stats(
     if size is not None:
         _check_x(x)
         split = _virtual_batches(jnp.shape(x), feature_axis, size)
+        _check_virtual_mask(mask, split)
         grouped = split.group(jnp.asarray(x))
         mean, var = batch_stats(grouped, feature_axis=split.feature_axis, mask=split.group_mask(mask))
         return split.groups_first(mean), split.groups_first(var)

@@ -16,8 +16,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jstep.normalization.checks import FeatureAxis, _feature_axes
+from jstep.normalization.checks import FeatureAxis, _EmptyBatchError, _feature_axes
 
 
 def _check_virtual_batch_size(virtual_batch_size: Any) -> int | None:
@@ -109,3 +110,24 @@ def _virtual_batches(shape: tuple[int, ...], feature_axis: FeatureAxis, virtual_
     grouped_shape = (*shape[:b], shape[b] // virtual_batch_size, virtual_batch_size, *shape[b + 1 :])
     grouped_features = tuple(sorted([b] + [a + (a > b) for a in features]))
     return _VirtualBatches(tuple(shape), grouped_shape, grouped_features, b, grouped_features.index(b))
+
+
+def _check_virtual_mask(mask: Any, split: _VirtualBatches) -> None:
+    """Raise `_EmptyBatchError` naming the virtual batch and the feature for which `mask` (when
+    known now) leaves no value: each virtual batch takes its statistics from its own examples."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    grouped = np.broadcast_to(np.asarray(mask), split.shape).reshape(split.grouped_shape)
+    reduced = tuple(a for a in range(len(split.grouped_shape)) if a not in split.feature_axis)
+    counts = grouped.sum(axis=reduced)
+    if counts.min() >= 1:
+        return
+    where = [int(i) for i in np.unravel_index(np.argmin(counts), counts.shape)]
+    group = where.pop(split.group_position)
+    size = split.grouped_shape[split.batch_axis + 1]
+    raise _EmptyBatchError(
+        f"mask leaves no masked-in value for feature {tuple(where)} in virtual batch {group} (examples "
+        f"{group * size} to {(group + 1) * size - 1} along axis {split.batch_axis} of x of shape {split.shape}, "
+        f"virtual_batch_size={size}); each virtual batch takes its statistics from its own examples and "
+        "needs K >= 1 masked-in value per feature: give every virtual batch one, or a larger virtual_batch_size."
+    )
