@@ -186,6 +186,30 @@ def test_first_and_second_order_pass_check_vjp():
     assert len(report.comparisons) == 12  # 3 arguments x 2 references x 2 orders
 
 
+def test_check_vjp_without_finite_differences_checks_the_unsaturated_gradient_against_the_reference():
+    """Where r and d are not clipped they depend on x, and the hand-derived gradient (r and d held
+    constant) is by design not the output's derivative: finite differences fail it. With
+    directions=0 check_vjp compares it with autodiff of the stop_gradient reference alone, at
+    orders 1 and 2, and passes."""
+    rng = np.random.default_rng(4)
+    x, scale, offset = rng.normal(1.0, 2.0, (6, 4)), rng.normal(1.0, 0.3, 4), rng.normal(0.0, 0.3, 4)
+    mean, var = np.full(4, 1.2), np.full(4, 3.0)
+    kw = {"r_max": 3.0, "d_max": 5.0, "feature_axis": -1, "eps": 1e-3}
+    r, d = corrections(x, mean, var, 3.0, 5.0, 1e-3)
+    assert np.all((r < 2.9) & (r > 1 / 2.9)) and np.all(np.abs(d) < 4.9)  # not clipped
+
+    def f(x, scale, offset):
+        return jstep.batch_renorm(x, scale, offset, mean, var, **kw)
+
+    def reference(*args):
+        return plain_batch_renorm(*args, mean, var, **kw)
+
+    with pytest.raises(AssertionError, match="finite differences"):
+        jstep.check_vjp(f, x, scale, offset, reference=reference)
+    report = jstep.check_vjp(f, x, scale, offset, reference=reference, order=2, directions=0, rtol=1e-7)
+    assert [c.against for c in report.comparisons] == ["autodiff of reference"] * 6
+
+
 def test_hessian_vector_product_matches_autodiff():
     with jax.enable_x64(True):
         x, scale, offset, mean, var, w = random_inputs((5, 4), -1, seed=5)

@@ -76,6 +76,10 @@ def test_bad_arguments_are_refused():
         jstep.check_vjp(jnp.sin, X, order=3)
     with pytest.raises(TypeError, match="floating"):
         jstep.check_vjp(jnp.sin, np.arange(3))
+    with pytest.raises(ValueError, match=r"directions must be an int >= 0, got -1"):
+        jstep.check_vjp(jnp.sin, X, directions=-1)
+    with pytest.raises(ValueError, match="directions=0 skips the finite differences, so a reference is needed"):
+        jstep.check_vjp(jnp.sin, X, directions=0)
 
 
 # ------------------------------------------------------------ arguments of any scale
