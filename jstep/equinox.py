@@ -333,8 +333,14 @@ class BatchRenorm(eqx.nn.StatefulLayer):
         "ema" mode normalizes with an average of them instead).
       warmup_steps: the training calls that run batch norm before renormalization starts (an
         integer >= 0; 100_000 as Stable-Baselines-JAX).
-      r_max: r's bound, >= 1.
-      d_max: d's bound, >= 0.
+      r_max: the initial r_max of the state, r's bound, >= 1.
+      d_max: the initial d_max of the state, d's bound, >= 0.
+
+    The state holds the statistics (`batch_state_index`), the step count (`batch_counter`) and
+    the bounds (`bounds_index`: (r_max, d_max)), as the Linen layer's ``batch_stats``. The
+    bounds are read at every call, so a schedule (the paper raises r_max from 1 and d_max from
+    0 during training) sets them, ``state = state.set(layer.bounds_index, (r, d))`` with arrays,
+    without a new trace under ``eqx.filter_jit``, and checkpoints of the state keep them.
 
     Example:
       With no warm-up the first training call renormalizes towards the initial statistics
@@ -357,6 +363,7 @@ class BatchRenorm(eqx.nn.StatefulLayer):
     bias: jax.Array | None
     batch_counter: eqx.nn.StateIndex
     batch_state_index: eqx.nn.StateIndex
+    bounds_index: eqx.nn.StateIndex
     axis_name: Hashable | Sequence[Hashable]
     inference: bool
     input_size: int = eqx.field(static=True)
@@ -365,7 +372,7 @@ class BatchRenorm(eqx.nn.StatefulLayer):
     momentum: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
     warmup_steps: int = eqx.field(static=True)
-    r_max: float = eqx.field(static=True)
+    r_max: float = eqx.field(static=True)  # the bounds' initial values; the state holds the current ones
     d_max: float = eqx.field(static=True)
 
     def __init__(
@@ -407,6 +414,8 @@ class BatchRenorm(eqx.nn.StatefulLayer):
         self.bias = jnp.zeros(shape, dtype) if channelwise_affine else None
         self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
         self.batch_state_index = eqx.nn.StateIndex((jnp.zeros(shape, dtype), jnp.ones(shape, dtype)))
+        bounds = (settings["r_max"], settings["d_max"])
+        self.bounds_index = eqx.nn.StateIndex(tuple(jnp.asarray(b, _core.default_float()) for b in bounds))
         self.inference = settings["inference"]
         self.input_size = settings["input_size"]
         self.eps = settings["eps"]
@@ -414,8 +423,7 @@ class BatchRenorm(eqx.nn.StatefulLayer):
         self.momentum = settings["momentum"]
         self.mode = mode
         self.warmup_steps = settings["warmup_steps"]
-        self.r_max = settings["r_max"]
-        self.d_max = settings["d_max"]
+        self.r_max, self.d_max = bounds
         _layers.core_layer(  # the checks of the settings together
             momentum=self.momentum,
             epsilon=self.eps,
@@ -450,8 +458,7 @@ class BatchRenorm(eqx.nn.StatefulLayer):
             mean,
             var,
             state.get(self.batch_counter),
-            self.r_max,
-            self.d_max,
+            *state.get(self.bounds_index),
             warmup_steps=self.warmup_steps,
             momentum=self.momentum,
             epsilon=self.eps,

@@ -18,7 +18,7 @@ from types import MappingProxyType
 import jax
 import jax.numpy as jnp
 
-from jstep import _layers
+from jstep import _core, _layers
 
 try:
     from flax import nnx
@@ -236,14 +236,17 @@ class BatchRenorm(BatchNorm):
     (epsilon 1e-5; Stable-Baselines-JAX's layer takes 1e-3).
 
     Every argument of `BatchNorm` (and ``flax.nnx.BatchNorm``) means the same here. The
-    variables: `scale`, `bias` (`nnx.Param`), and `mean`, `var` (float32) and `steps` (the
-    training calls so far, int32) as `nnx.BatchStat`.
+    variables: `scale`, `bias` (`nnx.Param`), and `mean`, `var` (float32), `steps` (the
+    training calls so far, int32) and the bounds `r_max`, `d_max` as `nnx.BatchStat`, as the
+    Linen layer's ``batch_stats``. The bounds are read at every call, so a schedule (the paper
+    raises r_max from 1 and d_max from 0 during training) sets them, ``layer.r_max[...] = r``,
+    without a new trace under ``nnx.jit``, and checkpoints keep them.
 
     Args:
       warmup_steps: the training calls that run batch norm before renormalization starts (an
         integer >= 0; 100_000 as Stable-Baselines-JAX).
-      r_max: r's bound, >= 1.
-      d_max: d's bound, >= 0.
+      r_max: the initial value of the `r_max` variable, r's bound, >= 1.
+      d_max: the initial value of the `d_max` variable, d's bound, >= 0.
 
     Example:
       With no warm-up the first training call renormalizes towards the initial running
@@ -307,8 +310,9 @@ class BatchRenorm(BatchNorm):
         )
         self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
         self.warmup_steps = settings["warmup_steps"]
-        self.r_max = settings["r_max"]
-        self.d_max = settings["d_max"]
+        # State, as the Linen layer's batch_stats: a schedule sets them without a new trace.
+        self.r_max = nnx.BatchStat(jnp.asarray(settings["r_max"], _core.default_float()))
+        self.d_max = nnx.BatchStat(jnp.asarray(settings["d_max"], _core.default_float()))
 
     def __call__(
         self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
@@ -339,8 +343,8 @@ class BatchRenorm(BatchNorm):
             self.mean[...],
             self.var[...],
             self.steps[...],
-            self.r_max,
-            self.d_max,
+            self.r_max[...],
+            self.d_max[...],
             warmup_steps=self.warmup_steps,
             momentum=self.momentum,
             epsilon=self.epsilon,

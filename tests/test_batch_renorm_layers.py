@@ -345,6 +345,69 @@ def test_equinox_gradient_is_linens():
     close(grads.bias, want_params["bias"])
 
 
+SCHEDULE = [(1.0 + 0.5 * t, 1.0 * t) for t in range(len(BATCHES))]  # the paper's: r_max from 1, d_max from 0
+
+
+def linen_with_bounds(batches, schedule):
+    """Linen's outputs and running statistics with its r_max, d_max variables set before each call."""
+    layer = jstep.linen.BatchRenorm(use_running_average=False, warmup_steps=1, momentum=0.8, epsilon=1e-3)
+    variables = layer.init(jax.random.key(0), batches[0])
+    out = []
+    for x, (r_max, d_max) in zip(batches, schedule, strict=True):
+        stats = {**variables["batch_stats"], "r_max": jnp.float32(r_max), "d_max": jnp.float32(d_max)}
+        y, updates = layer.apply({**variables, "batch_stats": stats}, x, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        out.append((y, variables["batch_stats"]["mean"], variables["batch_stats"]["var"]))
+    return out
+
+
+def test_nnx_bounds_are_state_so_a_schedule_runs_in_one_trace_as_linen():
+    """r_max and d_max are nnx.BatchStat variables: set between nnx.jit calls they change the
+    numbers (as the Linen layer's batch_stats do) without a new trace (6 traces for 6 values
+    when they were attributes), and the layer's state holds them."""
+    batches = [jnp.asarray(x, jnp.float32) for x in BATCHES]
+    layer = jstep.nnx.BatchRenorm(5, warmup_steps=1, momentum=0.8, epsilon=1e-3, rngs=nnx.Rngs(0))
+    assert isinstance(layer.r_max, nnx.BatchStat) and {"r_max", "d_max"} <= set(nnx.state(layer, nnx.BatchStat))
+    traces = []
+
+    @nnx.jit
+    def train(layer, x):
+        traces.append(1)
+        return layer(x)
+
+    want = linen_with_bounds(batches, SCHEDULE)
+    for x, (r_max, d_max), (y_ref, mean_ref, var_ref) in zip(batches, SCHEDULE, want, strict=True):
+        layer.r_max[...], layer.d_max[...] = r_max, d_max
+        close(train(layer, x), y_ref, tol=2e-6)
+        close(layer.mean[...], mean_ref, tol=2e-6)
+        close(layer.var[...], var_ref, tol=2e-6)
+    assert len(traces) == 1
+
+
+def test_equinox_bounds_are_state_so_a_schedule_runs_in_one_trace_as_linen():
+    """(r_max, d_max) live in the eqx.nn.State at `bounds_index`: set between eqx.filter_jit
+    calls they change the numbers as the Linen layer's batch_stats do, without a new trace."""
+    batches = [jnp.asarray(x, jnp.float32) for x in BATCHES]
+    layer, state = eqx.nn.make_with_state(jstep.equinox.BatchRenorm)(5, "batch", eps=1e-3, momentum=0.8, warmup_steps=1)
+    np.testing.assert_array_equal(state.get(layer.bounds_index), (3.0, 5.0))  # the constructor's r_max, d_max
+    traces = []
+
+    @eqx.filter_jit
+    def train(layer, x, state):
+        traces.append(1)
+        return jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    want = linen_with_bounds(batches, SCHEDULE)
+    for x, bounds, (y_ref, mean_ref, var_ref) in zip(batches, SCHEDULE, want, strict=True):
+        state = state.set(layer.bounds_index, tuple(jnp.float32(b) for b in bounds))
+        y, state = train(layer, x, state)
+        mean, var = state.get(layer.batch_state_index)
+        close(y, y_ref, tol=2e-6)
+        close(mean, mean_ref, tol=2e-6)
+        close(var, var_ref, tol=2e-6)
+    assert len(traces) == 1
+
+
 def test_equinox_refuses_modes_other_than_batch():
     with pytest.raises(ValueError, match="mode='ema'"):
         jstep.equinox.BatchRenorm(5, "batch", mode="ema")
