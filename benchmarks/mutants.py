@@ -247,8 +247,8 @@ MUTANTS = [
     M(
         "rmsprop_squared_average_1pct",
         "jstep/adaptive.py",
-        "lambda G, g: running_average_value(G, _core.squared_magnitude(g), gamma), state.nu",
-        "lambda G, g: running_average_value(G, 1.01 * _core.squared_magnitude(g), gamma), state.nu",
+        "lambda G, g: running_average_value(G, _core.squared_magnitude(g), gamma),\n            state.nu,",
+        "lambda G, g: running_average_value(G, 1.01 * _core.squared_magnitude(g), gamma),\n            state.nu,",
         ("tests/test_adaptive.py", "-k", "matches_reference and rmsprop-float32"),
     ),
     M(
@@ -290,8 +290,8 @@ MUTANTS = [
     M(
         "adamw_weight_decay_1pct",
         "jstep/adam.py",
-        "with_decay = d.astype(dtype) + weight_decay * w.astype(dtype)",
-        "with_decay = d.astype(dtype) + 1.01 * weight_decay * w.astype(dtype)",
+        "with_decay = d.astype(dtype) + decay * w.astype(dtype)",
+        "with_decay = d.astype(dtype) + 1.01 * decay * w.astype(dtype)",
         ("tests/test_optax_contract.py", "-k", "adamw_equals"),
     ),
     M(
