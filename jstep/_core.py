@@ -220,11 +220,12 @@ def check_same_shapes(
 def _restored_quantized_hint(state_tree: Any) -> str:
     """A sentence for a state holding a `jstep.QuantizedArray` restored as a dict of its codes and
     scale (a checkpoint of 8- or 4-bit state restored into a template with arrays there), or ''."""
-    dicts = jax.tree_util.tree_flatten_with_path(
-        state_tree, is_leaf=lambda node: isinstance(node, dict) and {"codes", "scale"} <= set(node)
-    )[0]
-    for path, node in dicts:
-        if isinstance(node, dict) and {"codes", "scale"} <= set(node):
+
+    def codes_and_scale(node: Any) -> bool:
+        return isinstance(node, dict) and {"codes", "scale"} <= set(node)
+
+    for path, node in jax.tree_util.tree_flatten_with_path(state_tree, is_leaf=codes_and_scale)[0]:
+        if codes_and_scale(node):
             return (
                 f"\nThe state's {jax.tree_util.keystr(path)} is a dict of codes and scale: a quantized state "
                 "(jstep.blockwise) restored into a template that holds arrays there, such as the init of an "

@@ -103,7 +103,9 @@ def scale_by_adam(
         count = _core.increment(state.count)
         mu_key, nu_key = step_keys(rounding_seed, count, 2)
         # The step is taken with m_t and v_t as computed (float32), then they are stored in their dtypes.
-        mu, new_mu = advance(lambda m, g: running_average_value(m, g, b1), state.mu, updates, key=mu_key)
+        mu, new_mu = advance(
+            lambda m, g: running_average_value(m, g, b1), state.mu, updates, key=mu_key, nonnegative=False
+        )
         nu, new_nu = advance(
             lambda v, g: running_average_value(v, _core.squared_magnitude(g), b2),
             state.nu,

@@ -132,7 +132,9 @@ def scale_by_rms(
             nonnegative=True,
         )
         if centered:
-            mu, new_mu = advance(lambda M, g: running_average_value(M, g, gamma), state.mu, updates, key=mu_key)
+            mu, new_mu = advance(
+                lambda M, g: running_average_value(M, g, gamma), state.mu, updates, key=mu_key, nonnegative=False
+            )
         correction = _core.bias_correction(gamma, count) if bias_correction else None
 
         def second_moment(G, M=None):

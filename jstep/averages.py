@@ -119,7 +119,9 @@ def running_average(
         count = _core.increment(state.count)
         gamma_t = gamma(count.astype(_core.default_float())) if callable(gamma) else gamma
         (key,) = step_keys(rounding_seed, count, 1)
-        average, stored = advance(lambda c, x: running_average_value(c, x, gamma_t), state.average, values, key=key)
+        average, stored = advance(
+            lambda c, x: running_average_value(c, x, gamma_t), state.average, values, key=key, nonnegative=False
+        )
         return _core.cast_like(average, values), RunningAverageState(count, stored)
 
     return optax.GradientTransformationExtraArgs(init, update)

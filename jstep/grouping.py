@@ -46,6 +46,7 @@ agree on the packing:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -320,23 +321,25 @@ def unpack(packed: Packed, layout: Layout) -> Any:
 def pin_to(updates: Any, gradients: Any, layout: Layout) -> Any:
     """Each grouped update given its gradient's sharding where the type does not carry it (auto axes)."""
     pinned = [
-        u if name == "large" or placement_of(g).typed else _shard_alike(u, g, i)
-        for i, (u, g, (name, _)) in enumerate(
-            zip(jax.tree.leaves(updates), jax.tree.leaves(gradients), layout.places, strict=True)
-        )
+        u if name == "large" or placement_of(g).typed else _shard_alike(u, g)
+        for u, g, (name, _) in zip(jax.tree.leaves(updates), jax.tree.leaves(gradients), layout.places, strict=True)
     ]
     return jax.tree.unflatten(layout.treedef, pinned)
 
 
-def _shard_alike(x: jax.Array, like: jax.Array, leaf: int) -> jax.Array:
-    """`x` placed as `like` (``shard_alike``), its sharding group the leaf's own.
+_pins = itertools.count()  # numbers the `_shard_alike` calls
+
+
+def _shard_alike(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` placed as `like` (``shard_alike``), in a sharding group of its own.
 
     JAX lowers equal equations once per trace and reuses the lowering, so two calls on arrays
     of one shape would share one sharding group, and XLA would give both leaves one sharding
     (a column-split update and a replicated one of the same shape both split, moving data at
-    every step). Metadata naming the leaf makes each call an equation of its own.
+    every step). Metadata with a number of its own makes each call an equation of its own,
+    also across two grouped optimizers in one step.
     """
-    with set_xla_metadata(jstep_leaf=leaf):
+    with set_xla_metadata(jstep_pin=next(_pins)):
         return shard_alike(x, like)[0]
 
 

@@ -128,7 +128,9 @@ def momentum(
         eta = _core.learning_rate_at(learning_rate, state.count)
         count = _core.increment(state.count)
         (key,) = step_keys(rounding_seed, count, 1)
-        velocity, stored = advance(lambda v, g: velocity_step(v, g, gamma, eta)[1], state.velocity, updates, key=key)
+        velocity, stored = advance(
+            lambda v, g: velocity_step(v, g, gamma, eta)[1], state.velocity, updates, key=key, nonnegative=False
+        )
 
         def step(v_new, g):
             # -1 * V, the same bits as -V: XLA:CPU compiles W + (-V) after the fusion to a

@@ -105,7 +105,7 @@ def _trace(decay: Any, nesterov: bool, accumulator_dtype: Any = None) -> optax.G
             return direction.astype(g.dtype), t_new
 
         directions, trace = _core.unzip_pairs(jax.tree.map(step, old, updates), updates)
-        return directions, optax.TraceState(trace=store(trace, state.trace))
+        return directions, optax.TraceState(trace=store(trace, state.trace, nonnegative=False))
 
     return optax.GradientTransformationExtraArgs(init, update)
 

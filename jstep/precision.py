@@ -438,7 +438,7 @@ def load(state: Any) -> Any:
 
 
 def advance(
-    rule: Any, state: Any, *others: Any, key: jax.Array | None = None, nonnegative: bool = False
+    rule: Any, state: Any, *others: Any, key: jax.Array | None = None, nonnegative: bool | None = None
 ) -> tuple[Any, Any]:
     """A state's new values and the new state: ``values = jax.tree.map(rule, load(state), *others)``
     and ``store(values, state, key)``, the same numbers.
@@ -447,8 +447,9 @@ def advance(
     to its new value, element by element (``lambda m, g: b1 m + (1 - b1) g``, say). Each
     `jstep.QuantizedArray` leaf is read again for its new blocks' maxima and again for its new
     codes (see ``jstep.quantization._refresh``), so that the compiled step holds no float32 copy
-    of it; every other leaf is stored as `store` stores it. `nonnegative`: the state holds
-    averages of squares, whose quantized leaves must be on the unsigned map (`check_maps`).
+    of it; every other leaf is stored as `store` stores it. `nonnegative`: True where the state
+    holds averages of squares, whose quantized leaves must then be on the unsigned map, False
+    where it holds values of either sign (the signed map), None: not checked (`check_maps`).
     """
     check_maps(state, nonnegative)
     values = jax.tree.map(rule, load(state), *others)
@@ -481,12 +482,14 @@ def _refreshed(rule: Any, old: Any, others: tuple[Any, ...], words: jax.Array | 
     return _refresh_by(rule, old, others, words)
 
 
-def check_maps(state: Any, nonnegative: bool) -> None:
+def check_maps(state: Any, nonnegative: bool | None) -> None:
     """Raise ValueError where a `jstep.QuantizedArray` leaf of `state` is on another map than
-    `init` builds for it: the unsigned map (no zero) for averages of squares (`nonnegative`),
-    the signed one for values of either sign. A state converted by hand with `jstep.quantize`'s
-    default ``signed=True`` would otherwise keep v on a map with 0, and a v stored as 0 divides
-    its step by eps."""
+    `init` builds for it: the unsigned map (no zero) for averages of squares (`nonnegative`
+    True), the signed one for values of either sign (False); None checks nothing. A state
+    converted by hand with `jstep.quantize`'s default ``signed=True`` would otherwise keep v on
+    a map with 0, and a v stored as 0 divides its step by eps."""
+    if nonnegative is None:
+        return
     for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=quantization.is_quantized)[0]:
         if quantization.is_quantized(leaf) and leaf.layout.signed == nonnegative:
             held, wanted, harm = (
@@ -503,7 +506,7 @@ def check_maps(state: Any, nonnegative: bool) -> None:
             )
 
 
-def store(values: Any, like: Any, key: jax.Array | None = None, *, nonnegative: bool = False) -> Any:
+def store(values: Any, like: Any, key: jax.Array | None = None, *, nonnegative: bool | None = None) -> Any:
     """Each leaf of `values` stored in the dtype (or format) of the matching leaf of `like`.
 
     A leaf whose dtype is narrower than the value's (a bfloat16 average formed in float32) is

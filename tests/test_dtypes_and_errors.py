@@ -255,7 +255,8 @@ FACTORIES = {
     jstep.grouped: {"transformation": jstep.adam(0.1)},
 }
 # The arguments that take a schedule (a callable count -> value); `mask` takes a callable too.
-SCHEDULES = {(jstep.running_average, "gamma")} | {(f, "learning_rate") for f in FACTORIES}
+SCHEDULES = {(jstep.running_average, "gamma"), (jstep.adamw, "weight_decay")}
+SCHEDULES |= {(f, "learning_rate") for f in FACTORIES}
 # None means something for the arguments whose default is None, and for these.
 TAKES_NONE = {(jstep.grouped, "max_leaf_size")}
 

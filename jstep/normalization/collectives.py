@@ -127,8 +127,9 @@ def _vmap_axes_bound(vmap_axes: VmapAxes) -> Iterator[None]:
     """
     from jax._src import core  # no public way to bind an axis name (see above)
 
-    missing = [(name, size) for name, size in vmap_axes if not core.get_axis_env().axis_exists(name)]
-    if not missing:
+    bound = getattr(core, "get_axis_env", None)
+    missing = [(name, size) for name, size in vmap_axes if bound is not None and not bound().axis_exists(name)]
+    if not missing:  # none, or a JAX without these internals: the rule runs as it is
         yield
         return
     with core.extend_axis_env_nd(missing):
