@@ -188,6 +188,14 @@ def _check_mask_tree(tree: Any) -> None:
             )
 
 
+def _is_mask_function(mask: Mask) -> bool:
+    """Whether `mask` is a function ``params -> tree of bools`` rather than such a tree, by
+    Optax's rule: every leaf callable. An Equinox module of bools is callable itself (it defines
+    ``__call__``), but its leaves, the bools, are not."""
+    leaves = jax.tree.leaves(jax.tree.map(callable, mask))
+    return bool(leaves) and all(leaves)
+
+
 def _decay_mask(mask: Mask, params: Any) -> Any:
     """A bool per leaf of `params`: `mask` (a tree of bools shaped like `params` or a prefix
     of it, or a callable ``params -> such a tree``) broadcast over the params, as in
@@ -201,7 +209,7 @@ def _decay_mask(mask: Mask, params: Any) -> Any:
         return jax.tree.map(lambda _: True, params)
     if isinstance(params, Packed):
         return params.spread(_decay_mask(mask, params.unpacked_shapes()))
-    tree = mask(params) if callable(mask) else mask
+    tree = mask(params) if _is_mask_function(mask) else mask
     _check_mask_tree(tree)
     try:
         return jax.tree.map(lambda keep, subtree: jax.tree.map(lambda _: bool(keep), subtree), tree, params)
@@ -273,7 +281,7 @@ def adamw(
             "here: name it static, optax.inject_hyperparams(jstep.adamw, static_args=('mask',)), or give "
             "a tree of bools"
         )
-    if not callable(mask):
+    if not _is_mask_function(mask):
         _check_mask_tree(mask)
     direction = scale_by_adam(
         b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov, rounding_seed=rounding_seed
@@ -286,7 +294,7 @@ def adamw(
         directions, state = direction.update(updates, state, params, **extra_args)
 
         def decayed(d, w, keep):
-            if keep is False:
+            if d is None or keep is False:  # None: a leaf without gradient (a frozen part, as in Equinox)
                 return d
             dtype = _core.compute_dtype(d.dtype)
             with_decay = d.astype(dtype) + decay * w.astype(dtype)
@@ -294,7 +302,8 @@ def adamw(
                 with_decay = jnp.where(keep, with_decay, d.astype(dtype))
             return with_decay.astype(d.dtype)
 
-        return jax.tree.map(decayed, directions, params, _decay_mask(mask, params)), state
+        keep = _decay_mask(mask, params)
+        return jax.tree.map(decayed, directions, params, keep, is_leaf=lambda d: d is None), state
 
     def init(params):
         _decay_mask(mask, params)  # a mask that does not fit the params fails here, not at the first update

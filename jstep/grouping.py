@@ -365,6 +365,19 @@ def is_packed(x: Any) -> bool:
     return isinstance(x, Packed) or (isinstance(x, dict) and set(x) == {"groups", "large"})
 
 
+def without_frozen(params: Any, updates: Any) -> Any:
+    """`params` with None where `updates` has None: a leaf without gradient (a frozen part, in
+    Equinox's ``optimizer.update(grads, state, eqx.filter(model, eqx.is_array))``) is not
+    packed, as the plain optimizers ignore its param. Trees that do not line up are left for
+    `check_same_tree` to report."""
+    if params is None:
+        return None
+    try:
+        return jax.tree.map(lambda u, p: None if u is None else p, updates, params, is_leaf=lambda u: u is None)
+    except ValueError:
+        return params
+
+
 def check_same_tree(updates: Any, state: Any, params: Any) -> None:
     """Raise the plain optimizers' errors when `updates` (or `params`) is not the tree that
     `init` packed into `state`: another structure, or a leaf of another shape."""
@@ -569,6 +582,7 @@ def grouped(
 
     @_core.sees_through_variables
     def update(updates, state, params=None, **extra_args):
+        params = without_frozen(params, updates)
         check_same_tree(updates, state, params)
         # Grouped as at init: by the params' dtypes and shardings where given (gradients may
         # differ in dtype, e.g. float32 gradients of bfloat16 params); each update keeps its own.

@@ -359,6 +359,43 @@ def test_a_callable_mask_inside_inject_hyperparams_is_refused_unless_static(grad
     )
 
 
+def test_frozen_leaves_without_gradients_step_as_optax():
+    """Equinox's loop with a frozen part: init on the trainable params (None where frozen), the
+    gradients None there too, and update given every array of the model as params
+    (``eqx.filter(model, eqx.is_array)``). jstep.adamw and jstep.grouped raised tree errors;
+    they now give Optax's updates, None for the frozen leaf."""
+    trainable = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3), "frozen": None}
+    every_array = {**trainable, "frozen": jnp.ones(4)}
+    grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.array([0.1, -0.2, 0.3]), "frozen": None}
+    pairs = [
+        (jstep.adamw(0.1, weight_decay=0.1), optax.adamw(0.1, weight_decay=0.1)),
+        (jstep.grouped(jstep.adamw(0.1, weight_decay=0.1)), optax.adamw(0.1, weight_decay=0.1)),
+        (jstep.grouped(jstep.adam(0.1)), optax.adam(0.1)),
+    ]
+    for ours, theirs in pairs:
+        got, _ = ours.update(grads, ours.init(trainable), every_array)
+        want, _ = theirs.update(grads, theirs.init(trainable), every_array)
+        assert got["frozen"] is None
+        for key in ("w", "b"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+
+
+def test_a_weight_decay_mask_given_as_an_equinox_module_of_bools_is_a_tree_as_in_optax():
+    """An Equinox module is callable (it defines __call__), so a mask built on the model with
+    jax.tree.map was taken for a mask function and called (TypeError). As Optax, a mask is a
+    function only when every leaf is callable."""
+    eqx = pytest.importorskip("equinox")
+    params = eqx.filter(eqx.nn.Linear(3, 2, key=jax.random.key(0)), eqx.is_inexact_array)
+    mask = jax.tree.map(lambda p: p.ndim > 1, params)  # decay the weight, not the bias
+    grads = jax.tree.map(jnp.ones_like, params)
+    ours, theirs = jstep.adamw(0.1, weight_decay=0.5, mask=mask), optax.adamw(0.1, weight_decay=0.5, mask=mask)
+    got, _ = ours.update(grads, ours.init(params), params)
+    want, _ = theirs.update(grads, theirs.init(params), params)
+    np.testing.assert_allclose(got.weight, want.weight, rtol=1e-6)
+    np.testing.assert_allclose(got.bias, want.bias, rtol=1e-6)
+    assert not np.allclose(got.weight, jstep.adam(0.1).update(grads, jstep.adam(0.1).init(params))[0].weight)
+
+
 def test_adam_after_added_decay_is_not_adamw(grads):
     """L2 regularisation through Adam's moments is a different method: far beyond round-off."""
     l2 = optax.chain(optax.add_decayed_weights(0.1), jstep.adam(0.01))
