@@ -168,15 +168,24 @@ def check_flag(name: str, value: Any, *, optional: bool = False) -> bool | None:
     return bool(value)
 
 
+_LEAVE_IT_OUT = (
+    "leave it out with optax.masked, or give init only the floating arrays (in Equinox, "
+    "eqx.filter(model, eqx.is_inexact_array))"
+)
+
+
 def check_floating_leaves(tree: Any) -> None:
     """Raise TypeError naming the first leaf that is not a floating or complex array."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        dtype = jnp.result_type(leaf)
+        where = f"leaf {jax.tree_util.keystr(path) or '<root>'} of the tree given to init"
+        try:
+            dtype = jnp.result_type(leaf)
+        except TypeError:  # not an array: a function or an activation of a model, say
+            raise TypeError(f"{where} is {_shown(leaf)}, not an array; {_LEAVE_IT_OUT}.") from None
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"leaf {jax.tree_util.keystr(path) or '<root>'} of the tree given to init has "
-                f"dtype {dtype}; jstep transformations need floating or complex leaves. Cast it "
-                "(e.g. x.astype(jnp.float32)) or leave it out with optax.masked."
+                f"{where} has dtype {dtype}; jstep transformations need floating or complex leaves. Cast it "
+                f"(e.g. x.astype(jnp.float32)), {_LEAVE_IT_OUT}."
             )
 
 

@@ -379,7 +379,8 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
 
     Args:
       params: the tree of W_{t-1}; None leaves stay None (as in Optax).
-      updates: the tree of u_t, shaped like `params`.
+      updates: the tree of u_t, shaped like `params`; a None update leaves its param as it is
+        (a frozen part, as ``eqx.apply_updates`` does; ``optax.apply_updates`` raises).
       key: None, or one JAX random key.
 
     Returns:
@@ -404,8 +405,8 @@ def apply_updates(params: Any, updates: Any, *, key: jax.Array | None = None) ->
         _check_key(key)
 
     def add(seed, p, u):
-        if p is None:
-            return None
+        if p is None or u is None:
+            return p
         p, u = jnp.asarray(p), jnp.asarray(u)
         total = p.astype(_core.compute_dtype(jnp.result_type(p, u))) + u
         if seed is None or not _is_low_precision(p.dtype):

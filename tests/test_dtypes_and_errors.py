@@ -399,6 +399,16 @@ def test_integer_or_boolean_leaves_are_rejected_at_init_by_path(name, bad):
     assert "['layer']['steps']" in message and str(bad.dtype) in message, message
 
 
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_a_leaf_that_is_not_an_array_is_rejected_at_init_by_path(name):
+    """A whole Equinox model given to init (its activation function a leaf): the error names
+    the leaf and the filter to use, not JAX's "Cannot determine dtype"."""
+    opt = all_transformations()[name]
+    params = {"layer": {"bias": jnp.zeros(3), "activation": jax.nn.relu}}
+    with pytest.raises(TypeError, match=r"leaf \['layer'\]\['activation'\] .* not an array; .*eqx.is_inexact_array"):
+        opt.init(params)
+
+
 # -------------------------------------------------------------- mismatched trees at update
 
 # sgd keeps no per-parameter state, so there is nothing to compare a gradient tree with.

@@ -435,6 +435,17 @@ def test_bad_input_raises_a_clear_type_error(args, message):
         jstep.stochastic_round(*args)
 
 
+def test_apply_updates_leaves_a_param_without_update_as_it_is():
+    """A None update (a frozen part of an Equinox model) keeps its param, as eqx.apply_updates
+    does, with and without a key; the other leaves step as usual."""
+    params = {"w": jnp.ones(3, jnp.bfloat16), "frozen": jnp.full(3, 2.0, jnp.bfloat16), "static": None}
+    updates = {"w": jnp.full(3, 0.5), "frozen": None, "static": None}
+    for key in (None, jax.random.key(0)):
+        new = jstep.apply_updates(params, updates, key=key)
+        assert new["frozen"] is params["frozen"] and new["static"] is None
+        np.testing.assert_array_equal(new["w"], jnp.full(3, 1.5, jnp.bfloat16))
+
+
 def test_apply_updates_bad_key():
     with pytest.raises(TypeError, match="key must be a JAX random key"):
         jstep.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2)}, key=3)
