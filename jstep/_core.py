@@ -207,7 +207,7 @@ def check_same_shapes(
         raise ValueError(
             f"the {name} tree does not match {reference_name}:\n"
             f"  {name}: {got}\n  {'state' if against is None else 'params'}:   {expected}"
-            + ("" if against is not None else _restored_quantized_hint(state_tree))
+            + ("" if against is not None else _restored_quantized_hint(state_tree) + _frozen_hint(updates))
         )
     for (path, leaf), reference in zip(
         jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(state_tree), strict=True
@@ -224,6 +224,17 @@ def check_same_shapes(
                 f"state that holds it is {jnp.result_type(reference)}: a real state cannot hold the complex "
                 "values; give a complex state dtype (or None) for complex params"
             )
+
+
+def _frozen_hint(updates: Any) -> str:
+    """A sentence for updates with None leaves (the gradients of a frozen part), or ''."""
+    if not any(leaf is None for leaf in jax.tree.leaves(updates, is_leaf=lambda leaf: leaf is None)):
+        return ""
+    return (
+        "\nThe updates hold None (gradients of a frozen part) where init built state: give init the "
+        "trainable params only, with None at the same places (in Equinox, the trainable half of "
+        "eqx.partition, filtered by eqx.is_inexact_array), so that the trees match."
+    )
 
 
 def _restored_quantized_hint(state_tree: Any) -> str:

@@ -411,6 +411,17 @@ def test_a_leaf_that_is_not_an_array_is_rejected_at_init_by_path(name):
 
 # -------------------------------------------------------------- mismatched trees at update
 
+
+@pytest.mark.parametrize("name", ["momentum", "rmsprop", "adam"])
+def test_none_gradients_where_init_built_state_are_refused_saying_what_to_do(name):
+    """A frozen part's gradients are None; with the state built on every param (optax.sgd and
+    optax.rmsprop then drop that leaf's state, changing the state's tree) jstep refuses, and
+    the message says to give init the trainable params only."""
+    opt = all_transformations()[name]
+    params = {"w": jnp.ones(3), "frozen": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"The updates hold None .* give init the trainable params only"):
+        opt.update({"w": jnp.ones(3), "frozen": None}, opt.init(params), params)
+
 # sgd keeps no per-parameter state, so there is nothing to compare a gradient tree with.
 STATEFUL = [name for name in ALL_NAMES if name != "sgd"]
 
