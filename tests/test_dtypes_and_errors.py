@@ -422,6 +422,7 @@ def test_none_gradients_where_init_built_state_are_refused_saying_what_to_do(nam
     with pytest.raises(ValueError, match=r"The updates hold None .* give init the trainable params only"):
         opt.update({"w": jnp.ones(3), "frozen": None}, opt.init(params), params)
 
+
 # sgd keeps no per-parameter state, so there is nothing to compare a gradient tree with.
 STATEFUL = [name for name in ALL_NAMES if name != "sgd"]
 
