@@ -544,6 +544,22 @@ MUTANTS = [
         why="a quantized v on the signed map (a by-hand conversion) is refused, not stepped into 8 learning rates",
     ),
     M(
+        "adamw_equinox_mask_called",
+        "jstep/adam.py",
+        "    tree = mask(params) if _is_mask_function(mask) else mask",
+        "    tree = mask(params) if callable(mask) else mask",
+        ("tests/test_optax_contract.py", "-k", "equinox_module"),
+        why="an Equinox module of bools is a mask tree, as in Optax",
+    ),
+    M(
+        "grouped_frozen_params_packed",
+        "jstep/grouping.py",
+        "        params = without_frozen(params, updates)\n",
+        "",
+        ("tests/test_optax_contract.py", "-k", "frozen_leaves"),
+        why="grouped steps Equinox's frozen parts (None gradients, every array as params) as the plain optimizer",
+    ),
+    M(
         "grouping_pins_share_a_group",
         "jstep/grouping.py",
         "    with set_xla_metadata(jstep_pin=next(_pins)):",
